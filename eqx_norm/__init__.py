@@ -1,0 +1,14 @@
+"""eqx_norm: normalization layers for JAX, as immutable Equinox modules."""
+
+from . import functional as functional
+from . import initializers as initializers
+from ._layer_norm import LayerNorm as LayerNorm
+from .initializers import Constant as Constant
+from .initializers import Initializer as Initializer
+from .initializers import Normal as Normal
+from .initializers import OneInit as OneInit
+from .initializers import TruncatedNormal as TruncatedNormal
+from .initializers import Uniform as Uniform
+from .initializers import ZeroInit as ZeroInit
+
+__version__ = "0.1.0"
