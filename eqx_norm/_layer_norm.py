@@ -35,7 +35,11 @@ def make_affine_parameters(
     key: PRNGKeyArray | None,
 ) -> tuple[Array | None, Array | None]:
     """``(gamma, beta)`` of ``shape``, each None where switched off. Shared by every layer."""
-    if zero_centered_scale and scale_initializer == OneInit():
+    # `is`/isinstance first: `array == OneInit()` would compare elementwise
+    if zero_centered_scale and (
+        scale_initializer is OneInit
+        or (isinstance(scale_initializer, OneInit) and scale_initializer == OneInit())
+    ):
         scale_initializer = ZeroInit()  # the default identity scale, stored as 1 + 0
     scale_key, bias_key = (None, None) if key is None else jax.random.split(key)
     gamma = beta = None

@@ -29,3 +29,51 @@ def layer_norm(x, ndim, gamma=None, beta=None, epsilon=1e-5, mask=None):
     if beta is not None:
         y = y + np.asarray(beta, np.float64)
     return y
+
+
+def rms_norm(x, ndim, gamma=None, beta=None, epsilon=1e-6, mask=None):
+    """RMSNorm over the last `ndim` axes in float64: x / sqrt(mean(x**2) + eps) * gamma + beta."""
+    x = np.asarray(x, dtype=np.float64)
+    axes = tuple(range(x.ndim - ndim, x.ndim))
+    keep = np.ones(x.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask), x.shape)
+    count = np.maximum(keep.sum(axis=axes, keepdims=True), 1)
+    mean_square = np.where(keep, x**2, 0).sum(axis=axes, keepdims=True) / count
+    y = np.where(keep, x / np.sqrt(mean_square + epsilon), 0.0)
+    if gamma is not None:
+        y = y * np.asarray(gamma, np.float64)
+    if beta is not None:
+        y = y + np.asarray(beta, np.float64)
+    return y
+
+
+def group_norm(
+    x, num_groups, spatial_ndim, gamma=None, beta=None, epsilon=1e-5, mask=None, channel_axis=-1
+):
+    """GroupNorm in float64, one group at a time: the statistics of each group run over the
+    `spatial_ndim` spatial axes and the group's channels. One example is the last
+    `spatial_ndim + 1` axes of `x`, with channels at `channel_axis` within it; gamma and
+    beta are per channel. Masked-out outputs are beta."""
+    x = np.asarray(x, dtype=np.float64)
+    n = spatial_ndim + 1
+    axis = x.ndim - n + channel_axis % n
+    keep = np.ones(x.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask), x.shape)
+    x, keep = np.moveaxis(x, axis, -1), np.moveaxis(keep, axis, -1)  # channels last
+    channels = x.shape[-1]
+    size = channels // num_groups
+    example_axes = tuple(range(x.ndim - n, x.ndim))
+    y = np.zeros_like(x)
+    for g in range(num_groups):
+        group = slice(g * size, (g + 1) * size)
+        y[..., group] = standardize(x[..., group], example_axes, epsilon, keep[..., group])
+    if gamma is not None:
+        y = y * np.asarray(gamma, np.float64)
+    if beta is not None:
+        y = y + np.asarray(beta, np.float64)
+    return np.moveaxis(y, -1, axis)
+
+
+def instance_norm(x, spatial_ndim, gamma=None, beta=None, epsilon=1e-5, mask=None, channel_axis=-1):
+    """InstanceNorm in float64: GroupNorm with one group per channel."""
+    n = spatial_ndim + 1
+    channels = np.shape(x)[np.ndim(x) - n + channel_axis % n]
+    return group_norm(x, channels, spatial_ndim, gamma, beta, epsilon, mask, channel_axis)

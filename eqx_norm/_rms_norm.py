@@ -1,0 +1,145 @@
+"""RMSNorm: root-mean-square normalization over the trailing axes of each example."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import numpy as np
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
+
+from ._core import (
+    DTypeLike,
+    canonical_shape,
+    check_epsilon,
+    check_floating,
+    check_mask,
+    check_trailing_shape,
+    normalize,
+    optional_dtype,
+)
+from ._layer_norm import make_affine_parameters, resolve_param_dtype
+from .initializers import InitializerLike, OneInit, ZeroInit
+
+
+class RMSNorm(eqx.Module):
+    r"""Root-mean-square normalization over the trailing ``normalized_shape`` axes.
+
+    .. math:: y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \gamma \; (+ \beta)
+
+    The mean of ``x**2`` is taken over the last ``len(normalized_shape)`` axes; the input
+    is not centred. ``gamma`` (and ``beta``, off by default) hold one value per element of
+    ``normalized_shape``. Input has shape ``(*batch, *normalized_shape)`` with any number
+    of leading axes (none included); output has the shape and dtype of ``x``. Statistics
+    are computed in at least float32. This is ``torch.nn.RMSNorm`` with ``eps=epsilon``.
+
+    Args:
+        normalized_shape: int or sequence of ints: the trailing axes to normalize over.
+        epsilon: added to the mean square for numerical stability, ``>= 0``.
+        scale_initializer: initializer of ``gamma`` (see :mod:`eqx_norm.initializers`): an
+            instance, a class with default arguments, a ``(key, shape, dtype)`` callable,
+            or an array of exactly ``normalized_shape``.
+        bias_initializer: initializer of ``beta``, accepted in the same forms; used only
+            with ``use_bias=True``.
+        elementwise_affine: False switches off both ``gamma`` and ``beta``.
+        use_scale: False switches off ``gamma`` alone.
+        use_bias: True adds a learnable offset ``beta`` (default False, as in the paper).
+        zero_centered_scale: scale by ``1 + gamma`` instead of ``gamma``, with ``gamma``
+            initialised to zero by default, so that weight decay pulls towards identity.
+        param_dtype: storage dtype of ``gamma``/``beta`` (default float32).
+        dtype: output dtype (default: the input's).
+        key: PRNG key, needed only by random initializers.
+
+    Example:
+        >>> import jax
+        >>> from eqx_norm import RMSNorm
+        >>> x = jax.random.normal(jax.random.key(0), (4, 16, 64))
+        >>> layer = RMSNorm(64)
+        >>> y = layer(x)
+        >>> y.shape, layer.beta is None
+        ((4, 16, 64), True)
+        >>> bool(abs(float((y**2).mean(-1).max()) - 1) < 1e-3)
+        True
+
+    References:
+        Zhang and Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
+        arXiv:1910.07467.
+    """
+
+    gamma: Float[Array, "*normalized_shape"] | None
+    beta: Float[Array, "*normalized_shape"] | None
+    normalized_shape: tuple[int, ...] = eqx.field(static=True)
+    epsilon: float = eqx.field(static=True)
+    zero_centered_scale: bool = eqx.field(static=True)
+    dtype: np.dtype | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        epsilon: float = 1e-6,
+        scale_initializer: InitializerLike = OneInit(value=1.0),
+        bias_initializer: InitializerLike = ZeroInit,
+        elementwise_affine: bool = True,
+        *,
+        use_scale: bool = True,
+        use_bias: bool = False,
+        zero_centered_scale: bool = False,
+        param_dtype: DTypeLike | None = None,
+        dtype: DTypeLike | None = None,
+        key: PRNGKeyArray | None = None,
+    ):
+        self.normalized_shape = canonical_shape(normalized_shape, "normalized_shape")
+        self.epsilon = check_epsilon(epsilon)
+        self.zero_centered_scale = bool(zero_centered_scale)
+        self.dtype = optional_dtype(dtype, "dtype")
+        self.gamma, self.beta = make_affine_parameters(
+            self.normalized_shape,
+            scale_initializer=scale_initializer,
+            bias_initializer=bias_initializer,
+            use_scale=elementwise_affine and use_scale,
+            use_bias=elementwise_affine and use_bias,
+            zero_centered_scale=self.zero_centered_scale,
+            param_dtype=resolve_param_dtype(param_dtype),
+            key=key,
+        )
+
+    @property
+    def elementwise_affine(self) -> bool:
+        """Whether the layer has any learnable parameter."""
+        return self.gamma is not None or self.beta is not None
+
+    def __call__(
+        self,
+        x: Float[Array, "*batch *normalized_shape"],
+        *,
+        mask: Bool[Array, "..."] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "*batch *normalized_shape"]:
+        """Normalize ``x`` of shape ``(*batch, *normalized_shape)``.
+
+        Args:
+            x: floating-point input; integer and boolean inputs are an error.
+            mask: optional boolean array of x's rank (size-1 axes broadcast). False
+                elements take no part in the mean square and their output is ``beta``
+                (0 without ``beta``); a fully masked example gives ``beta``, not NaN.
+            key: ignored; accepted so the layer fits ``eqx.nn.Sequential``.
+
+        Returns:
+            An array of x's shape, in x's dtype (or ``dtype`` if set).
+        """
+        del key
+        with jax.named_scope("eqx_norm.RMSNorm"):
+            x = check_floating(x, "RMSNorm")
+            axes = check_trailing_shape(x.shape, self.normalized_shape, "RMSNorm")
+            return normalize(
+                x,
+                axes,
+                self.gamma,
+                self.beta,
+                epsilon=self.epsilon,
+                mask=check_mask(mask, x.shape, "RMSNorm"),
+                zero_centered_scale=self.zero_centered_scale,
+                dtype=self.dtype,
+                center=False,
+            )

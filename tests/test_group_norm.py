@@ -1,0 +1,453 @@
+"""GroupNorm and InstanceNorm against float64 NumPy, torch.nn, equinox.nn and brainpy's examples.
+
+Tolerances: outputs are O(1) after normalization, so float32 results are compared at 1e-5
+(a few float32 roundings over groups of up to ~1e4 elements, eps_f32 = 1.2e-7; 2e-5 for
+the largest torch comparisons); gradients at 1e-3 relative to float64 torch autograd.
+"""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from eqx_norm import GroupNorm, InstanceNorm
+
+import reference
+
+
+def random_params(num_channels, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 2)
+    gamma = 1.0 + 0.5 * jax.random.normal(keys[0], (num_channels,))
+    beta = 0.3 * jax.random.normal(keys[1], (num_channels,))
+    return gamma, beta
+
+
+def random_group_norm(num_groups, num_channels, seed=0, **kwargs):
+    """A GroupNorm with non-trivial per-channel gamma and beta."""
+    gamma, beta = random_params(num_channels, seed)
+    return GroupNorm(
+        num_groups, num_channels, scale_initializer=gamma, bias_initializer=beta, **kwargs
+    )
+
+
+def random_instance_norm(num_channels, seed=0, **kwargs):
+    gamma, beta = random_params(num_channels, seed)
+    return InstanceNorm(num_channels, scale_initializer=gamma, bias_initializer=beta, **kwargs)
+
+
+def random_input(shape, seed=1, mean=0.0, std=1.0, dtype=jnp.float32):
+    return (mean + std * jax.random.normal(jax.random.key(seed), shape)).astype(dtype)
+
+
+def to_torch(a, dtype=None):
+    return torch.tensor(np.asarray(a, dtype))
+
+
+# ----------------------------------------------------------------------------- brainpy
+
+
+def test_brainpy_examples():
+    # brainpy.dnn.GroupNorm's documented examples, channels-last (N, H, W, C)
+    x = random_input((20, 10, 10, 6), mean=1.0, std=2.0)
+    # separate 6 channels into 3 groups
+    layer = random_group_norm(3, 6)
+    np.testing.assert_allclose(
+        layer(x), reference.group_norm(x, 3, 2, layer.gamma, layer.beta), atol=1e-5
+    )
+    # separate 6 channels into 6 groups (equivalent to InstanceNorm)
+    six = random_group_norm(6, 6)
+    instance = random_instance_norm(6)
+    np.testing.assert_allclose(eqx.filter_jit(six)(x), eqx.filter_jit(instance)(x), atol=1e-6)
+    np.testing.assert_allclose(
+        instance(x), reference.instance_norm(x, 2, six.gamma, six.beta), atol=1e-5
+    )
+    # put all 6 channels into one group (equivalent to LayerNorm over (H, W, C), with
+    # per-channel parameters broadcast over space)
+    one = random_group_norm(1, 6)
+    gamma = np.broadcast_to(np.asarray(one.gamma), (10, 10, 6))
+    beta = np.broadcast_to(np.asarray(one.beta), (10, 10, 6))
+    np.testing.assert_allclose(
+        eqx.filter_jit(one)(x), reference.layer_norm(x, 3, gamma, beta), atol=1e-5
+    )
+
+
+# ----------------------------------------------------------------------------- float64
+
+
+LAYOUTS = [  # (input shape, num_groups, num_channels, spatial_ndim, channel_axis)
+    ((20, 10, 10, 6), 3, 6, 2, -1),  # batched image, channels-last
+    ((10, 10, 6), 2, 6, 2, -1),  # unbatched image
+    ((2, 3, 5, 7, 8), 4, 8, 2, -1),  # two batch axes
+    ((4, 16, 6), 3, 6, 1, -1),  # 1-D signals
+    ((2, 4, 5, 6, 4), 2, 4, 3, -1),  # volumes
+    ((4, 6, 7, 5), 3, 6, 2, 0),  # channels-first (torch layout)
+    ((6, 7, 5), 2, 6, 2, 0),  # unbatched channels-first
+    ((3, 8, 9), 4, 8, 1, -2),  # channels-first given as a negative axis
+]
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "channels", "spatial_ndim", "channel_axis", "affine"),
+    [(*layout, True) for layout in LAYOUTS] + [(*LAYOUTS[0], False), (*LAYOUTS[5], False)],
+)
+def test_group_norm_matches_float64_numpy(
+    shape, groups, channels, spatial_ndim, channel_axis, affine
+):
+    layer = random_group_norm(
+        groups,
+        channels,
+        spatial_ndim=spatial_ndim,
+        channel_axis=channel_axis,
+        elementwise_affine=affine,
+    )
+    x = random_input(shape, mean=3.0, std=2.0)
+    y = eqx.filter_jit(layer)(x)
+    expected = reference.group_norm(
+        x, groups, spatial_ndim, layer.gamma, layer.beta, channel_axis=channel_axis
+    )
+    assert y.shape == x.shape and y.dtype == x.dtype
+    np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5)
+    assert (layer.gamma is None) == (not affine)
+
+
+@pytest.mark.parametrize(("shape", "groups", "channels", "spatial_ndim", "channel_axis"), LAYOUTS)
+def test_instance_norm_matches_float64_numpy(shape, groups, channels, spatial_ndim, channel_axis):
+    del groups
+    layer = random_instance_norm(channels, spatial_ndim=spatial_ndim, channel_axis=channel_axis)
+    x = random_input(shape, mean=-2.0, std=0.5)
+    expected = reference.instance_norm(
+        x, spatial_ndim, layer.gamma, layer.beta, channel_axis=channel_axis
+    )
+    np.testing.assert_allclose(eqx.filter_jit(layer)(x), expected, atol=1e-5, rtol=1e-5)
+    assert layer.num_groups == channels
+
+
+def test_batched_equals_vmap_over_examples():
+    layer = random_group_norm(2, 4, channel_axis=0)
+    x = random_input((3, 5, 4, 6, 7))  # (*batch, C, H, W)
+    y = layer(x)
+    np.testing.assert_allclose(eqx.filter_jit(jax.vmap(jax.vmap(layer)))(x), y, atol=1e-6)
+    np.testing.assert_allclose(eqx.filter_jit(layer)(x), y, atol=1e-6)
+
+
+@pytest.mark.parametrize("mean", [1e3, 1e4])
+def test_accurate_at_large_offsets(mean):
+    layer = GroupNorm(4, 32)
+    x = random_input((4, 8, 8, 32), mean=mean)
+    error = np.abs(eqx.filter_jit(layer)(x) - reference.group_norm(x, 4, 2)).max()
+    # float32 spacing at 1e4 is 1e-3: the deviations x - mean carry that absolute error
+    assert error < 2e-3 * max(1.0, mean / 1e4), error
+
+
+def test_constant_group_gives_beta_exactly():
+    layer = random_group_norm(2, 4)
+    x = jnp.full((2, 3, 3, 4), 1e4, jnp.float32)
+    np.testing.assert_array_equal(layer(x), jnp.broadcast_to(layer.beta, x.shape))
+
+
+# ----------------------------------------------------------------------------- torch
+
+
+def torch_channels_first(x):
+    return to_torch(x).movedim(-1, 1)
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups"), [((16, 32, 32, 128), 32), ((2, 7, 9, 6), 3), ((4, 12, 10), 1)]
+)
+def test_group_norm_matches_torch(shape, groups):
+    channels = shape[-1]
+    spatial_ndim = len(shape) - 2
+    layer = random_group_norm(groups, channels, spatial_ndim=spatial_ndim)
+    x = random_input(shape, mean=0.5, std=1.5)
+    torch_layer = torch.nn.GroupNorm(groups, channels, eps=layer.epsilon)
+    with torch.no_grad():
+        torch_layer.weight.copy_(to_torch(layer.gamma))
+        torch_layer.bias.copy_(to_torch(layer.beta))
+        expected = torch_layer(torch_channels_first(x)).movedim(1, -1).numpy()
+    np.testing.assert_allclose(eqx.filter_jit(layer)(x), expected, atol=2e-5, rtol=1e-5)
+    # the same layer in torch's own layout
+    channels_first = random_group_norm(groups, channels, spatial_ndim=spatial_ndim, channel_axis=0)
+    y = eqx.filter_jit(channels_first)(jnp.moveaxis(x, -1, 1))
+    np.testing.assert_allclose(jnp.moveaxis(y, 1, -1), expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("shape", "torch_class"),
+    [
+        ((8, 64, 16), torch.nn.InstanceNorm1d),
+        ((8, 32, 32, 16), torch.nn.InstanceNorm2d),
+        ((2, 6, 7, 8, 5), torch.nn.InstanceNorm3d),
+        ((32, 32, 16), torch.nn.InstanceNorm2d),  # unbatched: torch takes (C, H, W) too
+    ],
+)
+def test_instance_norm_matches_torch(shape, torch_class):
+    channels = shape[-1]
+    spatial_ndim = {"InstanceNorm1d": 1, "InstanceNorm2d": 2, "InstanceNorm3d": 3}[
+        torch_class.__name__
+    ]
+    layer = random_instance_norm(channels, spatial_ndim=spatial_ndim)
+    x = random_input(shape, mean=-1.0, std=3.0)
+    torch_layer = torch_class(channels, eps=layer.epsilon, affine=True)
+    with torch.no_grad():
+        torch_layer.weight.copy_(to_torch(layer.gamma))
+        torch_layer.bias.copy_(to_torch(layer.beta))
+        channel_axis = len(shape) - spatial_ndim - 1
+        expected = torch_layer(to_torch(x).movedim(-1, channel_axis)).movedim(channel_axis, -1)
+    np.testing.assert_allclose(eqx.filter_jit(layer)(x), expected.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def float64_torch_gradients(torch_fn, x, gamma, beta, cotangent):
+    """Gradients of sum(cotangent * f(x)) by torch autograd in float64, channels-last."""
+    tx, tg, tb = (
+        torch.tensor(np.asarray(a, np.float64), requires_grad=True) for a in (x, gamma, beta)
+    )
+    y = torch_fn(tx.movedim(-1, 1), tg, tb).movedim(1, -1)
+    (y * to_torch(cotangent, np.float64)).sum().backward()
+    return tx.grad.numpy(), tg.grad.numpy(), tb.grad.numpy()
+
+
+def jitted_gradients(layer, x, cotangent):
+    @jax.jit
+    def grads(x, gamma, beta):
+        def loss(x, gamma, beta):
+            y = eqx.tree_at(lambda m: (m.gamma, m.beta), layer, (gamma, beta))(x)
+            return jnp.sum(y * cotangent)
+
+        return jax.grad(loss, argnums=(0, 1, 2))(x, gamma, beta)
+
+    return grads(x, layer.gamma, layer.beta)
+
+
+def assert_gradients_close(ours, expected):
+    for got, want, name in zip(ours, expected, ["dx", "dgamma", "dbeta"]):
+        error = np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+        # float32 sums over up to ~1e5 terms per group: relative error well under 1e-3
+        assert error < 1e-3, (name, error)
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "mean"),
+    [((16, 32, 32, 128), 32, 0.0), ((8, 16, 16, 64), 8, 1e3), ((3, 5, 4, 6), 2, 0.0)],
+)
+def test_group_norm_jitted_gradients_match_float64_torch(shape, groups, mean):
+    layer = random_group_norm(groups, shape[-1])
+    x = random_input(shape, mean=mean)
+    cotangent = random_input(shape, seed=7)
+    expected = float64_torch_gradients(
+        lambda x, g, b: torch.nn.functional.group_norm(x, groups, g, b, layer.epsilon),
+        x,
+        layer.gamma,
+        layer.beta,
+        cotangent,
+    )
+    assert_gradients_close(jitted_gradients(layer, x, cotangent), expected)
+
+
+def test_instance_norm_jitted_gradients_match_float64_torch():
+    shape = (8, 32, 32, 64)
+    layer = random_instance_norm(shape[-1])
+    x = random_input(shape, mean=2.0)
+    cotangent = random_input(shape, seed=7)
+    expected = float64_torch_gradients(
+        lambda x, g, b: torch.nn.functional.instance_norm(x, weight=g, bias=b, eps=layer.epsilon),
+        x,
+        layer.gamma,
+        layer.beta,
+        cotangent,
+    )
+    assert_gradients_close(jitted_gradients(layer, x, cotangent), expected)
+
+
+def test_group_norm_matches_equinox_channels_first_under_vmap():
+    ours = random_group_norm(4, 8, channel_axis=0)
+    theirs = eqx.nn.GroupNorm(4, 8, eps=ours.epsilon)
+    theirs = eqx.tree_at(lambda m: (m.weight, m.bias), theirs, (ours.gamma, ours.beta))
+    x = random_input((5, 8, 6, 7), mean=1.0)  # (N, C, H, W): equinox needs vmap over N
+    np.testing.assert_allclose(
+        eqx.filter_jit(ours)(x), eqx.filter_jit(jax.vmap(theirs))(x), atol=1e-5, rtol=1e-5
+    )
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("channel_axis", [-1, 0])
+def test_padded_images_mask(channel_axis):
+    # each image of a batch is padded to 8x8; the mask has one entry per pixel
+    layer = random_group_norm(2, 6, channel_axis=channel_axis)
+    x = random_input((3, 8, 8, 6), mean=1.0)
+    valid = np.zeros((3, 8, 8, 1), bool)
+    valid[0, :5, :6] = valid[1, :8, :3] = valid[2] = True
+    if channel_axis == 0:
+        x, valid = jnp.moveaxis(x, -1, 1), np.moveaxis(valid, -1, 1)
+    y = jax.jit(lambda x, m: layer(x, mask=m))(x, jnp.asarray(valid))
+    expected = reference.group_norm(
+        x, 2, 2, layer.gamma, layer.beta, mask=valid, channel_axis=channel_axis
+    )
+    np.testing.assert_allclose(y, expected, atol=1e-5)
+    # the statistics of the valid region do not depend on the padding's values
+    padded = jnp.where(valid, x, 1e6)
+    np.testing.assert_allclose(
+        jax.jit(lambda x, m: layer(x, mask=m))(padded, jnp.asarray(valid)), y, atol=1e-5
+    )
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def test_parameters_are_per_channel_and_the_only_leaves():
+    layer = GroupNorm(2, 6, spatial_ndim=3)
+    assert [a.shape for a in jax.tree_util.tree_leaves(layer)] == [(6,), (6,)]
+    np.testing.assert_array_equal(layer.gamma, np.ones(6))
+    np.testing.assert_array_equal(layer.beta, np.zeros(6))
+    assert jax.tree_util.tree_leaves(InstanceNorm(6, elementwise_affine=False)) == []
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        layer.gamma = jnp.zeros(6)
+    assert "GroupNorm(" in repr(layer) and "num_groups=2" in repr(layer)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (
+            lambda: GroupNorm(4, 6),
+            ValueError,
+            r"GroupNorm: `num_groups`=4 must divide `num_channels`=6",
+        ),
+        (lambda: GroupNorm(0, 6), ValueError, r"`num_groups` must be a positive int, got 0"),
+        (lambda: GroupNorm(2, -4), ValueError, r"`num_channels` must be a positive int, got -4"),
+        (lambda: GroupNorm(2.0, 4), ValueError, r"`num_groups` must be a positive int, got 2.0"),
+        (lambda: InstanceNorm(0), ValueError, r"`num_channels` must be a positive int, got 0"),
+        (
+            lambda: GroupNorm(2, 4, spatial_ndim=0),
+            ValueError,
+            r"`spatial_ndim` must be a positive int, got 0",
+        ),
+        (
+            lambda: InstanceNorm(4, spatial_ndim=-1),
+            ValueError,
+            r"`spatial_ndim` must be a positive int, got -1",
+        ),
+        (
+            lambda: GroupNorm(2, 4, channel_axis=3),
+            ValueError,
+            r"GroupNorm: `channel_axis` .* must be an int in \[-3, 2\]: -1 for channels-last "
+            r"\(\*batch, H, W, C\), 0 for channels-first \(\*batch, C, H, W\); got 3",
+        ),
+        (
+            lambda: InstanceNorm(4, spatial_ndim=1, channel_axis=-3),
+            ValueError,
+            r"InstanceNorm: `channel_axis` .* int in \[-2, 1\].*\(\*batch, L, C\).*got -3",
+        ),
+        (
+            lambda: GroupNorm(2, 4, scale_initializer=np.ones((2, 2))),
+            ValueError,
+            r"`scale_initializer` is an array of shape \(2, 2\).*shape \(4,\)",
+        ),
+        (
+            lambda: InstanceNorm(4, bias_initializer=np.ones(3)),
+            ValueError,
+            r"`bias_initializer` is an array of shape \(3,\).*shape \(4,\)",
+        ),
+        (lambda: GroupNorm(2, 4, epsilon=-1.0), ValueError, r"`epsilon` must be"),
+    ],
+)
+def test_bad_construction_is_a_clear_error(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+@pytest.mark.parametrize(
+    ("layer", "x", "kwargs", "error", "match"),
+    [
+        (
+            GroupNorm(3, 6),
+            jnp.zeros((20, 10, 10, 5)),
+            {},
+            ValueError,
+            r"GroupNorm\(spatial_ndim=2, channel_axis=-1\) expects x of shape "
+            r"\(\*batch, H, W, C=6\), got shape \(20, 10, 10, 5\), whose channel axis 3 has "
+            r"size 5, not num_channels=6\.$",
+        ),
+        (
+            GroupNorm(3, 6),
+            jnp.zeros((20, 6, 10, 10)),
+            {},
+            ValueError,
+            r"channel axis 3 has size 10, not num_channels=6\. If your data is channels-first, "
+            r"build the layer with channel_axis=0",
+        ),
+        (
+            InstanceNorm(6, channel_axis=0),
+            jnp.zeros((2, 10, 10, 6)),
+            {},
+            ValueError,
+            r"InstanceNorm\(spatial_ndim=2, channel_axis=0\) expects x of shape "
+            r"\(\*batch, C=6, H, W\).*If your data is channels-last, build the layer with "
+            r"channel_axis=-1",
+        ),
+        (
+            GroupNorm(3, 6),
+            jnp.zeros((10, 6)),
+            {},
+            ValueError,
+            r"expects x of shape \(\*batch, H, W, C=6\) with any number of leading batch "
+            r"axes, got shape \(10, 6\): 2 axes, fewer than the 3 of one example\. Set "
+            r"`spatial_ndim`",
+        ),
+        (
+            InstanceNorm(6, spatial_ndim=3),
+            jnp.zeros((4, 4, 6)),
+            {},
+            ValueError,
+            r"InstanceNorm\(spatial_ndim=3, channel_axis=-1\) expects x of shape "
+            r"\(\*batch, D, H, W, C=6\).*fewer than the 4",
+        ),
+        (
+            GroupNorm(3, 6),
+            jnp.zeros((2, 4, 4, 6), jnp.int32),
+            {},
+            TypeError,
+            r"GroupNorm expects a floating-point input `x`, got dtype int32",
+        ),
+        (
+            InstanceNorm(6),
+            jnp.zeros((2, 4, 4, 6), bool),
+            {},
+            TypeError,
+            r"InstanceNorm expects a floating-point input `x`, got dtype bool",
+        ),
+        (
+            GroupNorm(3, 6),
+            jnp.zeros((2, 4, 4, 6)),
+            {"mask": jnp.ones((2, 4, 4, 1), jnp.float32)},
+            TypeError,
+            r"GroupNorm: `mask` must be boolean",
+        ),
+        (
+            GroupNorm(3, 6),
+            jnp.zeros((2, 4, 4, 6)),
+            {"mask": jnp.ones((2, 4, 4), bool)},
+            ValueError,
+            r"GroupNorm: `mask` must have the rank of `x`.*mask\[\.\.\., None\]",
+        ),
+        (
+            InstanceNorm(6),
+            jnp.zeros((2, 4, 4, 6)),
+            {"mask": jnp.ones((2, 4, 4, 3), bool)},
+            ValueError,
+            r"InstanceNorm: `mask` must have the rank of `x`.*mask has shape \(2, 4, 4, 3\)",
+        ),
+    ],
+)
+def test_bad_call_is_a_clear_error(layer, x, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        layer(x, **kwargs)
