@@ -13,5 +13,6 @@ from .initializers import OneInit as OneInit
 from .initializers import TruncatedNormal as TruncatedNormal
 from .initializers import Uniform as Uniform
 from .initializers import ZeroInit as ZeroInit
+from .serialization import load_leaves as load_leaves
 
 __version__ = "0.1.0"

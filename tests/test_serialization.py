@@ -1,0 +1,161 @@
+"""Saving and loading LayerNorm: equinox's leaf serialisation, pickle, and eqx_norm.load_leaves.
+
+Round trips must be bit-exact (compared as raw bytes, so bf16 and -0.0 count). A template
+that does not fit the saved model must raise, never return a model with wrong parameters.
+"""
+
+import io
+import pickle
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqx_norm import LayerNorm, Normal, load_leaves
+
+CONFIGS = {  # name: (normalized_shape, LayerNorm keyword arguments)
+    "float32": ((8,), {}),
+    "bfloat16": ((8,), {"param_dtype": jnp.bfloat16}),
+    "float16_two_axes": ((3, 4), {"param_dtype": jnp.float16}),
+    "no_scale": ((8,), {"use_scale": False}),
+    "no_bias": ((8,), {"use_bias": False}),
+    "no_affine": ((8,), {"elementwise_affine": False}),
+    "zero_centered_eps": ((8,), {"zero_centered_scale": True, "epsilon": 1e-3}),
+}
+
+
+def trained_layer(normalized_shape, seed=0, **kwargs):
+    """A layer whose parameters are not the defaults (as after training)."""
+    return LayerNorm(
+        normalized_shape,
+        scale_initializer=Normal(1.0, 0.5),
+        bias_initializer=Normal(0.0, 0.5),
+        key=jax.random.key(seed),
+        **kwargs,
+    )
+
+
+def assert_bit_identical(got, expected):
+    got_leaves, got_def = jax.tree.flatten(got)
+    expected_leaves, expected_def = jax.tree.flatten(expected)
+    assert got_def == expected_def  # same structure and static configuration
+    for a, b in zip(got_leaves, expected_leaves):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes()
+
+
+def saved(model):
+    buffer = io.BytesIO()
+    eqx.tree_serialise_leaves(buffer, model)
+    buffer.seek(0)
+    return buffer
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_serialise_round_trip_is_bit_exact(tmp_path, config):
+    normalized_shape, kwargs = CONFIGS[config]
+    layer = trained_layer(normalized_shape, **kwargs)
+    path = tmp_path / "layer.eqx"
+    eqx.tree_serialise_leaves(path, layer)
+    template = LayerNorm(normalized_shape, **kwargs)  # default parameters, same config
+    loaded = eqx.tree_deserialise_leaves(path, template)
+    assert_bit_identical(loaded, layer)
+    assert_bit_identical(load_leaves(path, template), layer)
+    # a template of shapes only (no arrays allocated) loads the same
+    abstract = eqx.filter_eval_shape(LayerNorm, normalized_shape, **kwargs)
+    assert_bit_identical(load_leaves(path, abstract), layer)
+    x = jax.random.normal(jax.random.key(1), (2, *normalized_shape))
+    assert np.asarray(loaded(x)).tobytes() == np.asarray(layer(x)).tobytes()
+
+
+def test_round_trip_of_a_model_with_layer_norms(tmp_path):
+    keys = jax.random.split(jax.random.key(0), 3)
+    model = eqx.nn.Sequential(
+        [
+            eqx.nn.Linear(4, 8, key=keys[0]),
+            trained_layer(8, seed=1),
+            eqx.nn.Lambda(jax.nn.relu),
+            trained_layer(8, seed=2, use_bias=False, param_dtype=jnp.bfloat16),
+        ]
+    )
+    path = tmp_path / "model.eqx"
+    eqx.tree_serialise_leaves(path, model)
+    template = eqx.nn.Sequential(
+        [
+            eqx.nn.Linear(4, 8, key=keys[2]),
+            LayerNorm(8),
+            eqx.nn.Lambda(jax.nn.relu),
+            LayerNorm(8, use_bias=False, param_dtype=jnp.bfloat16),
+        ]
+    )
+    assert_bit_identical(load_leaves(path, template), model)
+    assert_bit_identical(eqx.tree_deserialise_leaves(path, template), model)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_pickle_round_trip(config):
+    normalized_shape, kwargs = CONFIGS[config]
+    layer = trained_layer(normalized_shape, **kwargs)
+    loaded = pickle.loads(pickle.dumps(layer))
+    assert_bit_identical(loaded, layer)
+    assert (loaded.normalized_shape, loaded.epsilon, loaded.zero_centered_scale) == (
+        layer.normalized_shape,
+        layer.epsilon,
+        layer.zero_centered_scale,
+    )
+    x = jax.random.normal(jax.random.key(1), (2, *normalized_shape))
+    assert np.asarray(loaded(x)).tobytes() == np.asarray(layer(x)).tobytes()
+
+
+@pytest.mark.parametrize("template_shape", [(6,), (2, 4), (8, 1)])
+def test_wrong_normalized_shape_is_a_clear_error(template_shape):
+    layer = trained_layer(8)
+    # equinox itself refuses a leaf that changed shape
+    with pytest.raises(Exception, match=r"changed shape from .* in `like` to \(8,\) on disk"):
+        eqx.tree_deserialise_leaves(saved(layer), LayerNorm(template_shape))
+    shape = str(template_shape).replace("(", r"\(").replace(")", r"\)")
+    with pytest.raises(
+        ValueError,
+        match=rf"leaf `.gamma` of the template has shape {shape} and dtype float32, but the "
+        r"file holds shape \(8,\) and dtype float32 there. .*shape of its normalized_shape",
+    ):
+        load_leaves(saved(layer), LayerNorm(template_shape))
+
+
+def test_wrong_dtype_is_a_clear_error():
+    layer = trained_layer(8)
+    with pytest.raises(
+        ValueError,
+        match=r"leaf `.gamma` of the template has shape \(8,\) and dtype bfloat16, but the file "
+        r"holds shape \(8,\) and dtype float32",
+    ):
+        load_leaves(saved(layer), LayerNorm(8, param_dtype=jnp.bfloat16))
+
+
+def test_switched_off_parameter_in_template_is_an_error_not_silent_garbage():
+    first, second = trained_layer(8, seed=1), trained_layer(8, seed=2)
+    template = [LayerNorm(8, use_bias=False), LayerNorm(8)]
+    # what equinox does: the second layer silently gets the first layer's beta as gamma
+    wrong = eqx.tree_deserialise_leaves(saved([first, second]), template)
+    np.testing.assert_array_equal(wrong[1].gamma, first.beta)
+    with pytest.raises(
+        ValueError,
+        match=r"the file holds 1 more array\(s\) after the template's 3 leaves: `like` does "
+        r"not match the saved model",
+    ):
+        load_leaves(saved([first, second]), template)
+    with pytest.raises(ValueError, match=r"file holds 1 more array\(s\) after the template's 1"):
+        load_leaves(saved(first), LayerNorm(8, use_bias=False))
+
+
+def test_missing_parameter_in_file_is_an_error():
+    with pytest.raises(
+        ValueError,
+        match=r"the file ends before the template's leaf `.beta` \(it holds fewer arrays",
+    ):
+        load_leaves(saved(trained_layer(8, use_bias=False)), LayerNorm(8))
+    with pytest.raises(ValueError, match=r"ends before the template's leaf `\[1\].gamma`"):
+        load_leaves(saved([trained_layer(8)]), [LayerNorm(8), LayerNorm(8)])
