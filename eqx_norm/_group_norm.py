@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax
-import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
+from ._base import AffineNorm
 from ._core import (
     DTypeLike,
     _is_int,
-    check_epsilon,
     check_floating,
     check_mask,
     check_parameter,
     normalize,
-    optional_dtype,
     positive_int,
 )
-from ._layer_norm import make_affine_parameters, resolve_param_dtype
 from .initializers import InitializerLike, OneInit, ZeroInit
 
 _SPATIAL_NAMES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
@@ -124,7 +121,62 @@ def group_normalize(
     return y.reshape(x.shape)
 
 
-class GroupNorm(eqx.Module):
+class ChannelNorm(AffineNorm):
+    """Base of GroupNorm and InstanceNorm: per-channel parameters, statistics per group.
+
+    Subclasses provide ``num_groups`` (GroupNorm as a field, InstanceNorm as a property).
+    """
+
+    num_channels: int = eqx.field(static=True)
+    spatial_ndim: int = eqx.field(static=True)
+    channel_axis: int = eqx.field(static=True)
+
+    def _init_channels(self, num_channels: int, spatial_ndim: int, channel_axis: int, **affine):
+        self.num_channels = positive_int(num_channels, "num_channels")
+        layer = type(self).__name__
+        self.spatial_ndim, self.channel_axis = check_layout(spatial_ndim, channel_axis, layer)
+        self._init_affine((self.num_channels,), **affine)
+
+    def __call__(
+        self,
+        x: Float[Array, "*batch *example"],
+        *,
+        mask: Bool[Array, "..."] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "*batch *example"]:
+        """Normalize ``x`` of shape ``(*batch, *spatial, C)`` (or ``(*batch, C, *spatial)``).
+
+        Args:
+            x: floating-point input; integer and boolean inputs are an error.
+            mask: optional boolean array of x's rank (size-1 axes broadcast, e.g.
+                ``(*batch, *spatial, 1)`` for padded images). False elements take no part
+                in the statistics and their output is ``beta`` (0 without ``beta``); a
+                fully masked group gives ``beta``, not NaN.
+            key: ignored; accepted so the layer fits ``eqx.nn.Sequential``.
+
+        Returns:
+            An array of x's shape, in x's dtype (or ``dtype`` if set).
+        """
+        del key
+        layer = type(self).__name__
+        with jax.named_scope(f"eqx_norm.{layer}"):
+            return group_normalize(
+                x,
+                self.num_groups,
+                self.gamma,
+                self.beta,
+                num_channels=self.num_channels,
+                spatial_ndim=self.spatial_ndim,
+                channel_axis=self.channel_axis,
+                epsilon=self.epsilon,
+                mask=mask,
+                zero_centered_scale=self.zero_centered_scale,
+                dtype=self.dtype,
+                layer=layer,
+            )
+
+
+class GroupNorm(ChannelNorm):
     r"""Group normalization: statistics over space and groups of channels, per example.
 
     .. math:: y = \frac{x - \mathrm{E}_g[x]}{\sqrt{\mathrm{Var}_g[x] + \epsilon}} \gamma_c
@@ -180,15 +232,7 @@ class GroupNorm(eqx.Module):
         Wu and He, "Group Normalization", ECCV 2018. arXiv:1803.08494.
     """
 
-    gamma: Float[Array, " num_channels"] | None
-    beta: Float[Array, " num_channels"] | None
     num_groups: int = eqx.field(static=True)
-    num_channels: int = eqx.field(static=True)
-    spatial_ndim: int = eqx.field(static=True)
-    channel_axis: int = eqx.field(static=True)
-    epsilon: float = eqx.field(static=True)
-    zero_centered_scale: bool = eqx.field(static=True)
-    dtype: np.dtype | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -209,72 +253,31 @@ class GroupNorm(eqx.Module):
         key: PRNGKeyArray | None = None,
     ):
         self.num_groups = positive_int(num_groups, "num_groups")
-        self.num_channels = positive_int(num_channels, "num_channels")
-        if self.num_channels % self.num_groups:
+        num_channels = positive_int(num_channels, "num_channels")
+        if num_channels % self.num_groups:
             raise ValueError(
                 f"GroupNorm: `num_groups`={self.num_groups} must divide `num_channels`="
-                f"{self.num_channels} (groups hold equal numbers of channels); choose a "
-                f"divisor of {self.num_channels}."
+                f"{num_channels} (groups hold equal numbers of channels); choose a "
+                f"divisor of {num_channels}."
             )
-        self.spatial_ndim, self.channel_axis = check_layout(spatial_ndim, channel_axis, "GroupNorm")
-        self.epsilon = check_epsilon(epsilon)
-        self.zero_centered_scale = bool(zero_centered_scale)
-        self.dtype = optional_dtype(dtype, "dtype")
-        self.gamma, self.beta = make_affine_parameters(
-            (self.num_channels,),
+        self._init_channels(
+            num_channels,
+            spatial_ndim,
+            channel_axis,
+            epsilon=epsilon,
             scale_initializer=scale_initializer,
             bias_initializer=bias_initializer,
-            use_scale=elementwise_affine and use_scale,
-            use_bias=elementwise_affine and use_bias,
-            zero_centered_scale=self.zero_centered_scale,
-            param_dtype=resolve_param_dtype(param_dtype),
+            elementwise_affine=elementwise_affine,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            zero_centered_scale=zero_centered_scale,
+            param_dtype=param_dtype,
+            dtype=dtype,
             key=key,
         )
 
-    @property
-    def elementwise_affine(self) -> bool:
-        """Whether the layer has any learnable parameter."""
-        return self.gamma is not None or self.beta is not None
 
-    def __call__(
-        self,
-        x: Float[Array, "*batch *example"],
-        *,
-        mask: Bool[Array, "..."] | None = None,
-        key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "*batch *example"]:
-        """Normalize ``x`` of shape ``(*batch, *spatial, C)`` (or ``(*batch, C, *spatial)``).
-
-        Args:
-            x: floating-point input; integer and boolean inputs are an error.
-            mask: optional boolean array of x's rank (size-1 axes broadcast, e.g.
-                ``(*batch, *spatial, 1)`` for padded images). False elements take no part
-                in the statistics and their output is ``beta`` (0 without ``beta``); a
-                fully masked group gives ``beta``, not NaN.
-            key: ignored; accepted so the layer fits ``eqx.nn.Sequential``.
-
-        Returns:
-            An array of x's shape, in x's dtype (or ``dtype`` if set).
-        """
-        del key
-        with jax.named_scope("eqx_norm.GroupNorm"):
-            return group_normalize(
-                x,
-                self.num_groups,
-                self.gamma,
-                self.beta,
-                num_channels=self.num_channels,
-                spatial_ndim=self.spatial_ndim,
-                channel_axis=self.channel_axis,
-                epsilon=self.epsilon,
-                mask=mask,
-                zero_centered_scale=self.zero_centered_scale,
-                dtype=self.dtype,
-                layer="GroupNorm",
-            )
-
-
-class InstanceNorm(eqx.Module):
+class InstanceNorm(ChannelNorm):
     r"""Instance normalization: statistics over space, per example and per channel.
 
     .. math:: y = \frac{x - \mathrm{E}_c[x]}{\sqrt{\mathrm{Var}_c[x] + \epsilon}} \gamma_c
@@ -318,15 +321,6 @@ class InstanceNorm(eqx.Module):
         for Fast Stylization", 2016. arXiv:1607.08022.
     """
 
-    gamma: Float[Array, " num_channels"] | None
-    beta: Float[Array, " num_channels"] | None
-    num_channels: int = eqx.field(static=True)
-    spatial_ndim: int = eqx.field(static=True)
-    channel_axis: int = eqx.field(static=True)
-    epsilon: float = eqx.field(static=True)
-    zero_centered_scale: bool = eqx.field(static=True)
-    dtype: np.dtype | None = eqx.field(static=True)
-
     def __init__(
         self,
         num_channels: int,
@@ -344,21 +338,19 @@ class InstanceNorm(eqx.Module):
         dtype: DTypeLike | None = None,
         key: PRNGKeyArray | None = None,
     ):
-        self.num_channels = positive_int(num_channels, "num_channels")
-        self.spatial_ndim, self.channel_axis = check_layout(
-            spatial_ndim, channel_axis, "InstanceNorm"
-        )
-        self.epsilon = check_epsilon(epsilon)
-        self.zero_centered_scale = bool(zero_centered_scale)
-        self.dtype = optional_dtype(dtype, "dtype")
-        self.gamma, self.beta = make_affine_parameters(
-            (self.num_channels,),
+        self._init_channels(
+            num_channels,
+            spatial_ndim,
+            channel_axis,
+            epsilon=epsilon,
             scale_initializer=scale_initializer,
             bias_initializer=bias_initializer,
-            use_scale=elementwise_affine and use_scale,
-            use_bias=elementwise_affine and use_bias,
-            zero_centered_scale=self.zero_centered_scale,
-            param_dtype=resolve_param_dtype(param_dtype),
+            elementwise_affine=elementwise_affine,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            zero_centered_scale=zero_centered_scale,
+            param_dtype=param_dtype,
+            dtype=dtype,
             key=key,
         )
 
@@ -366,44 +358,3 @@ class InstanceNorm(eqx.Module):
     def num_groups(self) -> int:
         """One group per channel."""
         return self.num_channels
-
-    @property
-    def elementwise_affine(self) -> bool:
-        """Whether the layer has any learnable parameter."""
-        return self.gamma is not None or self.beta is not None
-
-    def __call__(
-        self,
-        x: Float[Array, "*batch *example"],
-        *,
-        mask: Bool[Array, "..."] | None = None,
-        key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "*batch *example"]:
-        """Normalize ``x`` of shape ``(*batch, *spatial, C)`` (or ``(*batch, C, *spatial)``).
-
-        Args:
-            x: floating-point input; integer and boolean inputs are an error.
-            mask: optional boolean array of x's rank (size-1 axes broadcast, e.g.
-                ``(*batch, *spatial, 1)`` for padded images). False elements take no part
-                in the statistics and their output is ``beta`` (0 without ``beta``).
-            key: ignored; accepted so the layer fits ``eqx.nn.Sequential``.
-
-        Returns:
-            An array of x's shape, in x's dtype (or ``dtype`` if set).
-        """
-        del key
-        with jax.named_scope("eqx_norm.InstanceNorm"):
-            return group_normalize(
-                x,
-                None,
-                self.gamma,
-                self.beta,
-                num_channels=self.num_channels,
-                spatial_ndim=self.spatial_ndim,
-                channel_axis=self.channel_axis,
-                epsilon=self.epsilon,
-                mask=mask,
-                zero_centered_scale=self.zero_centered_scale,
-                dtype=self.dtype,
-                layer="InstanceNorm",
-            )

@@ -4,70 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import PRNGKeyArray
 
+from ._base import TrailingAxesNorm
 from ._core import (
     DTypeLike,
     canonical_shape,
-    check_epsilon,
-    check_floating,
-    check_mask,
-    check_trailing_shape,
-    normalize,
-    optional_dtype,
 )
-from .initializers import InitializerLike, OneInit, ZeroInit, make_parameter
+from .initializers import InitializerLike, OneInit, ZeroInit
 
 
-def make_affine_parameters(
-    shape: tuple[int, ...],
-    *,
-    scale_initializer: InitializerLike,
-    bias_initializer: InitializerLike,
-    use_scale: bool,
-    use_bias: bool,
-    zero_centered_scale: bool,
-    param_dtype: DTypeLike,
-    key: PRNGKeyArray | None,
-) -> tuple[Array | None, Array | None]:
-    """``(gamma, beta)`` of ``shape``, each None where switched off. Shared by every layer."""
-    # `is`/isinstance first: `array == OneInit()` would compare elementwise
-    if zero_centered_scale and (
-        scale_initializer is OneInit
-        or (isinstance(scale_initializer, OneInit) and scale_initializer == OneInit())
-    ):
-        scale_initializer = ZeroInit()  # the default identity scale, stored as 1 + 0
-    scale_key, bias_key = (None, None) if key is None else jax.random.split(key)
-    gamma = beta = None
-    if use_scale:
-        gamma = make_parameter(
-            scale_initializer,
-            argument="scale_initializer",
-            key=scale_key,
-            shape=shape,
-            dtype=param_dtype,
-        )
-    if use_bias:
-        beta = make_parameter(
-            bias_initializer,
-            argument="bias_initializer",
-            key=bias_key,
-            shape=shape,
-            dtype=param_dtype,
-        )
-    return gamma, beta
-
-
-def resolve_param_dtype(param_dtype: DTypeLike | None) -> np.dtype:
-    """The storage dtype of the parameters: float32 unless asked otherwise."""
-    return optional_dtype(param_dtype, "param_dtype") or jnp.dtype(jnp.float32)
-
-
-class LayerNorm(eqx.Module):
+class LayerNorm(TrailingAxesNorm):
     r"""Layer normalization over the trailing ``normalized_shape`` axes of each example.
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
@@ -110,13 +57,6 @@ class LayerNorm(eqx.Module):
         Ba, Kiros and Hinton, "Layer Normalization", 2016. arXiv:1607.06450.
     """
 
-    gamma: Float[Array, "*normalized_shape"] | None
-    beta: Float[Array, "*normalized_shape"] | None
-    normalized_shape: tuple[int, ...] = eqx.field(static=True)
-    epsilon: float = eqx.field(static=True)
-    zero_centered_scale: bool = eqx.field(static=True)
-    dtype: np.dtype | None = eqx.field(static=True)
-
     def __init__(
         self,
         normalized_shape: int | Sequence[int],
@@ -133,55 +73,16 @@ class LayerNorm(eqx.Module):
         key: PRNGKeyArray | None = None,
     ):
         self.normalized_shape = canonical_shape(normalized_shape, "normalized_shape")
-        self.epsilon = check_epsilon(epsilon)
-        self.zero_centered_scale = bool(zero_centered_scale)
-        self.dtype = optional_dtype(dtype, "dtype")
-        self.gamma, self.beta = make_affine_parameters(
+        self._init_affine(
             self.normalized_shape,
+            epsilon=epsilon,
             scale_initializer=scale_initializer,
             bias_initializer=bias_initializer,
-            use_scale=elementwise_affine and use_scale,
-            use_bias=elementwise_affine and use_bias,
-            zero_centered_scale=self.zero_centered_scale,
-            param_dtype=resolve_param_dtype(param_dtype),
+            elementwise_affine=elementwise_affine,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            zero_centered_scale=zero_centered_scale,
+            param_dtype=param_dtype,
+            dtype=dtype,
             key=key,
         )
-
-    @property
-    def elementwise_affine(self) -> bool:
-        """Whether the layer has any learnable parameter."""
-        return self.gamma is not None or self.beta is not None
-
-    def __call__(
-        self,
-        x: Float[Array, "*batch *normalized_shape"],
-        *,
-        mask: Bool[Array, "..."] | None = None,
-        key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "*batch *normalized_shape"]:
-        """Normalize ``x`` of shape ``(*batch, *normalized_shape)``.
-
-        Args:
-            x: floating-point input; integer and boolean inputs are an error.
-            mask: optional boolean array of x's rank (size-1 axes broadcast). False
-                elements take no part in the statistics and their output is ``beta``
-                (0 without ``beta``); a fully masked example gives ``beta``, not NaN.
-            key: ignored; accepted so the layer fits ``eqx.nn.Sequential``.
-
-        Returns:
-            An array of x's shape, in x's dtype (or ``dtype`` if set).
-        """
-        del key
-        with jax.named_scope("eqx_norm.LayerNorm"):
-            x = check_floating(x, "LayerNorm")
-            axes = check_trailing_shape(x.shape, self.normalized_shape, "LayerNorm")
-            return normalize(
-                x,
-                axes,
-                self.gamma,
-                self.beta,
-                epsilon=self.epsilon,
-                mask=check_mask(mask, x.shape, "LayerNorm"),
-                zero_centered_scale=self.zero_centered_scale,
-                dtype=self.dtype,
-            )

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import equinox as eqx
-import jax
-import numpy as np
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import PRNGKeyArray
 
+from ._base import TrailingAxesNorm
 from ._core import (
     DTypeLike,
     canonical_shape,
-    check_epsilon,
-    check_floating,
-    check_mask,
-    check_trailing_shape,
-    normalize,
-    optional_dtype,
 )
-from ._layer_norm import make_affine_parameters, resolve_param_dtype
 from .initializers import InitializerLike, OneInit, ZeroInit
 
 
-class RMSNorm(eqx.Module):
+class RMSNorm(TrailingAxesNorm):
     r"""Root-mean-square normalization over the trailing ``normalized_shape`` axes.
 
     .. math:: y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \gamma \; (+ \beta)
@@ -67,12 +58,7 @@ class RMSNorm(eqx.Module):
         arXiv:1910.07467.
     """
 
-    gamma: Float[Array, "*normalized_shape"] | None
-    beta: Float[Array, "*normalized_shape"] | None
-    normalized_shape: tuple[int, ...] = eqx.field(static=True)
-    epsilon: float = eqx.field(static=True)
-    zero_centered_scale: bool = eqx.field(static=True)
-    dtype: np.dtype | None = eqx.field(static=True)
+    _center = False
 
     def __init__(
         self,
@@ -90,56 +76,16 @@ class RMSNorm(eqx.Module):
         key: PRNGKeyArray | None = None,
     ):
         self.normalized_shape = canonical_shape(normalized_shape, "normalized_shape")
-        self.epsilon = check_epsilon(epsilon)
-        self.zero_centered_scale = bool(zero_centered_scale)
-        self.dtype = optional_dtype(dtype, "dtype")
-        self.gamma, self.beta = make_affine_parameters(
+        self._init_affine(
             self.normalized_shape,
+            epsilon=epsilon,
             scale_initializer=scale_initializer,
             bias_initializer=bias_initializer,
-            use_scale=elementwise_affine and use_scale,
-            use_bias=elementwise_affine and use_bias,
-            zero_centered_scale=self.zero_centered_scale,
-            param_dtype=resolve_param_dtype(param_dtype),
+            elementwise_affine=elementwise_affine,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            zero_centered_scale=zero_centered_scale,
+            param_dtype=param_dtype,
+            dtype=dtype,
             key=key,
         )
-
-    @property
-    def elementwise_affine(self) -> bool:
-        """Whether the layer has any learnable parameter."""
-        return self.gamma is not None or self.beta is not None
-
-    def __call__(
-        self,
-        x: Float[Array, "*batch *normalized_shape"],
-        *,
-        mask: Bool[Array, "..."] | None = None,
-        key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "*batch *normalized_shape"]:
-        """Normalize ``x`` of shape ``(*batch, *normalized_shape)``.
-
-        Args:
-            x: floating-point input; integer and boolean inputs are an error.
-            mask: optional boolean array of x's rank (size-1 axes broadcast). False
-                elements take no part in the mean square and their output is ``beta``
-                (0 without ``beta``); a fully masked example gives ``beta``, not NaN.
-            key: ignored; accepted so the layer fits ``eqx.nn.Sequential``.
-
-        Returns:
-            An array of x's shape, in x's dtype (or ``dtype`` if set).
-        """
-        del key
-        with jax.named_scope("eqx_norm.RMSNorm"):
-            x = check_floating(x, "RMSNorm")
-            axes = check_trailing_shape(x.shape, self.normalized_shape, "RMSNorm")
-            return normalize(
-                x,
-                axes,
-                self.gamma,
-                self.beta,
-                epsilon=self.epsilon,
-                mask=check_mask(mask, x.shape, "RMSNorm"),
-                zero_centered_scale=self.zero_centered_scale,
-                dtype=self.dtype,
-                center=False,
-            )

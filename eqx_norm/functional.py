@@ -68,21 +68,17 @@ def layer_norm(
     References:
         Ba, Kiros and Hinton, "Layer Normalization", 2016. arXiv:1607.06450.
     """
-    name = "layer_norm"
-    shape = canonical_shape(normalized_shape, "normalized_shape")
-    x = check_floating(x, name)
-    axes = check_trailing_shape(x.shape, shape, name)
-    check_parameter(gamma, shape, "gamma", name)
-    check_parameter(beta, shape, "beta", name)
-    return normalize(
+    return _trailing_axes_norm(
+        "layer_norm",
         x,
-        axes,
+        normalized_shape,
         gamma,
         beta,
-        epsilon=check_epsilon(epsilon),
-        mask=check_mask(mask, x.shape, name),
+        epsilon=epsilon,
+        mask=mask,
         zero_centered_scale=zero_centered_scale,
-        dtype=optional_dtype(dtype, "dtype"),
+        dtype=dtype,
+        center=True,
     )
 
 
@@ -127,21 +123,16 @@ def rms_norm(
         Zhang and Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
         arXiv:1910.07467.
     """
-    name = "rms_norm"
-    shape = canonical_shape(normalized_shape, "normalized_shape")
-    x = check_floating(x, name)
-    axes = check_trailing_shape(x.shape, shape, name)
-    check_parameter(gamma, shape, "gamma", name)
-    check_parameter(beta, shape, "beta", name)
-    return normalize(
+    return _trailing_axes_norm(
+        "rms_norm",
         x,
-        axes,
+        normalized_shape,
         gamma,
         beta,
-        epsilon=check_epsilon(epsilon),
-        mask=check_mask(mask, x.shape, name),
+        epsilon=epsilon,
+        mask=mask,
         zero_centered_scale=zero_centered_scale,
-        dtype=optional_dtype(dtype, "dtype"),
+        dtype=dtype,
         center=False,
     )
 
@@ -274,4 +265,36 @@ def instance_norm(
         zero_centered_scale=zero_centered_scale,
         dtype=optional_dtype(dtype, "dtype"),
         layer=name,
+    )
+
+
+def _trailing_axes_norm(
+    name: str,
+    x: Array,
+    normalized_shape: int | Sequence[int],
+    gamma: Array | None,
+    beta: Array | None,
+    *,
+    epsilon: float,
+    mask: Array | None,
+    zero_centered_scale: bool,
+    dtype: DTypeLike | None,
+    center: bool,
+) -> Array:
+    """Check the arguments of ``layer_norm``/``rms_norm`` (``name``) and run the core."""
+    shape = canonical_shape(normalized_shape, "normalized_shape")
+    x = check_floating(x, name)
+    axes = check_trailing_shape(x.shape, shape, name)
+    check_parameter(gamma, shape, "gamma", name)
+    check_parameter(beta, shape, "beta", name)
+    return normalize(
+        x,
+        axes,
+        gamma,
+        beta,
+        epsilon=check_epsilon(epsilon),
+        mask=check_mask(mask, x.shape, name),
+        zero_centered_scale=zero_centered_scale,
+        dtype=optional_dtype(dtype, "dtype"),
+        center=center,
     )
