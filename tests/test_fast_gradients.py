@@ -1,0 +1,217 @@
+"""The hand-written LayerNorm/RMSNorm gradient against float64 and finite differences.
+
+XLA:CPU 0.10.2 miscompiles the jitted gradient of one ordinary LayerNorm op order at
+(64, 128, 768) (errors up to 0.8, right without jit), so every gradient here is jitted and
+compared with an independent float64 NumPy formula, never with itself.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from eqx_norm import LayerNorm, RMSNorm
+from eqx_norm._core import apply_affine, standardize
+from eqx_norm._fast_layer_norm import _use_dots, fast_applies
+
+
+def reference_vjp(x, gamma, beta, dy, ndim, epsilon, center=True):
+    """y and the gradients of sum(y * dy) wrt (x, gamma, beta), in float64, by formula."""
+    x, dy = (np.asarray(np.asarray(a, np.float32), np.float64) for a in (x, dy))
+    gamma = np.asarray(gamma, np.float64)
+    shape = x.shape
+    rows = x.reshape(-1, gamma.size)
+    dy, gamma = dy.reshape(rows.shape), gamma.reshape(-1)
+    centered = rows - rows.mean(1, keepdims=True) if center else rows
+    rstd = 1 / np.sqrt((centered**2).mean(1, keepdims=True) + epsilon)
+    x_hat = centered * rstd
+    v = dy * gamma
+    inner = v - x_hat * (v * x_hat).mean(1, keepdims=True)
+    if center:
+        inner = inner - v.mean(1, keepdims=True)
+    y = x_hat * gamma + (0 if beta is None else np.asarray(beta, np.float64).reshape(-1))
+    return (
+        y.reshape(shape),
+        (rstd * inner).reshape(shape),
+        (dy * x_hat).sum(0).reshape(np.shape(gamma)),
+        dy.sum(0),
+    )
+
+
+def relative_error(actual, expected):
+    actual = np.asarray(np.asarray(actual, np.float32), np.float64).reshape(expected.shape)
+    return np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
+
+
+@jax.jit
+def apply(layer, x):
+    return layer(x)
+
+
+def jitted_vjp(layer, x, dy):
+    def loss(layer, x):
+        return jnp.sum(layer(x).astype(jnp.float32) * dy.astype(jnp.float32))
+
+    return jax.jit(jax.value_and_grad(lambda x, layer: loss(layer, x), argnums=(0, 1)))(x, layer)
+
+
+# (shape, normalized ndim, dtype, family); the second is the shape of XLA's miscompile.
+LARGE_CASES = [
+    ((8192, 1024), 1, jnp.float32, LayerNorm),
+    ((64, 128, 768), 1, jnp.float32, LayerNorm),
+    ((32, 28, 28, 256), 3, jnp.float32, LayerNorm),
+    ((64, 128, 768), 1, jnp.bfloat16, LayerNorm),
+    ((64, 128, 768), 1, jnp.float32, RMSNorm),
+]
+
+
+@pytest.mark.parametrize(("shape", "ndim", "dtype", "family"), LARGE_CASES)
+def test_jitted_gradients_match_float64_at_benchmark_sizes(shape, ndim, dtype, family):
+    key_x, key_dy, key_g, key_b = jax.random.split(jax.random.key(0), 4)
+    normalized = shape[len(shape) - ndim :]
+    x = (3 + 2 * jax.random.normal(key_x, shape)).astype(dtype)
+    dy = jax.random.normal(key_dy, shape).astype(dtype)
+    gamma = 1 + 0.5 * jax.random.normal(key_g, normalized)
+    beta = 0.5 * jax.random.normal(key_b, normalized)
+    layer = family(normalized, 1e-5, scale_initializer=gamma, bias_initializer=beta)
+    center = family is LayerNorm
+    beta = layer.beta  # RMSNorm has none by default
+    y_ref, dx_ref, dgamma_ref, dbeta_ref = reference_vjp(x, gamma, beta, dy, ndim, 1e-5, center)
+    _, (dx, grads) = jitted_vjp(layer, x, dy)
+    y = apply(layer, x)
+    # float32: rounding of a D-term row sum and an R-term column sum, ~1e-6 relative;
+    # bf16: y and dx are returned in bf16 (relative step 2**-8), parameters stay float32.
+    tol = 1e-4 if dtype == jnp.float32 else 1e-2
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert relative_error(y, y_ref) < tol
+    assert relative_error(dx, dx_ref) < tol
+    assert relative_error(grads.gamma, dgamma_ref) < 1e-4
+    if grads.beta is not None:
+        assert relative_error(grads.beta, dbeta_ref) < 1e-4
+
+
+def test_long_rows_take_the_dot_form_and_small_rows_do_not():
+    assert _use_dots(32, 28 * 28 * 256)
+    assert not _use_dots(8192, 1024)
+    assert not _use_dots(8192, 768)
+
+
+def test_fast_path_applies_only_without_mask_on_trailing_axes():
+    gamma = jnp.ones((4, 5))
+    assert fast_applies((2, 3, 4, 5), (2, 3), gamma, None, None)
+    assert not fast_applies((2, 3, 4, 5), (2, 3), gamma, None, jnp.ones((2, 3, 4, 5), bool))
+    assert not fast_applies((2, 3, 4, 5), (1, 2), None, None, None)
+    assert not fast_applies((2, 3, 4, 5), (2, 3), jnp.ones((4, 1)), None, None)
+
+
+# (family, normalized_shape, epsilon, options): the fast path's variants
+SMALL_LAYERS = [
+    pytest.param(LayerNorm, (5,), 1e-5, {}, id="ln"),
+    pytest.param(LayerNorm, (4, 5), 1e-3, {}, id="ln-2-axes"),
+    pytest.param(LayerNorm, (5,), 1e-5, {"zero_centered_scale": True}, id="ln-zero-centered"),
+    pytest.param(LayerNorm, (5,), 1e-5, {"use_bias": False}, id="ln-no-beta"),
+    pytest.param(LayerNorm, (5,), 1e-5, {"use_scale": False}, id="ln-no-gamma"),
+    pytest.param(RMSNorm, (5,), 1e-5, {}, id="rms"),
+    pytest.param(RMSNorm, (4, 5), 1e-5, {"use_bias": True}, id="rms-beta"),
+]
+
+
+@pytest.mark.parametrize(("family", "normalized", "epsilon", "options"), SMALL_LAYERS)
+def test_second_order_finite_differences(family, normalized, epsilon, options, x64):
+    key_x, key_g, key_b = jax.random.split(jax.random.key(1), 3)
+    x = 1.5 + jax.random.normal(key_x, (3, 4, 5), jnp.float64)
+    layer = family(
+        normalized,
+        epsilon,
+        scale_initializer=1 + 0.3 * jax.random.normal(key_g, normalized, jnp.float64),
+        bias_initializer=0.3 * jax.random.normal(key_b, normalized, jnp.float64),
+        param_dtype=jnp.float64,
+        **options,
+    )
+    names = [n for n in ("gamma", "beta") if getattr(layer, n) is not None]
+    params = tuple(getattr(layer, n) for n in names)
+
+    def f(x, *params):
+        where = lambda m: tuple(getattr(m, n) for n in names)  # noqa: E731
+        return jnp.sin(apply(eqx.tree_at(where, layer, params), x))
+
+    # float64: central differences with eps=1e-4 are accurate to ~1e-7; check_grads' default
+    # tolerance for float64 (1e-5 with its eps scaling) leaves room for that.
+    check_grads(f, (x, *params), order=2, modes=("fwd", "rev"))
+
+
+def test_long_rows_match_plain_autodiff_to_second_order(x64):
+    """The dot form (few rows of >= 16384): finite differences, and Hessian-vector
+    products against plain autodiff of the unfused path."""
+    key_x, key_g, key_t, key_u = jax.random.split(jax.random.key(2), 4)
+    x = 2 + jax.random.normal(key_x, (2, 16384), jnp.float64)
+    gamma = 1 + 0.3 * jax.random.normal(key_g, (16384,), jnp.float64)
+    tangents = (jax.random.normal(key_t, x.shape, jnp.float64), jax.random.normal(key_u, (16384,)))
+
+    def fast(x, gamma):
+        layer = LayerNorm(16384, scale_initializer=gamma, param_dtype=jnp.float64)
+        return jnp.sum(jnp.sin(layer(x)))
+
+    def plain(x, gamma):
+        x_hat = standardize(x, (1,), epsilon=1e-5)
+        return jnp.sum(jnp.sin(apply_affine(x_hat, gamma, None, zero_centered_scale=False)))
+
+    check_grads(jax.jit(fast), (x, gamma), order=2, modes=("fwd", "rev"))
+    fast_hvp = jax.jvp(jax.jit(jax.grad(fast, argnums=(0, 1))), (x, gamma), tangents)
+    plain_hvp = jax.jvp(jax.grad(plain, argnums=(0, 1)), (x, gamma), tangents)
+    for actual, expected in zip(jax.tree.leaves(fast_hvp), jax.tree.leaves(plain_hvp)):
+        # float64, two derivations of the same function: agreement to ~1e-15 relative
+        np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_hessian_and_jvp_apply_directly_to_the_layer(x64):
+    key_x, key_t = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(key_x, (2, 6), jnp.float64)
+    tangent = jax.random.normal(key_t, (2, 6), jnp.float64)
+    layer = LayerNorm(6, scale_initializer=jnp.linspace(0.5, 1.5, 6))
+
+    def plain_layer(x):  # the unfused path under plain autodiff: an independent derivation
+        x_hat = standardize(x, (1,), epsilon=1e-5)
+        return apply_affine(x_hat, layer.gamma, layer.beta, zero_centered_scale=False)
+
+    def loss(f):
+        return lambda x: jnp.sum(jnp.sin(f(x)))
+
+    # float64 throughout: both sides agree to rounding
+    np.testing.assert_allclose(
+        jax.hessian(loss(layer))(x), jax.hessian(loss(plain_layer))(x), atol=1e-10
+    )
+    primal, out = jax.jvp(layer, (x,), (tangent,))
+    expected_primal, expected = jax.jvp(plain_layer, (x,), (tangent,))
+    np.testing.assert_allclose(out, expected, atol=1e-12)
+    np.testing.assert_allclose(primal, expected_primal, atol=1e-12)
+
+
+def test_mean_1e4_meets_the_accuracy_bars():
+    """float32 inputs at mean 1e4: y within 2e-3 of float64, gradients within 1e-3."""
+    key_x, key_dy, key_g = jax.random.split(jax.random.key(4), 3)
+    x = 1e4 + jax.random.normal(key_x, (512, 1024))
+    dy = jax.random.normal(key_dy, (512, 1024))
+    gamma = 1 + 0.1 * jax.random.normal(key_g, (1024,))
+    layer = LayerNorm(1024, scale_initializer=gamma)
+    y_ref, dx_ref, dgamma_ref, dbeta_ref = reference_vjp(x, gamma, None, dy, 1, 1e-5)
+    _, (dx, grads) = jitted_vjp(layer, x, dy)
+    assert np.max(np.abs(np.asarray(apply(layer, x), np.float64) - y_ref)) < 2e-3
+    assert relative_error(dx, dx_ref) < 1e-3
+    assert relative_error(grads.gamma, dgamma_ref) < 1e-3
+    assert relative_error(grads.beta, dbeta_ref) < 1e-3
+
+
+@pytest.mark.parametrize("epsilon", [1e-5, 0.0])
+@pytest.mark.parametrize("shape", [(3, 8), (2, 3, 16384)])
+def test_constant_input_gives_beta_exactly_with_finite_gradients(shape, epsilon):
+    beta = jnp.linspace(-1.0, 1.0, shape[-1])
+    layer = LayerNorm(shape[-1], epsilon, scale_initializer=jnp.full(shape[-1], 2.0),
+                      bias_initializer=beta)  # fmt: skip
+    x = jnp.full(shape, 1e4 + 0.25)
+    np.testing.assert_array_equal(apply(layer, x), jnp.broadcast_to(beta, shape))
+    dx, grads = jax.jit(jax.grad(lambda x, m: jnp.sum(jnp.sin(m(x))), argnums=(0, 1)))(x, layer)
+    for g in (dx, grads.gamma, grads.beta):
+        assert np.isfinite(np.asarray(g)).all()
