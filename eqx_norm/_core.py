@@ -19,15 +19,16 @@ from jaxtyping import Array
 DTypeLike = Any
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is a Python or NumPy integer (booleans excluded)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def canonical_shape(value: int | Sequence[int], argument: str) -> tuple[int, ...]:
     """``value`` as a non-empty tuple of positive ints, or a ValueError/TypeError naming it."""
-    if _is_int(value):
+    if is_int(value):
         items = (value,)
-    elif isinstance(value, Sequence) and not isinstance(value, str) and all(map(_is_int, value)):
+    elif isinstance(value, Sequence) and not isinstance(value, str) and all(map(is_int, value)):
         items = tuple(value)
     else:
         raise TypeError(
@@ -43,7 +44,7 @@ def canonical_shape(value: int | Sequence[int], argument: str) -> tuple[int, ...
 
 def positive_int(value: Any, argument: str) -> int:
     """``value`` as a positive int, or an error naming ``argument``."""
-    if not _is_int(value) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise ValueError(f"`{argument}` must be a positive int, got {value!r}.")
     return int(value)
 

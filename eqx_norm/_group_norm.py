@@ -7,6 +7,8 @@ Both layers, and :func:`eqx_norm.functional.group_norm` / ``instance_norm``, run
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
@@ -14,23 +16,32 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 from ._base import AffineNorm
 from ._core import (
     DTypeLike,
-    _is_int,
     check_floating,
     check_mask,
     check_parameter,
+    is_int,
     normalize,
     positive_int,
 )
 from .initializers import InitializerLike, OneInit, ZeroInit
 
-_SPATIAL_NAMES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
+_SPATIAL_NAMES = {0: (), 1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
 
 
-def check_layout(spatial_ndim: int, channel_axis: int, layer: str) -> tuple[int, int]:
-    """``(spatial_ndim, channel_axis)`` checked: a positive int, and an axis of one example."""
-    spatial_ndim = positive_int(spatial_ndim, "spatial_ndim")
+def check_layout(
+    spatial_ndim: int, channel_axis: int, layer: str, *, min_spatial_ndim: int
+) -> tuple[int, int]:
+    """``(spatial_ndim, channel_axis)`` checked: a count of spatial axes, and an axis of one
+    example. GroupNorm accepts ``spatial_ndim=0`` (one example is ``(C,)``, torch's
+    ``(N, C)`` input); InstanceNorm needs at least one spatial axis, since each channel of
+    an example without one is a single element and would normalize to 0."""
+    if not is_int(spatial_ndim) or spatial_ndim < min_spatial_ndim:
+        kind = "a positive int" if min_spatial_ndim else "a non-negative int"
+        why = " (one example needs a spatial axis to normalize over)" if min_spatial_ndim else ""
+        raise ValueError(f"`spatial_ndim` must be {kind}, got {spatial_ndim!r}{why}.")
+    spatial_ndim = int(spatial_ndim)
     n = spatial_ndim + 1
-    if not _is_int(channel_axis) or not -n <= channel_axis < n:
+    if not is_int(channel_axis) or not -n <= channel_axis < n:
         raise ValueError(
             f"{layer}: `channel_axis` is the position of the channel axis within one example "
             f"of {n} axes, so it must be an int in [{-n}, {n - 1}]: -1 for channels-last "
@@ -127,6 +138,8 @@ class ChannelNorm(AffineNorm):
     Subclasses provide ``num_groups`` (GroupNorm as a field, InstanceNorm as a property).
     """
 
+    _min_spatial_ndim: ClassVar[int] = 0
+
     num_channels: int = eqx.field(static=True)
     spatial_ndim: int = eqx.field(static=True)
     channel_axis: int = eqx.field(static=True)
@@ -134,7 +147,9 @@ class ChannelNorm(AffineNorm):
     def _init_channels(self, num_channels: int, spatial_ndim: int, channel_axis: int, **affine):
         self.num_channels = positive_int(num_channels, "num_channels")
         layer = type(self).__name__
-        self.spatial_ndim, self.channel_axis = check_layout(spatial_ndim, channel_axis, layer)
+        self.spatial_ndim, self.channel_axis = check_layout(
+            spatial_ndim, channel_axis, layer, min_spatial_ndim=self._min_spatial_ndim
+        )
         self._init_affine((self.num_channels,), **affine)
 
     def __call__(
@@ -207,7 +222,8 @@ class GroupNorm(ChannelNorm):
         scale_initializer: initializer of ``gamma``, accepted in the same forms.
         elementwise_affine: False switches off both ``gamma`` and ``beta``.
         spatial_ndim: number of spatial axes of one example (1, 2 or 3 for 1-D signals,
-            images, volumes; default 2).
+            images, volumes; default 2; 0 for feature vectors ``(*batch, C)``, as
+            ``torch.nn.GroupNorm`` on ``(N, C)``).
         channel_axis: position of the channel axis within one example: -1 (default,
             channels-last) or 0 (channels-first).
         use_scale: False switches off ``gamma`` alone.
@@ -353,6 +369,8 @@ class InstanceNorm(ChannelNorm):
             dtype=dtype,
             key=key,
         )
+
+    _min_spatial_ndim: ClassVar[int] = 1
 
     @property
     def num_groups(self) -> int:

@@ -163,7 +163,7 @@ def group_norm(
         num_groups: number of channel groups; must divide ``C``.
         gamma: per-channel scale of shape ``(C,)``, or None.
         beta: per-channel offset of shape ``(C,)``, or None.
-        spatial_ndim: number of spatial axes of one example, ``>= 1``.
+        spatial_ndim: number of spatial axes of one example, ``>= 0`` (0: ``(*batch, C)``).
         channel_axis: position of the channel axis within one example (-1 or 0).
         epsilon: added to the variance, ``>= 0``.
         mask: optional boolean array of x's rank (axes of size 1 broadcast, e.g.
@@ -187,7 +187,7 @@ def group_norm(
         Wu and He, "Group Normalization", ECCV 2018. arXiv:1803.08494.
     """
     name = "group_norm"
-    spatial_ndim, channel_axis = check_layout(spatial_ndim, channel_axis, name)
+    spatial_ndim, channel_axis = check_layout(spatial_ndim, channel_axis, name, min_spatial_ndim=0)
     return group_normalize(
         x,
         positive_int(num_groups, "num_groups"),
@@ -251,7 +251,7 @@ def instance_norm(
         for Fast Stylization", 2016. arXiv:1607.08022.
     """
     name = "instance_norm"
-    spatial_ndim, channel_axis = check_layout(spatial_ndim, channel_axis, name)
+    spatial_ndim, channel_axis = check_layout(spatial_ndim, channel_axis, name, min_spatial_ndim=1)
     return group_normalize(
         x,
         None,

@@ -327,9 +327,14 @@ def test_parameters_are_per_channel_and_the_only_leaves():
         (lambda: GroupNorm(2.0, 4), ValueError, r"`num_groups` must be a positive int, got 2.0"),
         (lambda: InstanceNorm(0), ValueError, r"`num_channels` must be a positive int, got 0"),
         (
-            lambda: GroupNorm(2, 4, spatial_ndim=0),
+            lambda: GroupNorm(2, 4, spatial_ndim=-1),
             ValueError,
-            r"`spatial_ndim` must be a positive int, got 0",
+            r"`spatial_ndim` must be a non-negative int, got -1",
+        ),
+        (
+            lambda: InstanceNorm(4, spatial_ndim=0),
+            ValueError,
+            r"`spatial_ndim` must be a positive int, got 0 \(one example needs a spatial axis",
         ),
         (
             lambda: InstanceNorm(4, spatial_ndim=-1),
@@ -451,3 +456,24 @@ def test_bad_construction_is_a_clear_error(build, error, match):
 def test_bad_call_is_a_clear_error(layer, x, kwargs, error, match):
     with pytest.raises(error, match=match):
         layer(x, **kwargs)
+
+
+def test_feature_vectors_with_spatial_ndim_zero_match_torch():
+    # torch.nn.GroupNorm accepts (N, C): groups of features with no spatial axes
+    layer = random_group_norm(4, 32, spatial_ndim=0)
+    x = 2.0 + jax.random.normal(jax.random.key(3), (64, 32))
+    torch_layer = torch.nn.GroupNorm(4, 32, eps=layer.epsilon)
+    with torch.no_grad():
+        torch_layer.weight.copy_(torch.tensor(np.asarray(layer.gamma)))
+        torch_layer.bias.copy_(torch.tensor(np.asarray(layer.beta)))
+        expected = torch_layer(torch.tensor(np.asarray(x))).numpy()
+    np.testing.assert_allclose(layer(x), expected, atol=1e-5)
+    # one example (C,) is its own batch of none; vmap over examples agrees
+    np.testing.assert_allclose(jax.vmap(layer)(x), layer(x), atol=1e-6)
+    grouped = np.asarray(x, np.float64).reshape(64, 4, 8)
+    x_hat = reference.standardize(grouped, (2,), layer.epsilon).reshape(64, 32)
+    np.testing.assert_allclose(
+        layer(x), x_hat * np.asarray(layer.gamma) + np.asarray(layer.beta), atol=1e-5
+    )
+    with pytest.raises(ValueError, match=r"GroupNorm\(spatial_ndim=0, channel_axis=-1\) expects"):
+        layer(jnp.zeros((64, 31)))
