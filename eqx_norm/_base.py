@@ -15,15 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from ._core import (
-    DTypeLike,
-    check_epsilon,
-    check_floating,
-    check_mask,
-    check_trailing_shape,
-    normalize,
-    optional_dtype,
-)
+from ._core import DTypeLike, check_epsilon, optional_dtype, trailing_normalize
 from .initializers import InitializerLike, OneInit, ZeroInit, make_parameter
 
 
@@ -140,15 +132,14 @@ class TrailingAxesNorm(AffineNorm):
         del key
         layer = type(self).__name__
         with jax.named_scope(f"eqx_norm.{layer}"):
-            x = check_floating(x, layer)
-            axes = check_trailing_shape(x.shape, self.normalized_shape, layer)
-            return normalize(
+            return trailing_normalize(
+                layer,
                 x,
-                axes,
+                self.normalized_shape,
                 self.gamma,
                 self.beta,
                 epsilon=self.epsilon,
-                mask=check_mask(mask, x.shape, layer),
+                mask=mask,
                 zero_centered_scale=self.zero_centered_scale,
                 dtype=self.dtype,
                 center=self._center,

@@ -231,3 +231,39 @@ def normalize(
     )
     y = apply_affine(x_hat, gamma, beta, zero_centered_scale=zero_centered_scale)
     return y.astype(x.dtype if dtype is None else dtype)
+
+
+def trailing_normalize(
+    name: str,
+    x: Array,
+    normalized_shape: int | Sequence[int],
+    gamma: Array | None,
+    beta: Array | None,
+    *,
+    epsilon: float,
+    mask: Array | None,
+    zero_centered_scale: bool,
+    dtype: DTypeLike | None,
+    center: bool,
+) -> Array:
+    """Check the arguments of a trailing-axes norm and run :func:`normalize`.
+
+    The one path of LayerNorm, RMSNorm (``center=False``) and their functional forms;
+    ``name`` names the caller in error messages.
+    """
+    shape = canonical_shape(normalized_shape, "normalized_shape")
+    x = check_floating(x, name)
+    axes = check_trailing_shape(x.shape, shape, name)
+    check_parameter(gamma, shape, "gamma", name)
+    check_parameter(beta, shape, "beta", name)
+    return normalize(
+        x,
+        axes,
+        gamma,
+        beta,
+        epsilon=check_epsilon(epsilon),
+        mask=check_mask(mask, x.shape, name),
+        zero_centered_scale=zero_centered_scale,
+        dtype=optional_dtype(dtype, "dtype"),
+        center=center,
+    )

@@ -11,18 +11,7 @@ from collections.abc import Sequence
 
 from jaxtyping import Array, Bool, Float
 
-from ._core import (
-    DTypeLike,
-    canonical_shape,
-    check_epsilon,
-    check_floating,
-    check_mask,
-    check_parameter,
-    check_trailing_shape,
-    normalize,
-    optional_dtype,
-    positive_int,
-)
+from ._core import DTypeLike, check_epsilon, optional_dtype, positive_int, trailing_normalize
 from ._group_norm import check_layout, group_normalize
 
 __all__ = ["group_norm", "instance_norm", "layer_norm", "rms_norm"]
@@ -68,7 +57,7 @@ def layer_norm(
     References:
         Ba, Kiros and Hinton, "Layer Normalization", 2016. arXiv:1607.06450.
     """
-    return _trailing_axes_norm(
+    return trailing_normalize(
         "layer_norm",
         x,
         normalized_shape,
@@ -123,7 +112,7 @@ def rms_norm(
         Zhang and Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
         arXiv:1910.07467.
     """
-    return _trailing_axes_norm(
+    return trailing_normalize(
         "rms_norm",
         x,
         normalized_shape,
@@ -265,36 +254,4 @@ def instance_norm(
         zero_centered_scale=zero_centered_scale,
         dtype=optional_dtype(dtype, "dtype"),
         layer=name,
-    )
-
-
-def _trailing_axes_norm(
-    name: str,
-    x: Array,
-    normalized_shape: int | Sequence[int],
-    gamma: Array | None,
-    beta: Array | None,
-    *,
-    epsilon: float,
-    mask: Array | None,
-    zero_centered_scale: bool,
-    dtype: DTypeLike | None,
-    center: bool,
-) -> Array:
-    """Check the arguments of ``layer_norm``/``rms_norm`` (``name``) and run the core."""
-    shape = canonical_shape(normalized_shape, "normalized_shape")
-    x = check_floating(x, name)
-    axes = check_trailing_shape(x.shape, shape, name)
-    check_parameter(gamma, shape, "gamma", name)
-    check_parameter(beta, shape, "beta", name)
-    return normalize(
-        x,
-        axes,
-        gamma,
-        beta,
-        epsilon=check_epsilon(epsilon),
-        mask=check_mask(mask, x.shape, name),
-        zero_centered_scale=zero_centered_scale,
-        dtype=optional_dtype(dtype, "dtype"),
-        center=center,
     )
