@@ -1,0 +1,565 @@
+// LayerNorm and RMSNorm over the rows of a (rows, D) array, for XLA:CPU through JAX's FFI.
+//
+// Forward:  y = xhat * scale + offset with xhat = ((x - x0) - m) * r, where x0 is the
+//           row's first element, m = mean(x - x0) and r = rsqrt(mean(((x - x0) - m)^2) + eps)
+//           (RMSNorm: xhat = x * r, r = rsqrt(mean(x^2) + eps)). Saves m and r per row.
+// Backward: with v = ct * scale,
+//           dx = r * (v - c * mean(v) - xhat * mean(v * xhat))   (c = 1 LayerNorm, 0 RMSNorm)
+//           dscale[g] = sum over group g's rows of ct * xhat, doffset[g] = sum of ct.
+//
+// Statistics are float32; inputs and outputs may be float32, bfloat16 or float16.
+// Determinism: the work is cut into chunks by shape only (never by thread count), every
+// sum runs in a fixed order (16 fixed lanes inside a row, chunks reduced in index order),
+// so results are bitwise identical across runs and thread counts.
+// Threads: XLA's intra-op pool (ffi::ThreadPool); the calling thread takes chunks too, so
+// a busy pool only slows the call down, it cannot deadlock it.
+// Portability: plain C++17 loops written for the auto-vectorizer; on x86-64 with GCC the
+// hot loops are also cloned for x86-64-v3/v4 and picked at load time (target_clones).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define EQX_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define EQX_CLONES
+#endif
+#define EQX_INLINE inline __attribute__((always_inline))
+
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Element types: load to float32, store from float32 (round to nearest even).
+
+struct F32 {
+  using T = float;
+  static EQX_INLINE float load(T v) { return v; }
+  static EQX_INLINE T store(float v) { return v; }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  static EQX_INLINE float load(T v) {
+    uint32_t bits = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  static EQX_INLINE T store(float f) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    uint32_t quiet_nan = (bits >> 16) | 0x40u;
+    bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+    return static_cast<T>(nan ? quiet_nan : rounded);
+  }
+};
+
+#ifdef __FLT16_MAX__
+struct F16 {
+  using T = uint16_t;
+  static EQX_INLINE float load(T v) {
+    _Float16 h;
+    std::memcpy(&h, &v, 2);
+    return static_cast<float>(h);
+  }
+  static EQX_INLINE T store(float f) {
+    _Float16 h = static_cast<_Float16>(f);
+    T v;
+    std::memcpy(&v, &h, 2);
+    return v;
+  }
+};
+#endif
+
+// ---------------------------------------------------------------------------------------
+// Fixed-order sums: lane l takes the elements i with i % kLanes == l, lanes combine as a tree.
+
+constexpr int64_t kLanes = 16;
+
+EQX_INLINE float combine(float* acc) {
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (int64_t l = 0; l < width; ++l) acc[l] += acc[l + width];
+  return acc[0];
+}
+
+// sum of f(i) for i in [0, n), in the fixed lane order.
+template <class F>
+EQX_INLINE float lane_sum(int64_t n, F f) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += f(i + l);
+  for (int64_t l = 0; i + l < n; ++l) acc[l] += f(i + l);
+  return combine(acc);
+}
+
+// ---------------------------------------------------------------------------------------
+// Work sharing on XLA's pool: run body(i) for i in [0, n), the caller taking indices too.
+
+struct Shared {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t n = 0;
+  std::mutex mutex;
+  std::condition_variable finished;
+};
+
+template <class Body>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, const Body& body) {
+  if (n <= 0) return;
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < n; ++i) body(i);
+    return;
+  }
+  auto shared = std::make_shared<Shared>();
+  shared->n = n;
+  const Body* body_ptr = &body;
+  // A helper that starts after all indices are taken touches only `shared` (kept alive by
+  // its own reference), never `body`, which lives until every taken index is done.
+  auto work = [shared, body_ptr]() {
+    for (;;) {
+      int64_t i = shared->next.fetch_add(1);
+      if (i >= shared->n) return;
+      (*body_ptr)(i);
+      if (shared->done.fetch_add(1) + 1 == shared->n) {
+        std::lock_guard<std::mutex> lock(shared->mutex);
+        shared->finished.notify_all();
+      }
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(shared->mutex);
+  shared->finished.wait(lock, [&] { return shared->done.load() == shared->n; });
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward.
+
+struct ForwardArgs {
+  const void* x;
+  const float* scale;
+  const float* offset;
+  void* y;
+  float* mean_shift;  // mean - x[row, 0] (0 for RMSNorm)
+  float* rstd;
+  int64_t d;
+  float epsilon;
+  bool center;
+};
+
+EQX_INLINE float rsqrt_or_zero(float variance, float epsilon) {
+  float v = variance + epsilon;
+  // epsilon == 0 and a constant row: 0, so that the row gives exactly `offset`, not NaN.
+  return v > 0.0f ? 1.0f / std::sqrt(v) : 0.0f;
+}
+
+template <class S>
+EQX_INLINE void forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
+  using T = typename S::T;
+  const int64_t d = a.d;
+  const float inv_d = 1.0f / static_cast<float>(d);
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const T* x = static_cast<const T*>(a.x) + row * d;
+    T* y = static_cast<T*>(a.y) + row * d;
+    const float* scale = a.scale;
+    const float* offset = a.offset;
+    float shift = 0.0f, m = 0.0f, r;
+    if (a.center) {
+      shift = S::load(x[0]);
+      m = lane_sum(d, [&](int64_t i) { return S::load(x[i]) - shift; }) * inv_d;
+      float var = lane_sum(d, [&](int64_t i) {
+                    float c = (S::load(x[i]) - shift) - m;
+                    return c * c;
+                  }) *
+                  inv_d;
+      r = rsqrt_or_zero(var, a.epsilon);
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i)
+        y[i] = S::store(((S::load(x[i]) - shift) - m) * r * scale[i] + offset[i]);
+    } else {
+      float ms = lane_sum(d, [&](int64_t i) {
+                   float v = S::load(x[i]);
+                   return v * v;
+                 }) *
+                 inv_d;
+      r = rsqrt_or_zero(ms, a.epsilon);
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) y[i] = S::store(S::load(x[i]) * r * scale[i] + offset[i]);
+    }
+    a.mean_shift[row] = m;
+    a.rstd[row] = r;
+  }
+}
+
+EQX_CLONES void forward_rows_f32(const ForwardArgs& a, int64_t b, int64_t e) {
+  forward_rows<F32>(a, b, e);
+}
+EQX_CLONES void forward_rows_bf16(const ForwardArgs& a, int64_t b, int64_t e) {
+  forward_rows<BF16>(a, b, e);
+}
+#ifdef __FLT16_MAX__
+EQX_CLONES void forward_rows_f16(const ForwardArgs& a, int64_t b, int64_t e) {
+  forward_rows<F16>(a, b, e);
+}
+#endif
+
+// Rows per task: about 64K elements, at least one row.
+int64_t rows_per_chunk(int64_t d, int64_t elements) {
+  return std::max<int64_t>(1, elements / std::max<int64_t>(d, 1));
+}
+
+using ForwardFn = void (*)(const ForwardArgs&, int64_t, int64_t);
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
+                   ffi::Buffer<ffi::F32> offset, ffi::Result<ffi::AnyBuffer> y,
+                   ffi::Result<ffi::Buffer<ffi::F32>> mean_shift,
+                   ffi::Result<ffi::Buffer<ffi::F32>> rstd, float epsilon, bool center) {
+  auto dims = x.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D (rows, D)");
+  const int64_t rows = dims[0], d = dims[1];
+  if (scale.element_count() != static_cast<size_t>(d) ||
+      offset.element_count() != static_cast<size_t>(d))
+    return ffi::Error::InvalidArgument("scale and offset must have D elements");
+  ForwardFn fn;
+  switch (x.element_type()) {
+    case ffi::F32: fn = forward_rows_f32; break;
+    case ffi::BF16: fn = forward_rows_bf16; break;
+#ifdef __FLT16_MAX__
+    case ffi::F16: fn = forward_rows_f16; break;
+#endif
+    default: return ffi::Error::InvalidArgument("unsupported dtype");
+  }
+  if (rows == 0 || d == 0) return ffi::Error::Success();
+  ForwardArgs a{x.untyped_data(), scale.typed_data(), offset.typed_data(), y->untyped_data(),
+                mean_shift->typed_data(), rstd->typed_data(), d, epsilon, center};
+  const int64_t chunk = rows_per_chunk(d, 1 << 16);
+  const int64_t tasks = (rows + chunk - 1) / chunk;
+  parallel_for(pool, tasks, [&](int64_t t) {
+    fn(a, t * chunk, std::min(rows, (t + 1) * chunk));
+  });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward.
+//
+// Rows are cut into chunks that never straddle a group: either whole groups (each group's
+// dscale/doffset is summed by one task straight into the output) or parts of one group
+// (each part into its own partial buffer, summed afterwards in part order). Rows longer
+// than kLongRow are also cut into column blocks: a first pass sums each row's two
+// reductions per block (and the column sums), a second pass writes dx.
+
+constexpr int64_t kLongRow = 16384;
+constexpr int64_t kColumnBlock = 8192;
+
+struct BackwardArgs {
+  const void* x;
+  const float* scale;
+  const float* mean_shift;
+  const float* rstd;
+  const void* ct;
+  void* dx;
+  int64_t d;
+  bool center;
+};
+
+// One row's reductions over columns [c0, c1): sum(v) and sum(v * xhat); also adds ct * xhat
+// and ct to the column sums dscale/doffset (indexed from c0).
+template <class S>
+EQX_INLINE void row_sums(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c1, float* sv,
+                         float* svx, float* dscale, float* doffset) {
+  using T = typename S::T;
+  const T* x = static_cast<const T*>(a.x) + row * a.d;
+  const T* ct = static_cast<const T*>(a.ct) + row * a.d;
+  const float* scale = a.scale;
+  const float shift = a.center ? S::load(x[0]) : 0.0f;
+  const float m = a.mean_shift[row], r = a.rstd[row];
+  const int64_t n = c1 - c0;
+  float acc_v[kLanes] = {}, acc_vx[kLanes] = {};
+  auto step = [&](int64_t i, int64_t l) {
+    const int64_t c = c0 + i;
+    float g = S::load(ct[c]);
+    float xhat = a.center ? ((S::load(x[c]) - shift) - m) * r : S::load(x[c]) * r;
+    float v = g * scale[c];
+    acc_v[l] += v;
+    acc_vx[l] += v * xhat;
+    dscale[i] += g * xhat;
+    doffset[i] += g;
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) step(i + l, l);
+  for (int64_t l = 0; i + l < n; ++l) step(i + l, l);
+  *sv = combine(acc_v);
+  *svx = combine(acc_vx);
+}
+
+template <class S>
+EQX_INLINE void row_dx(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c1, float sv,
+                       float svx) {
+  using T = typename S::T;
+  const T* x = static_cast<const T*>(a.x) + row * a.d;
+  const T* ct = static_cast<const T*>(a.ct) + row * a.d;
+  T* dx = static_cast<T*>(a.dx) + row * a.d;
+  const float* scale = a.scale;
+  const float inv_d = 1.0f / static_cast<float>(a.d);
+  const float shift = a.center ? S::load(x[0]) : 0.0f;
+  const float m = a.mean_shift[row], r = a.rstd[row];
+  const float mean_v = a.center ? sv * inv_d : 0.0f, mean_vx = svx * inv_d;
+  if (a.center) {
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) {
+      float xhat = ((S::load(x[c]) - shift) - m) * r;
+      dx[c] = S::store(r * ((S::load(ct[c]) * scale[c] - mean_v) - xhat * mean_vx));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) {
+      float xhat = S::load(x[c]) * r;
+      dx[c] = S::store(r * (S::load(ct[c]) * scale[c] - xhat * mean_vx));
+    }
+  }
+}
+
+// Rows [r0, r1), columns [c0, c1): column sums into dscale/doffset (zeroed first when
+// `zero`); with `fused` (one column block) also dx, else the row sums into sv/svx.
+template <class S>
+EQX_INLINE void backward_tile(const BackwardArgs& a, int64_t r0, int64_t r1, int64_t c0,
+                              int64_t c1, float* dscale, float* doffset, bool fused, float* sv,
+                              float* svx) {
+  for (int64_t row = r0; row < r1; ++row) {
+    float s, sx;
+    row_sums<S>(a, row, c0, c1, &s, &sx, dscale, doffset);
+    if (fused) {
+      row_dx<S>(a, row, c0, c1, s, sx);
+    } else {
+      sv[row] = s;
+      svx[row] = sx;
+    }
+  }
+}
+
+struct Tile {
+  int64_t r0, r1, c0, c1;
+  float* dscale;   // column sums destination (indexed from c0), or null: per-group output
+  float* doffset;
+  int64_t group0;  // first group of the rows (whole-group chunks)
+  float* sv;
+  float* svx;
+  bool fused;
+};
+
+using TileFn = void (*)(const BackwardArgs&, const Tile&, int64_t rows_per_group,
+                        float* out_dscale, float* out_doffset);
+using DxFn = void (*)(const BackwardArgs&, int64_t row, int64_t c0, int64_t c1, float sv,
+                      float svx);
+
+template <class S>
+EQX_INLINE void run_tile(const BackwardArgs& a, const Tile& t, int64_t rows_per_group,
+                         float* out_dscale, float* out_doffset) {
+  if (t.dscale != nullptr) {  // part of one group: its own partial buffer
+    std::fill(t.dscale, t.dscale + (t.c1 - t.c0), 0.0f);
+    std::fill(t.doffset, t.doffset + (t.c1 - t.c0), 0.0f);
+    backward_tile<S>(a, t.r0, t.r1, t.c0, t.c1, t.dscale, t.doffset, t.fused, t.sv, t.svx);
+    return;
+  }
+  // whole groups: sum each straight into the output
+  for (int64_t r = t.r0; r < t.r1; r += rows_per_group) {
+    int64_t g = r / rows_per_group;
+    float* ds = out_dscale + g * a.d + t.c0;
+    float* db = out_doffset + g * a.d + t.c0;
+    std::fill(ds, ds + (t.c1 - t.c0), 0.0f);
+    std::fill(db, db + (t.c1 - t.c0), 0.0f);
+    backward_tile<S>(a, r, r + rows_per_group, t.c0, t.c1, ds, db, t.fused, t.sv, t.svx);
+  }
+}
+
+EQX_CLONES void tile_f32(const BackwardArgs& a, const Tile& t, int64_t k, float* s, float* o) {
+  run_tile<F32>(a, t, k, s, o);
+}
+EQX_CLONES void tile_bf16(const BackwardArgs& a, const Tile& t, int64_t k, float* s, float* o) {
+  run_tile<BF16>(a, t, k, s, o);
+}
+EQX_CLONES void dx_f32(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c1, float s,
+                       float sx) {
+  row_dx<F32>(a, row, c0, c1, s, sx);
+}
+EQX_CLONES void dx_bf16(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c1, float s,
+                        float sx) {
+  row_dx<BF16>(a, row, c0, c1, s, sx);
+}
+#ifdef __FLT16_MAX__
+EQX_CLONES void tile_f16(const BackwardArgs& a, const Tile& t, int64_t k, float* s, float* o) {
+  run_tile<F16>(a, t, k, s, o);
+}
+EQX_CLONES void dx_f16(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c1, float s,
+                       float sx) {
+  row_dx<F16>(a, row, c0, c1, s, sx);
+}
+#endif
+
+EQX_CLONES void add_columns(float* out, const float* parts, int64_t count, int64_t stride,
+                            int64_t n) {
+  std::fill(out, out + n, 0.0f);
+  for (int64_t p = 0; p < count; ++p) {
+    const float* part = parts + p * stride;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] += part[i];
+  }
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> mean_shift, ffi::Buffer<ffi::F32> rstd,
+                    ffi::AnyBuffer ct, ffi::Result<ffi::AnyBuffer> dx,
+                    ffi::Result<ffi::Buffer<ffi::F32>> dscale,
+                    ffi::Result<ffi::Buffer<ffi::F32>> doffset, bool center, int64_t groups) {
+  auto dims = x.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D (rows, D)");
+  const int64_t rows = dims[0], d = dims[1];
+  if (ct.element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("the cotangent must have x's dtype");
+  if (groups < 1 || rows % groups != 0)
+    return ffi::Error::InvalidArgument("groups must divide the number of rows");
+  TileFn tile_fn;
+  DxFn dx_fn;
+  switch (x.element_type()) {
+    case ffi::F32: tile_fn = tile_f32; dx_fn = dx_f32; break;
+    case ffi::BF16: tile_fn = tile_bf16; dx_fn = dx_bf16; break;
+#ifdef __FLT16_MAX__
+    case ffi::F16: tile_fn = tile_f16; dx_fn = dx_f16; break;
+#endif
+    default: return ffi::Error::InvalidArgument("unsupported dtype");
+  }
+  float* out_dscale = dscale->typed_data();
+  float* out_doffset = doffset->typed_data();
+  if (rows == 0 || d == 0) {
+    std::fill(out_dscale, out_dscale + groups * d, 0.0f);
+    std::fill(out_doffset, out_doffset + groups * d, 0.0f);
+    return ffi::Error::Success();
+  }
+  BackwardArgs a{x.untyped_data(), scale.typed_data(), mean_shift.typed_data(),
+                 rstd.typed_data(), ct.untyped_data(), dx->untyped_data(), d, center};
+  const bool long_rows = d > kLongRow;
+  const int64_t block = long_rows ? kColumnBlock : d;
+  const int64_t blocks = (d + block - 1) / block;
+  const int64_t per_group = rows / groups;
+  int64_t chunk = rows_per_chunk(block, long_rows ? 1 << 18 : 1 << 17);
+  // Chunks are whole groups (chunk a multiple of per_group) or parts of one group.
+  const bool whole = per_group <= chunk;
+  int64_t parts = 1;  // parts per group
+  if (whole) {
+    chunk = (chunk / per_group) * per_group;
+  } else {
+    parts = (per_group + chunk - 1) / chunk;
+    chunk = (per_group + parts - 1) / parts;  // balanced parts
+  }
+  std::vector<float> partial;
+  if (!whole) partial.resize(static_cast<size_t>(groups * parts) * 2 * d);
+  std::vector<float> sums;
+  if (long_rows) sums.resize(static_cast<size_t>(rows) * blocks * 2);
+
+  std::vector<Tile> tiles;
+  auto add_tiles = [&](int64_t r0, int64_t r1, float* ds, float* db) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      int64_t c0 = b * block, c1 = std::min(d, c0 + block);
+      float* sv = long_rows ? sums.data() + b * rows : nullptr;
+      float* svx = long_rows ? sums.data() + (blocks + b) * rows : nullptr;
+      tiles.push_back(Tile{r0, r1, c0, c1, ds ? ds + c0 : nullptr, db ? db + c0 : nullptr,
+                           0, sv, svx, !long_rows});
+    }
+  };
+  if (whole) {
+    for (int64_t r = 0; r < rows; r += chunk) add_tiles(r, std::min(rows, r + chunk), nullptr, nullptr);
+  } else {
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t p = 0; p < parts; ++p) {
+        int64_t r0 = g * per_group + p * chunk;
+        int64_t r1 = std::min((g + 1) * per_group, r0 + chunk);
+        float* base = partial.data() + (g * parts + p) * 2 * d;
+        if (r0 < r1) {
+          add_tiles(r0, r1, base, base + d);
+        } else {  // an empty trailing part still contributes zeros
+          std::fill(base, base + 2 * d, 0.0f);
+        }
+      }
+  }
+  parallel_for(pool, static_cast<int64_t>(tiles.size()),
+               [&](int64_t t) { tile_fn(a, tiles[t], per_group, out_dscale, out_doffset); });
+
+  if (long_rows) {
+    // Row sums over column blocks in block order, then dx by (row, block) tiles.
+    const int64_t row_chunk = std::max<int64_t>(1, (1 << 18) / block);
+    const int64_t row_tasks = (rows + row_chunk - 1) / row_chunk;
+    parallel_for(pool, row_tasks * blocks, [&](int64_t t) {
+      const int64_t rt = t / blocks, b = t % blocks;
+      const int64_t c0 = b * block, c1 = std::min(d, c0 + block);
+      for (int64_t row = rt * row_chunk; row < std::min(rows, (rt + 1) * row_chunk); ++row) {
+        float s = 0.0f, sx = 0.0f;
+        for (int64_t k = 0; k < blocks; ++k) {
+          s += sums[k * rows + row];
+          sx += sums[(blocks + k) * rows + row];
+        }
+        dx_fn(a, row, c0, c1, s, sx);
+      }
+    });
+  }
+  if (!whole) {
+    // dscale/doffset of each group: its parts summed in part order, by column blocks.
+    const int64_t cols = 4096;
+    const int64_t col_tasks = (d + cols - 1) / cols;
+    parallel_for(pool, groups * 2 * col_tasks, [&](int64_t t) {
+      const int64_t g = t / (2 * col_tasks), which = (t / col_tasks) % 2, cb = t % col_tasks;
+      const int64_t c0 = cb * cols, n = std::min(d, c0 + cols) - c0;
+      float* out = (which == 0 ? out_dscale : out_doffset) + g * d + c0;
+      add_columns(out, partial.data() + g * parts * 2 * d + which * d + c0, parts, 2 * d, n);
+    });
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// The two handlers are the library's only exported symbols (built with hidden visibility).
+#define EQX_EXPORT extern "C" __attribute__((visibility("default")))
+EQX_EXPORT XLA_FFI_Error* EqxNormForward(XLA_FFI_CallFrame* call_frame);
+EQX_EXPORT XLA_FFI_Error* EqxNormBackward(XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()            // x (rows, D)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // scale (D,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // offset (D,)
+                                  .Ret<ffi::AnyBuffer>()            // y (rows, D)
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // mean - x[:, 0] (rows,)
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // rstd (rows,)
+                                  .Attr<float>("epsilon")
+                                  .Attr<bool>("center"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()            // x (rows, D)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // scale (D,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // mean - x[:, 0] (rows,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // rstd (rows,)
+                                  .Arg<ffi::AnyBuffer>()            // cotangent (rows, D)
+                                  .Ret<ffi::AnyBuffer>()            // dx (rows, D)
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // dscale (groups, D)
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // doffset (groups, D)
+                                  .Attr<bool>("center")
+                                  .Attr<int64_t>("groups"));
