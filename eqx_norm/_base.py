@@ -1,66 +1,39 @@
-"""What every eqx_norm layer shares as a module: its parameters, its config and their set-up.
+"""What every eqx_norm layer holds: ``gamma``/``beta`` and the config they share.
 
-``AffineNorm`` holds the fields common to all layers (``gamma``, ``beta``, ``epsilon``,
-``zero_centered_scale``, ``dtype``) and builds them from the constructor's arguments;
-``TrailingAxesNorm`` adds ``normalized_shape`` and the call shared by LayerNorm and RMSNorm.
+``AffineNorm`` only stores fields and builds them in ``__init__``; each layer's
+``__call__`` is one call of its function in :mod:`eqx_norm.functional`.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._core import DTypeLike, check_epsilon, optional_dtype, trailing_normalize
+from ._checks import DTypeLike, check_epsilon, check_flag, optional_dtype
 from .initializers import InitializerLike, OneInit, ZeroInit, make_parameter
 
 
-def make_affine_parameters(
-    shape: tuple[int, ...],
-    *,
-    scale_initializer: InitializerLike,
-    bias_initializer: InitializerLike,
-    use_scale: bool,
-    use_bias: bool,
-    zero_centered_scale: bool,
-    param_dtype: DTypeLike | None,
-    key: PRNGKeyArray | None,
-) -> tuple[Array | None, Array | None]:
-    """``(gamma, beta)`` of ``shape`` in ``param_dtype`` (float32 if None), None where off."""
-    param_dtype = optional_dtype(param_dtype, "param_dtype") or jnp.dtype(jnp.float32)
-    # `is`/isinstance first: `array == OneInit()` would compare elementwise
-    if zero_centered_scale and (
-        scale_initializer is OneInit
-        or (isinstance(scale_initializer, OneInit) and scale_initializer == OneInit())
-    ):
-        scale_initializer = ZeroInit()  # the default identity scale, stored as 1 + 0
-    scale_key, bias_key = (None, None) if key is None else jax.random.split(key)
-    gamma = beta = None
-    if use_scale:
-        gamma = make_parameter(
-            scale_initializer,
-            argument="scale_initializer",
-            key=scale_key,
-            shape=shape,
-            dtype=param_dtype,
-        )
-    if use_bias:
-        beta = make_parameter(
-            bias_initializer,
-            argument="bias_initializer",
-            key=bias_key,
-            shape=shape,
-            dtype=param_dtype,
-        )
-    return gamma, beta
+class _NoState:
+    """The default of ``__call__``'s ``state``: no state given, return ``y`` alone."""
+
+    def __repr__(self) -> str:
+        return "<no state>"
+
+
+NO_STATE: Any = _NoState()
+
+
+def with_state(y: Array, state: Any) -> Any:
+    """``y``, or ``(y, state)`` when a state was passed (equinox's stateful call form)."""
+    return y if state is NO_STATE else (y, state)
 
 
 class AffineNorm(eqx.Module):
-    """Base of every layer: learnable ``gamma``/``beta`` (None when off) and shared config."""
+    """Learnable ``gamma``/``beta`` (None when switched off) and the shared static config."""
 
     gamma: Float[Array, "..."] | None
     beta: Float[Array, "..."] | None
@@ -73,7 +46,7 @@ class AffineNorm(eqx.Module):
         parameter_shape: tuple[int, ...],
         *,
         epsilon: float,
-        scale_initializer: InitializerLike,
+        scale_initializer: InitializerLike | None,
         bias_initializer: InitializerLike,
         elementwise_affine: bool,
         use_scale: bool,
@@ -83,64 +56,38 @@ class AffineNorm(eqx.Module):
         dtype: DTypeLike | None,
         key: PRNGKeyArray | None,
     ) -> None:
-        """Check and set the shared fields; called once from a subclass's ``__init__``."""
+        """Check and set the shared fields; called once from a layer's ``__init__``.
+
+        ``scale_initializer`` initializes the stored ``gamma``, whatever it is; None means
+        ones, or zeros under ``zero_centered_scale`` (where the scale is ``1 + gamma``).
+        """
         self.epsilon = check_epsilon(epsilon)
-        self.zero_centered_scale = bool(zero_centered_scale)
+        self.zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
         self.dtype = optional_dtype(dtype, "dtype")
-        self.gamma, self.beta = make_affine_parameters(
-            parameter_shape,
-            scale_initializer=scale_initializer,
-            bias_initializer=bias_initializer,
-            use_scale=elementwise_affine and use_scale,
-            use_bias=elementwise_affine and use_bias,
-            zero_centered_scale=self.zero_centered_scale,
-            param_dtype=param_dtype,
-            key=key,
-        )
+        param_dtype = optional_dtype(param_dtype, "param_dtype") or np.dtype(np.float32)
+        affine = check_flag(elementwise_affine, "elementwise_affine")
+        if scale_initializer is None:
+            scale_initializer = ZeroInit() if self.zero_centered_scale else OneInit()
+        scale_key, bias_key = (None, None) if key is None else jax.random.split(key)
+        self.gamma = self.beta = None
+        if affine and check_flag(use_scale, "use_scale"):
+            self.gamma = make_parameter(
+                scale_initializer,
+                argument="scale_initializer",
+                key=scale_key,
+                shape=parameter_shape,
+                dtype=param_dtype,
+            )
+        if affine and check_flag(use_bias, "use_bias"):
+            self.beta = make_parameter(
+                bias_initializer,
+                argument="bias_initializer",
+                key=bias_key,
+                shape=parameter_shape,
+                dtype=param_dtype,
+            )
 
     @property
     def elementwise_affine(self) -> bool:
         """Whether the layer has any learnable parameter."""
         return self.gamma is not None or self.beta is not None
-
-
-class TrailingAxesNorm(AffineNorm):
-    """Base of LayerNorm and RMSNorm: statistics over the trailing ``normalized_shape`` axes."""
-
-    normalized_shape: tuple[int, ...] = eqx.field(static=True)
-    _center: ClassVar[bool] = True
-
-    def __call__(
-        self,
-        x: Float[Array, "*batch *normalized_shape"],
-        *,
-        mask: Bool[Array, "..."] | None = None,
-        key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "*batch *normalized_shape"]:
-        """Normalize ``x`` of shape ``(*batch, *normalized_shape)``.
-
-        Args:
-            x: floating-point input; integer and boolean inputs are an error.
-            mask: optional boolean array of x's rank (size-1 axes broadcast). False
-                elements take no part in the statistics and their output is ``beta``
-                (0 without ``beta``); a fully masked example gives ``beta``, not NaN.
-            key: ignored; accepted so the layer fits ``eqx.nn.Sequential``.
-
-        Returns:
-            An array of x's shape, in x's dtype (or ``dtype`` if set).
-        """
-        del key
-        layer = type(self).__name__
-        with jax.named_scope(f"eqx_norm.{layer}"):
-            return trailing_normalize(
-                layer,
-                x,
-                self.normalized_shape,
-                self.gamma,
-                self.beta,
-                epsilon=self.epsilon,
-                mask=mask,
-                zero_centered_scale=self.zero_centered_scale,
-                dtype=self.dtype,
-                center=self._center,
-            )

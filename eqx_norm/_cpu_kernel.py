@@ -324,8 +324,14 @@ def _partitioned(ctx) -> bool:
 # Primitives.
 
 
-def _abstract(shape, dtype):
-    return jax.core.ShapedArray(shape, dtype)
+def _abstract(shape, dtype, operands):
+    """An output aval; under shard_map it varies over the manual axes its operands vary over
+    (those of the operand that varies over the most)."""
+    widest = max(operands, key=lambda a: len(getattr(getattr(a, "mat", None), "varying", ())))
+    if not getattr(getattr(widest, "mat", None), "varying", ()):
+        return jax.core.ShapedArray(shape, dtype)
+    sharding = NamedSharding(widest.sharding.mesh, P(*(None for _ in shape)))
+    return widest.update(shape=shape, dtype=dtype, weak_type=False, sharding=sharding)
 
 
 def _jitted_impl(primitive):
@@ -363,11 +369,11 @@ _forward_p.def_impl(_jitted_impl(_forward_p))
 
 @_forward_p.def_abstract_eval
 def _forward_abstract(x, scale, offset, *, epsilon, center):
-    rows = x.shape[0]
+    rows, operands = x.shape[0], (x, scale, offset)
     return (
-        _abstract(x.shape, x.dtype),
-        _abstract((rows,), jnp.float32),
-        _abstract((rows,), jnp.float32),
+        _abstract(x.shape, x.dtype, operands),
+        _abstract((rows,), jnp.float32, operands),
+        _abstract((rows,), jnp.float32, operands),
     )
 
 
@@ -413,7 +419,7 @@ _tangent_p.def_impl(_jitted_impl(_tangent_p))
 
 @_tangent_p.def_abstract_eval
 def _tangent_abstract(x, scale, mean_shift, rstd, *linear, center, which):
-    return _abstract(x.shape, x.dtype)
+    return _abstract(x.shape, x.dtype, (x, scale, mean_shift, rstd, *linear))
 
 
 def _tangent_fn(center, which):
@@ -477,11 +483,11 @@ _backward_p.def_impl(_jitted_impl(_backward_p))
 
 @_backward_p.def_abstract_eval
 def _backward_abstract(x, scale, mean_shift, rstd, ct, *, center, groups):
-    d = x.shape[1]
+    d, operands = x.shape[1], (x, scale, mean_shift, rstd, ct)
     return (
-        _abstract(x.shape, x.dtype),
-        _abstract((groups, d), jnp.float32),
-        _abstract((groups, d), jnp.float32),
+        _abstract(x.shape, x.dtype, operands),
+        _abstract((groups, d), jnp.float32, operands),
+        _abstract((groups, d), jnp.float32, operands),
     )
 
 

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from jaxtyping import PRNGKeyArray
+import equinox as eqx
+import jax
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from ._base import TrailingAxesNorm
-from ._core import (
-    DTypeLike,
-    canonical_shape,
-)
-from .initializers import InitializerLike, OneInit, ZeroInit
+from . import functional
+from ._base import NO_STATE, AffineNorm, with_state
+from ._checks import DTypeLike, canonical_shape, check_implementation
+from .functional import Implementation
+from .initializers import InitializerLike, ZeroInit
 
 
-class LayerNorm(TrailingAxesNorm):
+class LayerNorm(AffineNorm):
     r"""Layer normalization over the trailing ``normalized_shape`` axes of each example.
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
@@ -33,14 +35,20 @@ class LayerNorm(TrailingAxesNorm):
         bias_initializer: initializer of ``beta`` (see :mod:`eqx_norm.initializers`): an
             instance, a class with default arguments, a ``(key, shape, dtype)`` callable,
             or an array of exactly ``normalized_shape``.
-        scale_initializer: initializer of ``gamma``, accepted in the same forms.
+        scale_initializer: initializer of the stored ``gamma``, accepted in the same forms;
+            None (default) means ones, or zeros with ``zero_centered_scale=True``.
         elementwise_affine: False switches off both ``gamma`` and ``beta``.
         use_scale: False switches off ``gamma`` alone.
         use_bias: False switches off ``beta`` alone.
         zero_centered_scale: scale by ``1 + gamma`` instead of ``gamma``, with ``gamma``
             initialised to zero by default, so that weight decay pulls towards identity.
+            An explicit ``scale_initializer`` initializes ``gamma`` as given: ``OneInit()``
+            then means a scale of 2.
         param_dtype: storage dtype of ``gamma``/``beta`` (default float32).
         dtype: output dtype (default: the input's).
+        implementation: None (default): the compiled CPU kernel where it serves (CPU,
+            float32/bfloat16, no mask), XLA elsewhere; ``"xla"`` or ``"kernel"`` to force
+            one (``"kernel"`` raises where it cannot serve).
         key: PRNG key, needed only by random initializers.
 
     Example:
@@ -57,12 +65,15 @@ class LayerNorm(TrailingAxesNorm):
         Ba, Kiros and Hinton, "Layer Normalization", 2016. arXiv:1607.06450.
     """
 
+    normalized_shape: tuple[int, ...] = eqx.field(static=True)
+    implementation: Implementation = eqx.field(static=True)
+
     def __init__(
         self,
         normalized_shape: int | Sequence[int],
         epsilon: float = 1e-5,
         bias_initializer: InitializerLike = ZeroInit,
-        scale_initializer: InitializerLike = OneInit(value=1.0),
+        scale_initializer: InitializerLike | None = None,
         elementwise_affine: bool = True,
         *,
         use_scale: bool = True,
@@ -70,9 +81,11 @@ class LayerNorm(TrailingAxesNorm):
         zero_centered_scale: bool = False,
         param_dtype: DTypeLike | None = None,
         dtype: DTypeLike | None = None,
+        implementation: Implementation = None,
         key: PRNGKeyArray | None = None,
     ):
         self.normalized_shape = canonical_shape(normalized_shape, "normalized_shape")
+        self.implementation = check_implementation(implementation)
         self._init_affine(
             self.normalized_shape,
             epsilon=epsilon,
@@ -86,3 +99,42 @@ class LayerNorm(TrailingAxesNorm):
             dtype=dtype,
             key=key,
         )
+
+    def __call__(
+        self,
+        x: Float[Array, "*shape"],
+        state: Any = NO_STATE,
+        *,
+        mask: Bool[Array, "*shape"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        """Normalize ``x`` of shape ``(*batch, *normalized_shape)``.
+
+        Args:
+            x: floating-point input; integer and boolean inputs are an error.
+            state: optional, returned unchanged: ``layer(x, state)`` gives ``(y, state)``,
+                equinox's call form, so the layer sits in ``eqx.nn.Sequential`` beside
+                stateful layers.
+            mask: optional boolean array of x's rank (size-1 axes broadcast). False
+                elements take no part in the statistics and their output is ``beta``
+                (0 without ``beta``); a fully masked example gives ``beta``, not NaN.
+            key: ignored, as in equinox.
+
+        Returns:
+            An array of x's shape, in x's dtype (or ``dtype`` if set); ``(y, state)`` when
+            ``state`` is given.
+        """
+        del key
+        with jax.named_scope("eqx_norm.LayerNorm"):
+            y = functional.layer_norm(
+                x,
+                self.normalized_shape,
+                self.gamma,
+                self.beta,
+                epsilon=self.epsilon,
+                mask=mask,
+                zero_centered_scale=self.zero_centered_scale,
+                dtype=self.dtype,
+                implementation=self.implementation,
+            )
+        return with_state(y, state)

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from jaxtyping import PRNGKeyArray
+import equinox as eqx
+import jax
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from ._base import TrailingAxesNorm
-from ._core import (
-    DTypeLike,
-    canonical_shape,
-)
-from .initializers import InitializerLike, OneInit, ZeroInit
+from . import functional
+from ._base import NO_STATE, AffineNorm, with_state
+from ._checks import DTypeLike, canonical_shape, check_implementation
+from .functional import Implementation
+from .initializers import InitializerLike, ZeroInit
 
 
-class RMSNorm(TrailingAxesNorm):
+class RMSNorm(AffineNorm):
     r"""Root-mean-square normalization over the trailing ``normalized_shape`` axes.
 
     .. math:: y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \gamma \; (+ \beta)
@@ -28,9 +30,10 @@ class RMSNorm(TrailingAxesNorm):
     Args:
         normalized_shape: int or sequence of ints: the trailing axes to normalize over.
         epsilon: added to the mean square for numerical stability, ``>= 0``.
-        scale_initializer: initializer of ``gamma`` (see :mod:`eqx_norm.initializers`): an
-            instance, a class with default arguments, a ``(key, shape, dtype)`` callable,
-            or an array of exactly ``normalized_shape``.
+        scale_initializer: initializer of the stored ``gamma`` (see
+            :mod:`eqx_norm.initializers`): an instance, a class with default arguments, a
+            ``(key, shape, dtype)`` callable, or an array of exactly ``normalized_shape``;
+            None (default) means ones, or zeros with ``zero_centered_scale=True``.
         bias_initializer: initializer of ``beta``, accepted in the same forms; used only
             with ``use_bias=True``.
         elementwise_affine: False switches off both ``gamma`` and ``beta``.
@@ -38,8 +41,13 @@ class RMSNorm(TrailingAxesNorm):
         use_bias: True adds a learnable offset ``beta`` (default False, as in the paper).
         zero_centered_scale: scale by ``1 + gamma`` instead of ``gamma``, with ``gamma``
             initialised to zero by default, so that weight decay pulls towards identity.
+            An explicit ``scale_initializer`` initializes ``gamma`` as given: ``OneInit()``
+            then means a scale of 2.
         param_dtype: storage dtype of ``gamma``/``beta`` (default float32).
         dtype: output dtype (default: the input's).
+        implementation: None (default): the compiled CPU kernel where it serves (CPU,
+            float32/bfloat16, no mask), XLA elsewhere; ``"xla"`` or ``"kernel"`` to force
+            one (``"kernel"`` raises where it cannot serve).
         key: PRNG key, needed only by random initializers.
 
     Example:
@@ -58,24 +66,27 @@ class RMSNorm(TrailingAxesNorm):
         arXiv:1910.07467.
     """
 
-    _center = False
+    normalized_shape: tuple[int, ...] = eqx.field(static=True)
+    implementation: Implementation = eqx.field(static=True)
 
     def __init__(
         self,
         normalized_shape: int | Sequence[int],
         epsilon: float = 1e-6,
-        scale_initializer: InitializerLike = OneInit(value=1.0),
+        *,
+        scale_initializer: InitializerLike | None = None,
         bias_initializer: InitializerLike = ZeroInit,
         elementwise_affine: bool = True,
-        *,
         use_scale: bool = True,
         use_bias: bool = False,
         zero_centered_scale: bool = False,
         param_dtype: DTypeLike | None = None,
         dtype: DTypeLike | None = None,
+        implementation: Implementation = None,
         key: PRNGKeyArray | None = None,
     ):
         self.normalized_shape = canonical_shape(normalized_shape, "normalized_shape")
+        self.implementation = check_implementation(implementation)
         self._init_affine(
             self.normalized_shape,
             epsilon=epsilon,
@@ -89,3 +100,42 @@ class RMSNorm(TrailingAxesNorm):
             dtype=dtype,
             key=key,
         )
+
+    def __call__(
+        self,
+        x: Float[Array, "*shape"],
+        state: Any = NO_STATE,
+        *,
+        mask: Bool[Array, "*shape"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        """Normalize ``x`` of shape ``(*batch, *normalized_shape)``.
+
+        Args:
+            x: floating-point input; integer and boolean inputs are an error.
+            state: optional, returned unchanged: ``layer(x, state)`` gives ``(y, state)``,
+                equinox's call form, so the layer sits in ``eqx.nn.Sequential`` beside
+                stateful layers.
+            mask: optional boolean array of x's rank (size-1 axes broadcast). False
+                elements take no part in the statistics and their output is ``beta``
+                (0 without ``beta``); a fully masked example gives ``beta``, not NaN.
+            key: ignored, as in equinox.
+
+        Returns:
+            An array of x's shape, in x's dtype (or ``dtype`` if set); ``(y, state)`` when
+            ``state`` is given.
+        """
+        del key
+        with jax.named_scope("eqx_norm.RMSNorm"):
+            y = functional.rms_norm(
+                x,
+                self.normalized_shape,
+                self.gamma,
+                self.beta,
+                epsilon=self.epsilon,
+                mask=mask,
+                zero_centered_scale=self.zero_centered_scale,
+                dtype=self.dtype,
+                implementation=self.implementation,
+            )
+        return with_state(y, state)

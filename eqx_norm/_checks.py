@@ -1,0 +1,205 @@
+"""Argument checks shared by every function in :mod:`eqx_norm.functional` and every layer.
+
+Each check returns the value in canonical form or raises a ``TypeError``/``ValueError``
+whose message names the argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array
+
+DTypeLike = Any
+IMPLEMENTATIONS = (None, "xla", "kernel")
+
+
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is a Python or NumPy integer (booleans excluded)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def canonical_shape(value: int | Sequence[int], argument: str) -> tuple[int, ...]:
+    """``value`` as a non-empty tuple of positive ints, or a ValueError/TypeError naming it."""
+    if is_int(value):
+        items = (value,)
+    elif isinstance(value, Sequence) and not isinstance(value, str) and all(map(is_int, value)):
+        items = tuple(value)
+    else:
+        raise TypeError(
+            f"`{argument}` must be a positive int or a sequence of positive ints, got {value!r}."
+        )
+    if not items or any(v <= 0 for v in items):
+        raise ValueError(
+            f"`{argument}` must be a positive int or a non-empty sequence of positive ints, "
+            f"got {value!r}."
+        )
+    return tuple(int(v) for v in items)
+
+
+def positive_int(value: Any, argument: str) -> int:
+    """``value`` as a positive int, or an error naming ``argument``."""
+    if not is_int(value):
+        raise TypeError(f"`{argument}` must be a positive int, got {value!r}.")
+    if value <= 0:
+        raise ValueError(f"`{argument}` must be a positive int, got {value!r}.")
+    return int(value)
+
+
+def check_epsilon(epsilon: Any) -> float:
+    """``epsilon`` as a finite, non-negative float."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`epsilon` must be a finite non-negative float, got {epsilon!r}.")
+    if not math.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(f"`epsilon` must be a finite non-negative float, got {epsilon!r}.")
+    return float(epsilon)
+
+
+def check_flag(value: Any, argument: str) -> bool:
+    """``value`` as a bool; anything but a Python or NumPy bool is a TypeError."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{argument}` must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def optional_dtype(dtype: DTypeLike | None, argument: str) -> np.dtype | None:
+    """``dtype`` as a floating NumPy dtype (or None), or an error naming ``argument``."""
+    if dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"`{argument}` must be a floating-point dtype, got {dtype!r}.") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"`{argument}` must be a floating-point dtype, got {dtype}.")
+    return dtype
+
+
+def check_implementation(implementation: Any) -> str | None:
+    """``implementation`` as one of None, ``"xla"``, ``"kernel"``."""
+    if implementation not in IMPLEMENTATIONS or isinstance(implementation, bool):
+        raise ValueError(
+            "`implementation` must be None (the compiled kernel where it serves, else XLA), "
+            f'"xla" or "kernel", got {implementation!r}.'
+        )
+    return implementation
+
+
+def check_floating(x: Any, layer: str) -> Array:
+    """``x`` as a JAX array of a floating dtype; integer, boolean or complex input is an error."""
+    try:
+        x = jnp.asarray(x)
+    except TypeError:
+        raise TypeError(
+            f"{layer} expects a floating-point array `x`, got {type(x).__name__} {x!r:.80}."
+        ) from None
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+    if x.dtype == jnp.bool_:
+        why = "Boolean input has no meaningful mean and variance"
+    elif jnp.issubdtype(x.dtype, jnp.complexfloating):
+        why = "Complex input is not supported"
+    else:
+        why = "Normalizing integers would truncate the result"
+    raise TypeError(
+        f"{layer} expects a floating-point input `x`, got dtype {x.dtype}. {why}: cast "
+        "first, e.g. `x.astype(jnp.float32)`."
+    )
+
+
+def check_mask(mask: Any, x_shape: tuple[int, ...], layer: str) -> Array | None:
+    """A boolean mask of the rank of ``x``, each axis equal to x's or 1, or an error."""
+    if mask is None:
+        return None
+    try:
+        mask = jnp.asarray(mask)
+    except TypeError:
+        raise TypeError(f"{layer}: `mask` must be a boolean array, got {mask!r:.80}.") from None
+    if mask.dtype != jnp.bool_:
+        raise TypeError(
+            f"{layer}: `mask` must be boolean (True = take part in the statistics), got dtype "
+            f"{mask.dtype}; use `mask.astype(bool)`."
+        )
+    if mask.ndim != len(x_shape) or any(m not in (1, s) for m, s in zip(mask.shape, x_shape)):
+        raise ValueError(
+            f"{layer}: `mask` must have the rank of `x` with each axis equal to x's or 1; "
+            f"x has shape {x_shape}, mask has shape {mask.shape}. Add size-1 axes explicitly, "
+            "e.g. `mask[..., None]`."
+        )
+    return jnp.broadcast_to(mask, x_shape)
+
+
+def check_parameter(value: Any, expected: tuple[int, ...], argument: str, layer: str) -> Any:
+    """``value`` as None or a floating array of exactly ``expected`` shape."""
+    if value is None:
+        return None
+    try:
+        value = jnp.asarray(value)
+    except TypeError:
+        raise TypeError(
+            f"{layer}: `{argument}` must be None or a floating array of shape {expected}, "
+            f"got {value!r:.80}."
+        ) from None
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise TypeError(f"{layer}: `{argument}` must be a floating array, got dtype {value.dtype}.")
+    if tuple(value.shape) != expected:
+        raise ValueError(
+            f"{layer}: `{argument}` must have shape {expected}, got {tuple(value.shape)}."
+        )
+    return value
+
+
+def check_trailing_shape(
+    x_shape: tuple[int, ...], normalized_shape: tuple[int, ...], layer: str
+) -> tuple[int, ...]:
+    """The axes of ``x`` that ``normalized_shape`` covers; an error when x does not end with it."""
+    k = len(normalized_shape)
+    if len(x_shape) < k or tuple(x_shape[len(x_shape) - k :]) != normalized_shape:
+        fix = (
+            f" To normalize over the last {k} axes of this input, build the layer with "
+            f"normalized_shape={tuple(x_shape[len(x_shape) - k :])}; for channels-first data, "
+            "move the normalized axes last with `jnp.moveaxis`."
+            if len(x_shape) >= k
+            else ""
+        )
+        raise ValueError(
+            f"{layer} with normalized_shape={normalized_shape} expects an input `x` whose last "
+            f"{k} axes are {normalized_shape}, got x of shape {tuple(x_shape)}.{fix}"
+        )
+    return tuple(range(len(x_shape) - k, len(x_shape)))
+
+
+_SPATIAL_NAMES = {0: (), 1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
+
+
+def describe_layout(spatial_ndim: int, channel_axis: int, channels: int | None) -> str:
+    """The expected input shape in words, e.g. ``(*batch, H, W, C=6)``."""
+    names = list(_SPATIAL_NAMES.get(spatial_ndim, [f"S{i + 1}" for i in range(spatial_ndim)]))
+    names.insert(channel_axis % (spatial_ndim + 1), "C" if channels is None else f"C={channels}")
+    return f"(*batch, {', '.join(names)})"
+
+
+def check_layout(
+    spatial_ndim: Any, channel_axis: Any, layer: str, *, min_spatial_ndim: int
+) -> tuple[int, int]:
+    """``(spatial_ndim, channel_axis)`` checked: a count of spatial axes, and -1 or 0.
+
+    ``min_spatial_ndim`` is 1 for InstanceNorm (each channel of an example without a spatial
+    axis is a single element and would normalize to 0) and 0 otherwise.
+    """
+    if not is_int(spatial_ndim) or spatial_ndim < min_spatial_ndim:
+        kind = "a positive int" if min_spatial_ndim else "a non-negative int"
+        why = " (one example needs a spatial axis to normalize over)" if min_spatial_ndim else ""
+        raise ValueError(f"{layer}: `spatial_ndim` must be {kind}, got {spatial_ndim!r}{why}.")
+    spatial_ndim = int(spatial_ndim)
+    if not is_int(channel_axis) or channel_axis not in (-1, 0):
+        raise ValueError(
+            f"{layer}: `channel_axis` must be -1 (channels-last, "
+            f"{describe_layout(spatial_ndim, -1, None)}) or 0 (channels-first, "
+            f"{describe_layout(spatial_ndim, 0, None)}), got {channel_axis!r}."
+        )
+    return spatial_ndim, int(channel_axis)
