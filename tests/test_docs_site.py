@@ -1,0 +1,140 @@
+"""The documentation site builds strictly and works in a real browser.
+
+The site is built with ``mkdocs build --strict`` into the test's temporary folder, served
+on 127.0.0.1 by a thread running ``http.server``, and opened in headless Chromium
+(Debian's ``chromium`` package, driven by Playwright, which is told to use that binary and
+never downloads a browser). The home page, the API page and a notebook page must load
+with no console error and no request to another host; typing ``LayerNorm`` in the search
+box must list a result; a screenshot of the home page is written to the temporary folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 30_000  # per wait; a 2-core machine shared with other work can be slow
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):
+        pass
+
+
+def _build_site(site: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=REPO,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, f"mkdocs build --strict failed:\n{log}"
+    assert "WARNING" not in log, log
+    assert (site / "index.html").is_file() and (site / "api" / "index.html").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.access(CHROMIUM, os.X_OK),
+    reason=f"Debian's chromium is not installed at {CHROMIUM} (`apt-get install chromium`; "
+    ".ci/run installs it): the site's browser test needs a real browser",
+)
+def test_site_in_headless_chromium(tmp_path):
+    site = tmp_path / "site"
+    _build_site(site)
+
+    handler = functools.partial(_QuietHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # a free port
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = f"http://127.0.0.1:{server.server_address[1]}/"
+
+    errors: list[str] = []  # console errors and uncaught exceptions, from every page
+    outside: list[str] = []  # requests to any host but the local server: none expected
+
+    def route(route):
+        if urlsplit(route.request.url).hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch_persistent_context(
+                str(tmp_path / "chromium-profile"),  # a new, empty --user-data-dir
+                executable_path=CHROMIUM,
+                headless=True,
+                args=CHROMIUM_FLAGS,
+                viewport={"width": 1280, "height": 900},
+            )
+            browser.set_default_timeout(TIMEOUT_MS)
+            browser.route("**/*", route)
+            page = browser.new_page()
+            page.on(
+                "console",
+                lambda message: (
+                    message.type == "error"
+                    and errors.append(f"console error on {page.url}: {message.text}")
+                ),
+            )
+            page.on("pageerror", lambda error: errors.append(f"exception on {page.url}: {error}"))
+
+            def visit(path: str) -> None:
+                response = page.goto(root + path, wait_until="networkidle")
+                assert response is not None and response.status == 200, (path, response)
+
+            visit("")
+            assert page.locator("article h1").first.inner_text().startswith("eqx_norm")
+            assert page.get_by_role("link", name="Getting started").first.is_visible()
+            page.screenshot(path=tmp_path / "home.png")
+
+            # the search box: the index is built by a web worker, so wait for the result
+            search = page.locator("input[data-md-component='search-query']")
+            search.click()
+            search.press_sequentially("LayerNorm", delay=50)
+            first_result = page.locator(".md-search-result__item").first
+            first_result.wait_for(state="visible")
+            assert "LayerNorm" in first_result.inner_text()
+
+            visit("api/")
+            assert page.title().startswith("API reference")
+            for name in ("LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm", "load_leaves"):
+                assert page.locator(f"[id='eqx_norm.{name}']").count() == 1, name
+            assert page.locator("math").count() > 0  # the docstrings' formulas, as MathML
+
+            visit("notebooks/gradient_flow/")
+            assert page.locator("img").count() > 0  # the notebook's stored figure
+
+            browser.close()
+    finally:
+        server.shutdown()
+
+    assert not errors, "\n".join(errors)
+    assert not outside, f"pages fetched from other hosts: {outside}"
+    screenshot = tmp_path / "home.png"
+    assert screenshot.stat().st_size > 10_000  # a rendered page, not a blank image
