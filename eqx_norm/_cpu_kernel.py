@@ -301,8 +301,8 @@ def _backward_partition(center, mesh, arg_shapes, result_shape):
 _partitioned_backward.def_partition(
     infer_sharding_from_operands=_backward_infer,
     partition=_backward_partition,
+    # dscale/doffset carry no row factor: the partition's lowering psums them itself
     sharding_rule="r d, d, r, r, r d -> r d, d, d",
-    reduction_factors=("r",),
     need_replication_factors=("d",),
 )
 
@@ -324,14 +324,33 @@ def _partitioned(ctx) -> bool:
 # Primitives.
 
 
+def _varying(a) -> frozenset:
+    """The shard_map axes ``a`` (a value or an aval) varies over; empty outside shard_map."""
+    aval = a if isinstance(a, jax.core.AbstractValue) else jax.typeof(a)
+    return frozenset(getattr(getattr(aval, "mat", None), "varying", ()))
+
+
+def _bind(primitive, *args, **params):
+    """``primitive.bind`` with every operand cast to vary over the same shard_map axes, as
+    JAX's own primitives do (so that, transposed, a shared operand's cotangent is psummed)."""
+    axes = frozenset().union(*(_varying(a) for a in args))
+    if axes:
+        args = [
+            jax.lax.pcast(a, tuple(sorted(axes - _varying(a))), to="varying")
+            if axes - _varying(a)
+            else a
+            for a in args
+        ]
+    return primitive.bind(*args, **params)
+
+
 def _abstract(shape, dtype, operands):
-    """An output aval; under shard_map it varies over the manual axes its operands vary over
-    (those of the operand that varies over the most)."""
-    widest = max(operands, key=lambda a: len(getattr(getattr(a, "mat", None), "varying", ())))
-    if not getattr(getattr(widest, "mat", None), "varying", ()):
+    """An output aval; under shard_map it varies over the axes its operands vary over."""
+    first = operands[0]
+    if not _varying(first):
         return jax.core.ShapedArray(shape, dtype)
-    sharding = NamedSharding(widest.sharding.mesh, P(*(None for _ in shape)))
-    return widest.update(shape=shape, dtype=dtype, weak_type=False, sharding=sharding)
+    sharding = NamedSharding(first.sharding.mesh, P(*(None for _ in shape)))
+    return first.update(shape=shape, dtype=dtype, weak_type=False, sharding=sharding)
 
 
 def _jitted_impl(primitive):
@@ -392,7 +411,7 @@ def _forward_jnp_lowering(ctx, x, scale, offset, *, epsilon, center):
 
 
 def _forward_jvp(primals, tangents, *, epsilon, center):
-    out = _forward_p.bind(*primals, epsilon=epsilon, center=center)
+    out = _bind(_forward_p, *primals, epsilon=epsilon, center=center)
     fn = functools.partial(_jnp_forward, epsilon=epsilon, center=center)
     _, out_tangents = jax.jvp(fn, tuple(primals), tuple(_instantiate(tangents, primals)))
     return out, list(out_tangents)
@@ -403,8 +422,8 @@ def _forward_batch(args, dims, *, epsilon, center):
     size = _batch_size(args, dims)
     if dims[1] is None and dims[2] is None:
         xb = _to_front(x, dims[0], size)
-        y, mean_shift, rstd = _forward_p.bind(
-            xb.reshape(-1, xb.shape[-1]), scale, offset, epsilon=epsilon, center=center
+        y, mean_shift, rstd = _bind(
+            _forward_p, xb.reshape(-1, xb.shape[-1]), scale, offset, epsilon=epsilon, center=center
         )
         rows = xb.shape[:2]
         return (y.reshape(xb.shape), mean_shift.reshape(rows), rstd.reshape(rows)), (0, 0, 0)
@@ -447,7 +466,9 @@ def _tangent_transpose(ct, x, scale, mean_shift, rstd, *linear, center, which):
     nonlinear = [None, None, None, None]
     if type(ct) is ad.Zero:
         return [*nonlinear, *(None for _ in linear)]
-    dx, dscale, doffset = _backward_p.bind(x, scale, mean_shift, rstd, ct, center=center, groups=1)
+    dx, dscale, doffset = _bind(
+        _backward_p, x, scale, mean_shift, rstd, ct, center=center, groups=1
+    )
     found = {"dx": dx, "dscale": dscale[0], "doffset": doffset[0]}
     return [*nonlinear, *(found[name] for name in which)]
 
@@ -470,7 +491,7 @@ def _tangent_batch(args, dims, *, center, which):
         folded += [_to_front(rstd, dims[3], size).reshape(-1)]
         for name, a, k in zip(which, args[4:], dims[4:]):
             folded.append(_to_front(a, k, size).reshape(-1, d) if name == "dx" else a)
-        out = _tangent_p.bind(*folded, center=center, which=which)
+        out = _bind(_tangent_p, *folded, center=center, which=which)
         return out.reshape(xb.shape), 0
     return jax.vmap(_tangent_fn(center, which), in_axes=tuple(dims))(*args), 0
 
@@ -512,7 +533,7 @@ def _backward_jnp_lowering(ctx, *args, center, groups):
 
 
 def _backward_jvp(primals, tangents, *, center, groups):
-    out = _backward_p.bind(*primals, center=center, groups=groups)
+    out = _bind(_backward_p, *primals, center=center, groups=groups)
     fn = functools.partial(_jnp_backward, center=center, groups=groups)
     _, out_tangents = jax.jvp(fn, tuple(primals), tuple(_instantiate(tangents, primals)))
     return out, list(out_tangents)
@@ -524,7 +545,8 @@ def _backward_batch(args, dims, *, center, groups):
     if dims[1] is None:
         xb = _to_front(x, dims[0], size)
         d = xb.shape[-1]
-        dx, dscale, doffset = _backward_p.bind(
+        dx, dscale, doffset = _bind(
+            _backward_p,
             xb.reshape(-1, d),
             scale,
             _to_front(mean_shift, dims[2], size).reshape(-1),
@@ -549,6 +571,15 @@ for _primitive, _lowering, _fallback, _jvp, _batch in (
     ad.primitive_jvps[_primitive] = _jvp
     batching.primitive_batchers[_primitive] = _batch
 ad.primitive_transposes[_tangent_p] = _tangent_transpose
+# custom_partitioning needs the device assignment at lowering time, which jit passes only
+# for primitives in this (private) registry; without it a sharded jit still runs correctly,
+# the kernel then running on gathered rows.
+try:
+    from jax._src import dispatch as _dispatch
+
+    _dispatch.prim_requires_devices_during_lowering.update((_forward_p, _backward_p))
+except (ImportError, AttributeError):  # pragma: no cover - a future jax
+    pass
 
 
 # ----------------------------------------------------------------------------------------
@@ -561,13 +592,13 @@ def _is_zero(tangent) -> bool:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
 def _normalize(x, scale, offset, epsilon, center):
-    return _forward_p.bind(x, scale, offset, epsilon=epsilon, center=center)[0]
+    return _bind(_forward_p, x, scale, offset, epsilon=epsilon, center=center)[0]
 
 
 @functools.partial(_normalize.defjvp, symbolic_zeros=True)
 def _normalize_jvp(epsilon, center, primals, tangents):
     x, scale, offset = primals
-    y, mean_shift, rstd = _forward_p.bind(x, scale, offset, epsilon=epsilon, center=center)
+    y, mean_shift, rstd = _bind(_forward_p, x, scale, offset, epsilon=epsilon, center=center)
     present = [
         (name, t)
         for name, t in zip(("dx", "dscale", "doffset"), tangents, strict=True)
@@ -576,7 +607,7 @@ def _normalize_jvp(epsilon, center, primals, tangents):
     if not present:
         return y, jnp.zeros_like(y)
     which = tuple(name for name, _ in present)
-    dy = _tangent_p.bind(
-        x, scale, mean_shift, rstd, *(t for _, t in present), center=center, which=which
+    dy = _bind(
+        _tangent_p, x, scale, mean_shift, rstd, *(t for _, t in present), center=center, which=which
     )
     return y, dy
