@@ -36,13 +36,18 @@ ONE_DEVICE = jax.devices()[0]
 ATOL = 1e-5
 
 
-def random_layer(normalized_shape, seed=0):
+# every layer check runs on both implementations: the compiled kernel and pure XLA
+with_both_implementations = pytest.mark.parametrize("implementation", ["kernel", "xla"])
+
+
+def random_layer(normalized_shape, seed=0, implementation=None):
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
     k1, k2 = jax.random.split(jax.random.key(seed))
     return LayerNorm(
         normalized_shape,
         scale_initializer=1.0 + 0.5 * jax.random.normal(k1, shape),
         bias_initializer=0.3 * jax.random.normal(k2, shape),
+        implementation=implementation,
     )
 
 
@@ -62,8 +67,9 @@ def test_eight_devices():
     assert jax.device_count() == 8 and jax.devices()[0].platform == "cpu"
 
 
-def test_pmap_matches_one_device():
-    layer = random_layer(16)
+@with_both_implementations
+def test_pmap_matches_one_device(implementation):
+    layer = random_layer(16, implementation=implementation)
     x = random_input((8, 4, 16))  # one (4, 16) slice per device
     y = jax.pmap(lambda m, x: m(x), in_axes=(None, 0))(layer, x)
     assert len(y.sharding.device_set) == 8
@@ -72,9 +78,10 @@ def test_pmap_matches_one_device():
     np.testing.assert_allclose(y, reference.layer_norm(x, 1, layer.gamma, layer.beta), atol=ATOL)
 
 
-def test_jit_batch_sharded_in_batch_sharded_out():
+@with_both_implementations
+def test_jit_batch_sharded_in_batch_sharded_out(implementation):
     mesh = Mesh(DEVICES, ("batch",))
-    layer = random_layer((5, 16))
+    layer = random_layer((5, 16), implementation=implementation)
     x = random_input((32, 5, 16))
     x_sharded = jax.device_put(x, NamedSharding(mesh, P("batch")))
     y = jax.jit(lambda m, x: m(x))(layer, x_sharded)
@@ -92,14 +99,15 @@ def test_jit_batch_sharded_in_batch_sharded_out():
         ((2, 4), P(None, "data", "model"), P("data", "model")),  # both normalized axes split
     ],
 )
-def test_jit_normalized_axes_sharded(mesh_shape, x_spec, param_spec):
+@with_both_implementations
+def test_jit_normalized_axes_sharded(mesh_shape, x_spec, param_spec, implementation):
     # XLA must combine the per-device partial sums of the mean and the variance
     axes = ("model",) if len(mesh_shape) == 1 else ("data", "model")
     mesh = Mesh(DEVICES.reshape(mesh_shape), axes)
     if len(x_spec) == 3:
-        layer, x = random_layer((4, 64)), random_input((6, 4, 64))
+        layer, x = random_layer((4, 64), implementation=implementation), random_input((6, 4, 64))
     else:
-        layer, x = random_layer(64), random_input((6, 64))
+        layer, x = random_layer(64, implementation=implementation), random_input((6, 64))
     x_sharded = jax.device_put(x, NamedSharding(mesh, x_spec))
     layer_sharded = jax.device_put(layer, NamedSharding(mesh, param_spec))
     y = jax.jit(lambda m, x: m(x))(layer_sharded, x_sharded)
@@ -117,9 +125,10 @@ def test_jit_normalized_axes_sharded(mesh_shape, x_spec, param_spec):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)  # sums over <= 384 terms
 
 
-def test_shard_map_matches_one_device():
+@with_both_implementations
+def test_shard_map_matches_one_device(implementation):
     mesh = Mesh(DEVICES, ("batch",))
-    layer = random_layer(16)
+    layer = random_layer(16, implementation=implementation)
     x = random_input((16, 3, 16))
     fn = jax.shard_map(lambda x: layer(x), mesh=mesh, in_specs=P("batch"), out_specs=P("batch"))
     y = jax.jit(fn)(jax.device_put(x, NamedSharding(mesh, P("batch"))))

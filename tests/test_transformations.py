@@ -352,9 +352,6 @@ def test_checkpoint_matches_finite_differences_float64(x64, policy):
     np.testing.assert_allclose(loss, np.sum(np.asarray(w) * np.tanh(f(point))), rtol=1e-12)
     expected = fd_gradient(lambda p: np.sum(np.asarray(w) * np.tanh(f(p))), point)
     assert_dicts_close(layer_grads(g_layer, g_x), expected, atol=1e-8, rtol=1e-8)
-    # the checkpointed function is the same function: its jaxpr recomputes, not changes
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(remat(layer, x))))(x))
-    assert "checkpoint" in jaxpr or "remat" in jaxpr
 
 
 # ---------------------------------------------------------------- filter_jit
