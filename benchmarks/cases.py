@@ -1,5 +1,8 @@
 """The benchmark cases and the implementations timed on each.
 
+eqx_norm's LayerNorm and RMSNorm appear twice: with the default implementation (the
+compiled CPU kernel when it is built) and with ``implementation="xla"`` (pure JAX).
+
 Every JAX implementation is a pure ``apply(x, params) -> y`` with its parameters as a
 pytree, so that forward and forward+backward (gradients with respect to x and every
 parameter) are jitted the same way for all of them. torch modules are called as users
@@ -22,6 +25,10 @@ from flax import nnx
 import eqx_norm
 
 EPSILON = 1e-5
+# LayerNorm/RMSNorm run twice: "eqx_norm" with the default implementation (the compiled CPU
+# kernel where it is built and serves) and this row with implementation="xla".
+XLA_NAME = "eqx_norm (xla)"
+OURS = ("eqx_norm", XLA_NAME)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +146,12 @@ def implementations(case: Case) -> tuple[list[JaxImpl], list[TorchImpl]]:
         )  # use_fast_variance=True, flax's default: the one users get
         fl.scale.value = jnp.asarray(gamma).reshape(-1)
         fl.bias.value = jnp.asarray(beta).reshape(-1)
+        xla = eqx_norm.LayerNorm(
+            ns, EPSILON, scale_initializer=gamma, bias_initializer=beta, implementation="xla"
+        )
         jax_impls += [
             JaxImpl("eqx_norm", *_eqx(ours)),
+            JaxImpl(XLA_NAME, *_eqx(xla)),
             JaxImpl("equinox (vmap)", *_eqx(peer, batch_axes)),
             JaxImpl("flax.nnx", *_nnx(fl)),
             JaxImpl("jnp two-pass", _jnp_two_pass(case, True), ref_params),
@@ -152,8 +163,10 @@ def implementations(case: Case) -> tuple[list[JaxImpl], list[TorchImpl]]:
         peer = eqx.tree_at(lambda m: m.weight, peer, jnp.asarray(gamma))
         fl = nnx.RMSNorm(ns[-1], epsilon=EPSILON, rngs=nnx.Rngs(0))
         fl.scale.value = jnp.asarray(gamma)
+        xla = eqx_norm.RMSNorm(ns, EPSILON, scale_initializer=gamma, implementation="xla")
         jax_impls += [
             JaxImpl("eqx_norm", *_eqx(ours)),
+            JaxImpl(XLA_NAME, *_eqx(xla)),
             JaxImpl("equinox (vmap)", *_eqx(peer, batch_axes)),
             JaxImpl("flax.nnx", *_nnx(fl)),
             JaxImpl("jnp two-pass", _jnp_two_pass(case, False), (ref_params[0], None)),

@@ -291,7 +291,11 @@ def _machine() -> dict:
                 break
     except OSError:
         pass
+    from eqx_norm import _cpu_kernel
+
+    reason = _cpu_kernel.unavailable_reason(jax.ShapeDtypeStruct((1, 1), "float32"))
     return {
+        "kernel": "the compiled CPU kernel" if reason is None else f"XLA: {reason}",
         "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
@@ -308,6 +312,8 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 def markdown(report: dict) -> str:
     """The Markdown report: per allocator a summary and a full table, then accuracy."""
+    import cases as cases_module
+
     m = report["machine"]
     lines = [
         "# eqx_norm benchmark",
@@ -319,7 +325,9 @@ def markdown(report: dict) -> str:
         "x torch and x best JAX peer are ratios of medians (< 1 is faster). GB/s counts "
         "the bytes a pass must move: x and y for fwd; x, dy, y and dx for fwd+bwd. "
         "copy frac = that rate over the copy rate (2 bytes moved per input byte) of a "
-        "jitted `x + 1` and of `np.add(x, 1, out=buf)` at the same size.",
+        "jitted `x + 1` and of `np.add(x, 1, out=buf)` at the same size. "
+        f"eqx_norm runs the default implementation ({m['kernel']}); the xla path columns "
+        'time `implementation="xla"`.',
         "",
     ]
     for allocator, data in report["allocators"].items():
@@ -327,9 +335,10 @@ def markdown(report: dict) -> str:
             f"## Allocator: {allocator}"
             + (f" (`GLIBC_TUNABLES={FAULT_FREE}`)" if ALLOCATORS[allocator] else ""),
             "",
-            "| case | pass | eqx_norm ms (IQR) | torch ms | x torch | best JAX peer | "
-            "x best peer | GB/s | copy frac jit / np | temp MB (input MB) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| case | pass | eqx_norm ms (IQR) | torch ms | x torch | xla path ms | "
+            "xla x torch | best JAX peer | x best peer | GB/s | copy frac jit / np | "
+            "temp MB (input MB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for case in data["cases"]:
             t = {(r["impl"], r["pass"]): r for r in case["timings"]}
@@ -342,8 +351,14 @@ def markdown(report: dict) -> str:
                 peers = [
                     r
                     for (name, p), r in t.items()
-                    if p == phase and name not in ("eqx_norm", "torch")
+                    if p == phase and name not in (*cases_module.OURS, "torch")
                 ]
+                xla = t.get((cases_module.XLA_NAME, phase))
+                xla_cells = (
+                    f"{xla['median_ms']:.2f} | {xla['median_ms'] / torch_ms:.2f}"
+                    if xla
+                    else "n/a | n/a"
+                )
                 best = min(peers, key=lambda r: r["median_ms"])
                 gbs = moved * case["input_bytes"] / ours["median_ms"] / 1e6
                 frac_jit = (moved / 2) * copy_jit / ours["median_ms"]
@@ -352,7 +367,7 @@ def markdown(report: dict) -> str:
                 lines.append(
                     f"| {case['case']} | {phase} | {ours['median_ms']:.2f} "
                     f"({ours['p25_ms']:.2f}-{ours['p75_ms']:.2f}) | {torch_ms:.2f} | "
-                    f"{ours['median_ms'] / torch_ms:.2f} | {best['impl']} "
+                    f"{ours['median_ms'] / torch_ms:.2f} | {xla_cells} | {best['impl']} "
                     f"{best['median_ms']:.2f} | {ours['median_ms'] / best['median_ms']:.2f} | "
                     f"{gbs:.1f} | {frac_jit:.2f} / {frac_np:.2f} | "
                     + (f"{temp:.1f} ({mb:.1f})" if phase == "fwd+bwd" else "")

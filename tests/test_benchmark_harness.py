@@ -29,15 +29,20 @@ def test_quick_benchmark_writes_json_and_markdown(tmp_path):
         for case in data["cases"]:
             names = {t["impl"] for t in case["timings"]}
             assert {"eqx_norm", "torch", "copy: jit x+1", "copy: np.add(out=)"} <= names
+            if case["family"] in ("layer_norm", "rms_norm"):  # both implementations timed
+                assert "eqx_norm (xla)" in names, names
             for timing in case["timings"]:
                 assert 0 < timing["p25_ms"] <= timing["median_ms"] <= timing["p75_ms"]
             ours = case["compiled"]["eqx_norm"]
             assert ours["temp_bytes"] >= 0 and ours["compile_s"] > 0
             assert f"| {case['case']} | fwd+bwd |" in markdown
 
+    # the report says which implementation the default eqx_norm row ran
+    assert report["machine"]["kernel"] in markdown
     accuracy = report["allocators"]["default"]["accuracy"]
     assert {(row["dtype"], row["impl"]) for row in accuracy} >= {
         ("float32", "eqx_norm"),
+        ("float32", "eqx_norm (xla)"),
         ("float32", "torch"),
         ("bfloat16", "torch"),
     }
