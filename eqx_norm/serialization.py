@@ -36,7 +36,13 @@ def _describe(leaf: Any) -> str:
     return f"shape {shape} and dtype {dtype}"
 
 
-def _fix(path: str) -> str:
+def _fix(path: str, expected: Any, loaded: Any) -> str:
+    (shape, dtype), (loaded_shape, loaded_dtype) = _shape_dtype(expected), _shape_dtype(loaded)
+    if shape == loaded_shape and dtype != loaded_dtype:
+        return (
+            f" Only the dtype differs: build the template with param_dtype={loaded_dtype.name} "
+            "(the dtype the model was saved with), or load it and cast afterwards."
+        )
     if path.endswith((".gamma", ".beta")):
         return (
             " A layer's gamma and beta have the shape of its normalized_shape (or its "
@@ -96,7 +102,7 @@ def load_leaves(path_or_file: str | os.PathLike | BinaryIO, like: T) -> T:
         if loaded is not leaf and _shape_dtype(loaded) != _shape_dtype(leaf):
             problems.append(
                 f"load_leaves: leaf `{path}` of the template has {_describe(leaf)}, but the "
-                f"file holds {_describe(loaded)} there.{_fix(path)}"
+                f"file holds {_describe(loaded)} there.{_fix(path, leaf, loaded)}"
             )
             raise ValueError(problems[-1])
         return loaded

@@ -130,7 +130,8 @@ def test_wrong_dtype_is_a_clear_error():
     with pytest.raises(
         ValueError,
         match=r"leaf `.gamma` of the template has shape \(8,\) and dtype bfloat16, but the file "
-        r"holds shape \(8,\) and dtype float32",
+        r"holds shape \(8,\) and dtype float32 there\. Only the dtype differs: build the "
+        r"template with param_dtype=float32",
     ):
         load_leaves(saved(layer), LayerNorm(8, param_dtype=jnp.bfloat16))
 
