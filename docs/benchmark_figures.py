@@ -1,10 +1,11 @@
 """The Performance page's tables and figure, made from ``benchmarks/results/results.json``.
 
-The tables are the harness's own report (``markdown`` in ``benchmarks/run.py``), so the
-page and ``benchmarks/results/results.md`` cannot disagree; the figure is drawn here.
+Only the measurements are read (each case's timings, scratch memory and the accuracy
+rows), so the page follows whatever implementations and cases the harness timed, and
+building the site needs neither torch nor the harness's code.
 
 As an MkDocs hook (listed in mkdocs.yml) this runs at every build: the line
-``<!-- benchmark report -->`` of performance.md becomes the figure and the report, and
+``<!-- benchmark report -->`` of performance.md becomes the figure and the tables, and
 ``assets/benchmark.png`` is drawn into the site. After a new ``python benchmarks/run.py``,
 rebuild the site and the page shows the new figures. As a script,
 ``python docs/benchmark_figures.py [OUT]`` writes ``benchmark.png`` and ``benchmark.md``
@@ -13,7 +14,6 @@ into OUT (default ``benchmark_figures/``) to look at without building the site.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import sys
@@ -29,24 +29,95 @@ FIGURE = "assets/benchmark.png"
 PASSES = ("fwd", "fwd+bwd")
 
 
-def _harness():
-    """benchmarks/run.py as a module (its imports of jax and torch happen inside functions)."""
-    spec = importlib.util.spec_from_file_location("benchmark_run", ROOT / "benchmarks" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def load(path: Path = RESULTS) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def _implementations(data: dict) -> list[str]:
+    """Every implementation timed in some case, in the order first met (copies left out)."""
+    names = (r["impl"] for case in data["cases"] for r in case["timings"])
+    return [name for name in dict.fromkeys(names) if ":" not in name]
+
+
+def _ours(names: list[str]) -> list[str]:
+    """eqx_norm's rows: its default implementation first, then variants (the XLA path)."""
+    return sorted((n for n in names if n.startswith("eqx_norm")), key=lambda n: n != "eqx_norm")
+
+
+def _timing_table(data: dict) -> list[str]:
+    """Per case and pass: eqx_norm's time(s), torch's, the best JAX peer's, and the ratios."""
+    names = _implementations(data)
+    ours = _ours(names)
+    lines = [
+        "| case | pass | "
+        + "".join(f"{name} ms (IQR) | " for name in ours)
+        + f"torch ms | best JAX peer ms | {ours[0]} / torch | {ours[0]} / best peer "
+        "| temp MB (input MB) |",
+        "|---|---|" + "---|" * (len(ours) + 5),
+    ]
+    for case in data["cases"]:
+        t = {(r["impl"], r["pass"]): r for r in case["timings"]}
+        for phase in PASSES:
+            mine = [t.get((name, phase)) for name in ours]
+            torch = t.get(("torch", phase))
+            peers = [
+                t[(n, phase)] for n in names if n not in ours and n != "torch" and (n, phase) in t
+            ]
+            best = min(peers, key=lambda r: r["median_ms"]) if peers else None
+            head = mine[0]["median_ms"] if mine[0] else float("nan")
+            temp = (case.get("compiled", {}).get(ours[0]) or {}).get("temp_bytes")
+            cells = [
+                case["case"],
+                phase,
+                *(
+                    f"{r['median_ms']:.2f} ({r['p25_ms']:.2f}-{r['p75_ms']:.2f})" if r else ""
+                    for r in mine
+                ),
+                f"{torch['median_ms']:.2f}" if torch else "",
+                f"{best['impl']} {best['median_ms']:.2f}" if best else "",
+                f"{head / torch['median_ms']:.2f}" if torch else "",
+                f"{head / best['median_ms']:.2f}" if best else "",
+                f"{temp / 1e6:.1f} ({case['input_bytes'] / 1e6:.1f})"
+                if phase == "fwd+bwd" and temp is not None
+                else "",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def report_markdown(report: dict) -> str:
-    """The harness's report without its title, its ``<details>`` readable as Markdown."""
-    lines = _harness().markdown(report).splitlines()
-    if lines and lines[0].startswith("# "):
-        lines = lines[1:]
-    return "\n".join(lines).replace("<details>", '<details markdown="1">')
+    """The timing tables (one per allocator, the fault-free one first) and the accuracy table."""
+    m = report["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores; jax {m['jax']}, torch {m['torch']}; "
+        f"command `{report['command']}`. Times are medians over interleaved rounds, with the "
+        "interquartile range; ratios are of medians (< 1 is faster). Temp MB is the scratch "
+        "memory XLA reserves for the jitted forward and backward pass. The harness's full "
+        "report, with every implementation, is `benchmarks/results/results.md`.",
+        "",
+    ]
+    allocators = sorted(report["allocators"], key=lambda name: name != "fault-free")
+    for name in allocators:
+        lines += [f"### Allocator: {name}", "", *_timing_table(report["allocators"][name]), ""]
+    accuracy = report["allocators"][allocators[0]].get("accuracy", [])
+    if accuracy:
+        lines += [
+            "### Accuracy against float64",
+            "",
+            "LayerNorm. y: the largest absolute error; gradients: the largest absolute error "
+            "over the largest reference value.",
+            "",
+            "| dtype | x mean | shape | implementation | y | dx | dgamma | dbeta |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in accuracy:
+            errors = " | ".join(
+                f"{r[k]:.2e}" for k in ("y_abs", "dx_rel", "dgamma_rel", "dbeta_rel")
+            )
+            lines.append(
+                f"| {r['dtype']} | {r['mean']:g} | {tuple(r['shape'])} | {r['impl']} | {errors} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def quick_note(report: dict) -> str:
@@ -60,13 +131,6 @@ def quick_note(report: dict) -> str:
     )
 
 
-def _allocator(report: dict) -> tuple[str, dict]:
-    name = (
-        "fault-free" if "fault-free" in report["allocators"] else next(iter(report["allocators"]))
-    )
-    return name, report["allocators"][name]
-
-
 def _minor_label(value: float, _) -> str:
     """Label the minor ticks at 2 and 5 times a power of ten, and no others."""
     return f"{value:g}" if f"{value:.0e}"[0] in "25" else ""
@@ -74,11 +138,11 @@ def _minor_label(value: float, _) -> str:
 
 def figure_png(report: dict) -> bytes:
     """Per case and pass, each implementation's median time over torch's, on a log scale."""
-    allocator, data = _allocator(report)
+    allocator = "fault-free" if "fault-free" in report["allocators"] else None
+    allocator = allocator or next(iter(report["allocators"]))
+    data = report["allocators"][allocator]
     cases = [case["case"] for case in data["cases"]]
-    impls = list(  # every implementation timed in some case, in the order first met
-        dict.fromkeys(n for c in data["cases"] for n in c["compiled"] if n != "torch")
-    )
+    impls = [name for name in _implementations(data) if name != "torch"]
     fig = Figure(figsize=(9, 1.2 + 0.25 * len(cases) * len(impls)), layout="constrained")
     axes = fig.subplots(1, len(PASSES), sharey=True)
     height = 0.8 / len(impls)
