@@ -164,7 +164,7 @@ def figure_png(report: dict) -> bytes:
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(FuncFormatter(_minor_label))
-        ax.set_xlabel("median time / torch's (log scale; < 1 is faster than torch)")
+        ax.set_xlabel("median time / torch's (< 1: faster)")
         ax.set_title(phase)
         ax.grid(axis="x", which="both", alpha=0.3)
     axes[0].set_yticks(range(len(cases)), cases)
@@ -173,7 +173,7 @@ def figure_png(report: dict) -> bytes:
     m = report["machine"]
     fig.suptitle(
         f"{m['cpu']}, {m['cores']} cores, jax {m['jax']}, torch {m['torch']}; "
-        f"allocator: {allocator}; `{report['command']}`",
+        f"allocator: {allocator}; `{report['command']}`; log scale",
         fontsize="medium",
     )
     buffer = io.BytesIO()
