@@ -1,6 +1,6 @@
 """A few data-parallel optax steps on a global mesh; one process of a multi-process run.
 
-Run by tests/test_multiprocess.py through ``eqx_norm.distributed.launch_local_processes``
+Run by tests/test_multiprocess.py through ``eqx_norm.demo.distributed.launch_local_processes``
 (``python -m _multiprocess_worker --out PATH [--steps N]``), or alone for the single-process
 reference. ``--fail-process K --fail-how start|kill|raise`` makes process K exit before
 joining, SIGKILL itself after joining, or raise during training. Every process builds the
@@ -23,7 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import eqx_norm
-from eqx_norm.distributed import exit_on_error, initialize_from_args
+from eqx_norm.demo.distributed import exit_on_error, initialize_from_args
 
 GLOBAL_BATCH = 16
 

@@ -1,12 +1,12 @@
 """Data-parallel training across 2 processes on 127.0.0.1, against the single-process run.
 
-The processes are started by ``eqx_norm.distributed.launch_local_processes`` (gloo CPU
+The processes are started by ``eqx_norm.demo.distributed.launch_local_processes`` (gloo CPU
 collectives, 2 simulated CPU devices each, so a global mesh of 4 devices) and run either
 ``tests/_multiprocess_worker.py`` (a few optax steps; it writes its final parameters) or
 the demo, ``python -m eqx_norm.demo --processes 2``. Every run has a bounded timeout, and
 each failure mode (a process that exits before joining, is killed, raises, or the whole
 run times out) must be reported with the failed process's id and its last stderr lines,
-quickly, never by hanging.
+quickly, never by hanging. The tests that start processes are marked slow.
 """
 
 import dataclasses
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from eqx_norm.demo import TrainConfig, load_data, train
-from eqx_norm.distributed import (
+from eqx_norm.demo.distributed import (
     ENV_COORDINATOR,
     ENV_NUM_PROCESSES,
     ENV_PROCESS_ID,
@@ -58,6 +58,7 @@ def single_process_run(out):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(worker_env, tmp_path, capsys):
     reference = single_process_run(tmp_path / "single.json")
     code = launch_local_processes(
@@ -88,6 +89,7 @@ def test_two_processes_train_like_one(worker_env, tmp_path, capsys):
     assert "process 0: done" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("how", "code", "message", "tail"),
     [
@@ -173,6 +175,9 @@ def test_launcher_rejects_bad_arguments(num_processes, kwargs, match):
 
 DEMO = TrainConfig(depth=2, width=16, steps=5, batch_size=32)
 DEMO_ARGV = ["--steps", "5", "--depth", "2", "--width", "16", "--batch-size", "32", "--no-plot"]
+DEMO_ARGV += ["--init-scales"]  # the main runs only
+DEMO_RUNS = {"no norm, default init": ("none", "default"), "no norm, He init": ("none", "he")}
+DEMO_RUNS["LayerNorm"] = ("layer", "he")
 
 
 def demo_command(out, *extra):
@@ -185,6 +190,7 @@ def demo_env(worker_env):
     return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
+@pytest.mark.slow
 def test_demo_on_two_processes_trains_like_one_process(demo_env, tmp_path):
     command = demo_command(tmp_path, "--processes", "2", "--devices", "4", "--timeout", "120")
     process = subprocess.run(
@@ -195,10 +201,11 @@ def test_demo_on_two_processes_trains_like_one_process(demo_env, tmp_path):
     assert process.stdout.count("summary written to") == 1  # only process 0 reports
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["config"]["devices"] == 4
+    assert summary["environment"]["processes"] == 2
     data = load_data()
-    for name, norm in (("no norm", False), ("LayerNorm", True)):
-        run = summary["runs"][name]
-        single = train(dataclasses.replace(DEMO, norm=norm), data)  # 1 device, this process
+    for name, (norm, init) in DEMO_RUNS.items():
+        (run,) = summary["runs"][name]
+        single = train(dataclasses.replace(DEMO, norm=norm, init=init), data)  # 1 device
         # 4 devices in 2 processes reorder the float32 sums of each mean (partial sums
         # combined by gloo all-reduces): a few ulps (1.2e-7) per step
         np.testing.assert_allclose(run["losses"], single.losses, rtol=1e-5)
@@ -228,6 +235,7 @@ def process_rank(pid):
     return int(next(v for v in environ if v.startswith(b"EQX_NORM_PROCESS_ID=")).split(b"=")[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes in /proc")
 def test_demo_reports_a_killed_process_and_stops_the_others(demo_env, tmp_path):
     command = demo_command(tmp_path, "--processes", "2", "--timeout", "120")
@@ -265,6 +273,7 @@ def test_demo_reports_a_killed_process_and_stops_the_others(demo_env, tmp_path):
     assert not (tmp_path / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_demo_times_out_instead_of_hanging(demo_env, tmp_path):
     command = demo_command(tmp_path, "--processes", "2", "--timeout", "2")
     command[command.index("--steps") + 1] = "100000"

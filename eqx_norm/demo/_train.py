@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import equinox as eqx
@@ -15,17 +16,27 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from jaxtyping import Array, Float, Int, PyTree
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from .._layer_norm import LayerNorm
+from .. import LayerNorm, RMSNorm
+from . import _checkpoint
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {"relu": jax.nn.relu, "tanh": jnp.tanh}
+NORMS = {"none": None, "layer": LayerNorm, "rms": RMSNorm}
+INITS = ("default", "he")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-# What the default eqx.nn.Linear init does to the signal without normalization: its weights
-# are U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. std 1/sqrt(3 fan_in), so a layer multiplies the
-# root-mean-square of the signal by sqrt(fan_in * Var(w) * E[act(z)^2] / E[z^2]).
-_SIGNAL_GAIN = {"relu": math.sqrt(1 / 6), "tanh": math.sqrt(1 / 3)}
-_IDEAL_INIT = {"relu": "sqrt(2/fan_in) (He)", "tanh": "sqrt(1/fan_in) (LeCun)"}
+# The gain that keeps the signal's scale through a layer: He (Kaiming) for ReLU, LeCun for
+# tanh. eqx.nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), has standard
+# deviation 1/sqrt(3 fan_in), so its weights are this factor times the ideal ones:
+# sqrt(1/6) = 0.41 for ReLU, sqrt(1/3) = 0.58 for tanh.
+_IDEAL_GAIN = {"relu": math.sqrt(2.0), "tanh": 1.0}
+_IDEAL_NAME = {"relu": "He (Kaiming)", "tanh": "LeCun"}
+
+
+def default_init_scale(activation: str) -> float:
+    """The default init's weight scale as a multiple of the ideal one (0.41 for ReLU)."""
+    return math.sqrt(1 / 3) / _IDEAL_GAIN[activation]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +89,7 @@ def load_data(test_fraction: float = 0.2, split_seed: int = 0) -> Data:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides a run. Two runs with equal configs give identical results.
+    """Everything that decides a run. Equal configs give identical results on one machine.
 
     Args:
         depth: number of hidden layers.
@@ -88,8 +99,16 @@ class TrainConfig:
         learning_rate: of ``optax.adamw``.
         weight_decay: of ``optax.adamw``.
         seed: initialises the weights and orders the batches.
-        norm: put an ``eqx_norm.LayerNorm`` after each hidden ``Linear``.
+        norm: after each hidden ``Linear``: ``"none"``, ``"layer"`` (``eqx_norm.LayerNorm``)
+            or ``"rms"`` (``eqx_norm.RMSNorm``).
+        init: the hidden ``Linear`` weights: ``"default"`` (``eqx.nn.Linear``'s
+            U(-1/sqrt(fan_in), 1/sqrt(fan_in)), too small for ReLU) or ``"he"`` (normal with
+            standard deviation ``gain / sqrt(fan_in)``, gain sqrt(2) for ReLU and 1 for tanh,
+            zero biases).
+        init_scale: multiplies the initial hidden weights (1 = as ``init`` says).
         activation: ``"relu"`` or ``"tanh"``.
+        dtype: of the activations, ``"float32"`` or ``"bfloat16"``; the parameters, the
+            optimizer state and the loss stay float32.
         devices: devices the batch is sharded over (a mesh with axis ``"batch"``).
         eval_every: steps between two evaluations on the test set.
     """
@@ -101,8 +120,11 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
-    norm: bool = True
+    norm: Literal["none", "layer", "rms"] = "layer"
+    init: Literal["default", "he"] = "he"
+    init_scale: float = 1.0
     activation: Literal["relu", "tanh"] = "relu"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     devices: int = 1
     eval_every: int = 50
 
@@ -119,11 +141,27 @@ class TrainConfig:
                 raise ValueError(
                     f"TrainConfig: `{name}` must be a finite non-negative number, got {value!r}."
                 )
-        if self.activation not in ACTIVATIONS:
+        scale = self.init_scale
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(
-                f"TrainConfig: `activation` must be one of {sorted(ACTIVATIONS)}, "
-                f"got {self.activation!r}."
+                f"TrainConfig: `init_scale` must be a finite positive number, got {scale!r}."
             )
+        if isinstance(self.norm, bool):
+            raise ValueError(
+                f"TrainConfig: `norm` is a string now: 'layer' for norm=True, 'none' for "
+                f"norm=False; got {self.norm!r}."
+            )
+        for name, allowed in (
+            ("norm", NORMS),
+            ("init", INITS),
+            ("activation", ACTIVATIONS),
+            ("dtype", DTYPES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"TrainConfig: `{name}` must be one of {sorted(allowed)}, "
+                    f"got {getattr(self, name)!r}."
+                )
         if self.batch_size % self.devices:
             raise ValueError(
                 f"TrainConfig: `batch_size` ({self.batch_size}) must be divisible by `devices` "
@@ -133,46 +171,79 @@ class TrainConfig:
 
     @property
     def label(self) -> str:
-        """``"LayerNorm"`` or ``"no norm"``."""
-        return "LayerNorm" if self.norm else "no norm"
+        """The run's name in tables, e.g. ``"no norm, He init"`` or ``"LayerNorm x0.25"``."""
+        init = {"default": "default init", "he": _IDEAL_NAME[self.activation].split()[0] + " init"}
+        if self.norm == "none":
+            label = f"no norm, {init[self.init]}"
+        else:
+            label = {"layer": "LayerNorm", "rms": "RMSNorm"}[self.norm]
+            if self.init != "he":
+                label += f", {init[self.init]}"
+        return label if self.init_scale == 1 else f"{label} x{self.init_scale:g}"
 
 
 def describe_init(activation: str) -> str:
-    """One honest sentence on the initialisation the demo uses and what it does."""
+    """One sentence on the two initialisations the demo compares and what they do."""
     return (
-        "eqx.nn.Linear's default init: weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), "
-        f"std 1/sqrt(3 fan_in), below the {_IDEAL_INIT[activation]} that {activation} needs; "
-        "without normalization the signal's scale shrinks by about "
-        f"{_SIGNAL_GAIN[activation]:.2f}x per layer."
+        f"'default' is eqx.nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in)), whose weights are "
+        f"{default_init_scale(activation):.2f}x the {_IDEAL_NAME[activation]} init that "
+        f"{activation} needs, so without normalization the signal shrinks by about that "
+        f"much per layer; 'He' draws N(0, {_IDEAL_GAIN[activation] ** 2:g}/fan_in) with zero "
+        "biases and keeps its scale."
     )
 
 
-class MLP(eqx.Module):
-    """``depth`` x [Linear -> LayerNorm (optional) -> activation], then a Linear head.
+def _linear(linear: eqx.nn.Linear, x: Array, dtype: jnp.dtype) -> Array:
+    # float32 parameters, cast to the compute dtype where they are used (no-op in float32)
+    return linear.weight.astype(dtype) @ x + linear.bias.astype(dtype)
 
-    Takes one example of shape ``(in_features,)`` and returns ``(classes,)`` logits; use
-    ``jax.vmap`` for a batch.
+
+class MLP(eqx.Module):
+    """``depth`` x [Linear -> norm (optional) -> activation], then a Linear head.
+
+    Takes one example of shape ``(in_features,)`` and returns float32 ``(classes,)``
+    logits; use ``jax.vmap`` for a batch. The activations are computed in ``dtype``, the
+    parameters are stored in float32.
     """
 
     hidden: tuple[eqx.nn.Linear, ...]
-    norms: tuple[LayerNorm, ...]  # empty without normalization
+    norms: tuple[LayerNorm | RMSNorm, ...]  # empty without normalization
     head: eqx.nn.Linear
     activation: Callable[[Array], Array] = eqx.field(static=True)
+    dtype: jnp.dtype = eqx.field(static=True)
 
     def __call__(self, x: Float[Array, " in_features"]) -> Float[Array, " classes"]:
+        x = x.astype(self.dtype)
         for i, linear in enumerate(self.hidden):
-            x = linear(x)
+            x = _linear(linear, x, self.dtype)
             if self.norms:
-                x = self.norms[i](x)
+                x = self.norms[i](x)  # bf16 in, float32 statistics, bf16 out
             x = self.activation(x)
-        return self.head(x)
+        return _linear(self.head, x, self.dtype).astype(jnp.float32)
+
+
+def _hidden_linear(
+    config: TrainConfig, in_features: int, out_features: int, key: PRNGKeyArray
+) -> eqx.nn.Linear:
+    linear = eqx.nn.Linear(in_features, out_features, key=key)
+    if config.init == "he":
+        std = _IDEAL_GAIN[config.activation] / math.sqrt(in_features)
+        weight = std * jax.random.normal(key, linear.weight.shape)
+        linear = eqx.tree_at(
+            lambda l: (l.weight, l.bias), linear, (weight, jnp.zeros_like(linear.bias))
+        )
+    if config.init_scale != 1:
+        linear = eqx.tree_at(lambda l: l.weight, linear, config.init_scale * linear.weight)
+    return linear
 
 
 def make_model(config: TrainConfig, in_features: int = 64, classes: int = 10) -> MLP:
     """The MLP of ``config``, initialised from ``config.seed``.
 
-    The Linear layers get the same weights with and without normalization, so the two runs
-    of the demo differ only by the LayerNorms (``gamma = 1``, ``beta = 0`` at the start).
+    The hidden weights depend on ``config.init`` and ``config.init_scale`` only, never on
+    ``config.norm``: runs that differ by their normalization start from the same weights.
+    The norms start as the identity affine map (``gamma = 1``, ``beta = 0``), and the head
+    is ``eqx.nn.Linear``'s default in every run.
 
     Example:
         >>> model = make_model(TrainConfig(depth=2, width=8))
@@ -181,16 +252,19 @@ def make_model(config: TrainConfig, in_features: int = 64, classes: int = 10) ->
     """
     keys = jax.random.split(jax.random.key(config.seed), config.depth + 1)
     sizes = [in_features] + [config.width] * config.depth
-    hidden = tuple(eqx.nn.Linear(sizes[i], sizes[i + 1], key=keys[i]) for i in range(config.depth))
-    norms = tuple(LayerNorm(config.width) for _ in range(config.depth)) if config.norm else ()
+    hidden = tuple(
+        _hidden_linear(config, sizes[i], sizes[i + 1], keys[i]) for i in range(config.depth)
+    )
+    norm = NORMS[config.norm]
+    norms = () if norm is None else tuple(norm(config.width) for _ in range(config.depth))
     head = eqx.nn.Linear(config.width, classes, key=keys[-1])
-    return MLP(hidden, norms, head, ACTIVATIONS[config.activation])
+    return MLP(hidden, norms, head, ACTIVATIONS[config.activation], DTYPES[config.dtype])
 
 
 def loss_fn(
     model: MLP, x: Float[Array, "batch in_features"], y: Int[Array, " batch"]
 ) -> Float[Array, ""]:
-    """Mean softmax cross-entropy of the model on a batch."""
+    """Mean softmax cross-entropy of the model on a batch, in float32."""
     logits = jax.vmap(model)(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
@@ -200,13 +274,13 @@ def gradient_norms(grads: MLP) -> dict[str, Float[Array, " layers"]]:
 
     Returns:
         ``{"weight": (depth + 1,)}`` (the hidden Linear weights, then the head's), plus
-        ``"gamma"`` and ``"beta"`` of shape ``(depth,)`` when the model has LayerNorms.
+        ``"gamma"`` (and ``"beta"`` where the norm has one) of shape ``(depth,)``.
     """
     weights = [linear.weight for linear in grads.hidden] + [grads.head.weight]
     norms = {"weight": jnp.stack([jnp.linalg.norm(w) for w in weights])}
-    if grads.norms:
-        norms["gamma"] = jnp.stack([jnp.linalg.norm(n.gamma) for n in grads.norms])
-        norms["beta"] = jnp.stack([jnp.linalg.norm(n.beta) for n in grads.norms])
+    for name in ("gamma", "beta"):
+        if grads.norms and getattr(grads.norms[0], name) is not None:
+            norms[name] = jnp.stack([jnp.linalg.norm(getattr(n, name)) for n in grads.norms])
     return norms
 
 
@@ -255,8 +329,11 @@ def evaluate(
 def batch_order(seed: int, num_examples: int, batch_size: int, steps: int) -> np.ndarray:
     """The training examples of every step, ``(steps, batch_size)`` indices.
 
-    Epochs are seeded permutations of the training set cut into whole batches (the
-    remainder of each epoch is dropped), so every process computes the same order.
+    Epochs are permutations of the training set drawn one after another from
+    ``numpy.random.default_rng(seed)`` and cut into whole batches (the remainder of each
+    epoch is dropped), so every process computes the same order, and the order of the
+    first ``k`` steps does not depend on ``steps``: a run resumed at step ``k`` regenerates
+    it and goes on from row ``k``.
     """
     if batch_size > num_examples:
         raise ValueError(
@@ -313,7 +390,8 @@ class RunResult:
 
     ``grad_norms_first``/``grad_norms_last`` are :func:`gradient_norms` of the gradient of
     the first and of the last step. ``final_loss`` and ``test_loss`` are over the full
-    training and test sets after the last step.
+    training and test sets after the last step. ``resumed_at`` is the step of the
+    checkpoint the run went on from (0 for a run from scratch).
     """
 
     config: TrainConfig
@@ -326,6 +404,7 @@ class RunResult:
     final_loss: float
     test_loss: float
     test_accuracy: float
+    resumed_at: int = 0
 
     @property
     def ratio_first(self) -> float:
@@ -342,10 +421,31 @@ def depth_ratio(norms: dict[str, np.ndarray]) -> float:
     """How uneven the gradient is through depth: max over min of the hidden layers' weights.
 
     1 means every hidden layer gets a gradient of the same size. The output head is left
-    out: it has another shape (10 outputs) and no LayerNorm after it in either run.
+    out: it has another shape (10 outputs) and no norm after it in any run.
     """
     hidden = norms["weight"][:-1]
     return float(hidden.max() / hidden.min())
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpointing:
+    """Where and how often :func:`train` saves its state, and whether it resumes.
+
+    Args:
+        directory: the run's own folder (created if missing); see ``docs/training_demo.md``
+            for the files it holds.
+        every: save after every ``every`` steps, and always after the last one.
+        resume: go on from the checkpoint in ``directory`` if there is one; without it, a
+            checkpoint already there is an error rather than overwritten.
+    """
+
+    directory: Path
+    every: int = 100
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every <= 0:
+            raise ValueError(f"Checkpointing: `every` must be a positive int, got {self.every!r}.")
 
 
 def train(
@@ -353,6 +453,7 @@ def train(
     data: Data | None = None,
     *,
     progress: bool = False,
+    checkpointing: Checkpointing | None = None,
 ) -> RunResult:
     """Train the MLP of ``config`` on the digits with adamw, data-parallel over a mesh.
 
@@ -364,8 +465,11 @@ def train(
     Args:
         config: the run.
         data: the data set; :func:`load_data` by default.
-        progress: show a tqdm progress bar and print the loss and test accuracy every
-            ``config.eval_every`` steps.
+        progress: show a tqdm progress bar with the batch loss and the test accuracy.
+        checkpointing: save the model, the optimizer state, the step and the history
+            every so many steps, and go on from a saved state (see :class:`Checkpointing`).
+            A resumed run ends with the same parameters, bit for bit, as a run that was
+            never stopped, on the same machine and device layout.
 
     Returns:
         A :class:`RunResult`.
@@ -380,43 +484,65 @@ def train(
     replicated = NamedSharding(mesh, P())
     batch_sharded = NamedSharding(mesh, P("batch"))
     optimizer = make_optimizer(config.learning_rate, config.weight_decay)
+    order = batch_order(config.seed, len(data.x_train), config.batch_size, config.steps)
 
     model = make_model(config, in_features=data.x_train.shape[1])
     params, static = eqx.partition(model, eqx.is_array)
-    opt_state = optimizer.init(params)
-    params, opt_state = jax.tree.map(
-        lambda a: global_array(np.asarray(a), replicated), (params, opt_state)
-    )
+    state = jax.tree.map(np.asarray, (params, optimizer.init(params)))
+    history = _checkpoint.History.empty()
+    if checkpointing is not None:
+        saved = _checkpoint.find(checkpointing.directory)
+        if saved is not None and not checkpointing.resume:
+            raise ValueError(
+                f"{saved} already holds a checkpoint of a run: pass --resume (resume=True) to "
+                "go on from it, or choose an empty checkpoint folder."
+            )
+        if saved is not None:
+            state, history = _checkpoint.load(
+                checkpointing.directory, state, dataclasses.asdict(config), order
+            )
+    params, opt_state = jax.tree.map(lambda a: global_array(a, replicated), state)
     model = eqx.combine(params, static)
     x_test, y_test = (global_array(a, replicated) for a in (data.x_test, data.y_test))
     x_all, y_all = (global_array(a, replicated) for a in (data.x_train, data.y_train))
 
-    order = batch_order(config.seed, len(data.x_train), config.batch_size, config.steps)
-    losses, eval_steps, accuracies = [], [], []
-    first = last = None
+    start = history.step
     bar = None
     if progress and jax.process_index() == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=config.steps, desc=f"{config.label:>9}", unit="step", leave=True)
-    for step, indices in enumerate(order, start=1):
-        x = global_array(data.x_train[indices], batch_sharded)
-        y = global_array(data.y_train[indices], batch_sharded)
+        bar = tqdm(
+            total=config.steps, initial=start, desc=f"{config.label:>18}", unit="step", leave=True
+        )
+    losses, norms = [], None  # device arrays, fetched when needed: dispatch stays asynchronous
+    for step in range(start + 1, config.steps + 1):
+        x = global_array(data.x_train[order[step - 1]], batch_sharded)
+        y = global_array(data.y_train[order[step - 1]], batch_sharded)
         model, opt_state, loss, norms = train_step(model, opt_state, x, y, optimizer, replicated)
         losses.append(loss)
         if step == 1:
-            first = norms
-        last = norms
+            history.grad_norms_first = {k: fetch(v) for k, v in norms.items()}
         if step % config.eval_every == 0 or step == config.steps:
             _, accuracy = evaluate(model, x_test, y_test, replicated)
-            eval_steps.append(step)
-            accuracies.append(float(fetch(accuracy)))
+            history.eval_steps.append(step)
+            history.accuracies.append(float(fetch(accuracy)))
             if bar is not None:
-                bar.set_postfix(loss=f"{float(fetch(loss)):.4f}", test_acc=f"{accuracies[-1]:.3f}")
-                bar.write(
-                    f"[{config.label:>9}] step {step:4d}/{config.steps}  "
-                    f"batch loss {float(fetch(loss)):.4f}  test accuracy {accuracies[-1]:.3f}"
+                bar.set_postfix(
+                    loss=f"{float(fetch(loss)):.4f}", test_acc=f"{history.accuracies[-1]:.3f}"
                 )
+        if step == config.steps or (checkpointing and step % checkpointing.every == 0):
+            history.advance(
+                step,
+                [float(fetch(value)) for value in losses],
+                {name: fetch(value) for name, value in norms.items()},
+            )
+            losses = []
+            if checkpointing is not None:
+                state = jax.tree.map(fetch, (eqx.filter(model, eqx.is_array), opt_state))
+                if jax.process_index() == 0:
+                    _checkpoint.save(
+                        checkpointing.directory, state, dataclasses.asdict(config), order, history
+                    )
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -427,12 +553,13 @@ def train(
     return RunResult(
         config=config,
         model=model,
-        losses=np.array([fetch(loss) for loss in losses]),
-        eval_steps=np.array(eval_steps),
-        test_accuracies=np.array(accuracies),
-        grad_norms_first={name: fetch(value) for name, value in first.items()},
-        grad_norms_last={name: fetch(value) for name, value in last.items()},
+        losses=np.array(history.losses, dtype=np.float32),
+        eval_steps=np.array(history.eval_steps, dtype=np.int64),
+        test_accuracies=np.array(history.accuracies, dtype=np.float32),
+        grad_norms_first=history.grad_norms_first,
+        grad_norms_last=history.grad_norms_last,
         final_loss=float(fetch(final_loss)),
         test_loss=float(fetch(test_loss)),
         test_accuracy=float(fetch(test_accuracy)),
+        resumed_at=start,
     )

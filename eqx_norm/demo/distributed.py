@@ -1,4 +1,8 @@
-"""Multi-process set-up: join JAX's distributed runtime, or start N local processes.
+"""The demo's multi-process set-up: join JAX's distributed runtime, or start local processes.
+
+This is part of the training demo, not of the library: ``import eqx_norm`` never imports
+it, and it changes JAX's configuration (CPU collectives) only when
+:func:`initialize_from_args` joins a multi-process run.
 
 JAX's own multi-controller runtime is the engine: every process runs the same program,
 ``jax.distributed.initialize`` connects them through a coordinator, and ``jax.devices()``
@@ -9,7 +13,7 @@ machine, launches N local processes that never hang: any failure or a timeout st
 all and says which process failed and why.
 
 Example:
-    >>> from eqx_norm.distributed import initialize_from_args
+    >>> from eqx_norm.demo.distributed import initialize_from_args
     >>> initialize_from_args(None, None, None)  # no flags, no EQX_NORM_* variables set
     False
 
@@ -92,7 +96,7 @@ def initialize_from_args(
         ValueError: only some of the three settings are given, or one is malformed.
 
     Example:
-        >>> from eqx_norm.distributed import initialize_from_args
+        >>> from eqx_norm.demo.distributed import initialize_from_args
         >>> initialize_from_args(None, None, None)
         False
     """
@@ -155,7 +159,7 @@ def exit_on_error() -> Iterator[None]:
     the failure and stops the rest. In a single-process run exceptions propagate as usual.
 
     Example:
-        >>> from eqx_norm.distributed import exit_on_error
+        >>> from eqx_norm.demo.distributed import exit_on_error
         >>> with exit_on_error():
         ...     pass
     """
@@ -241,7 +245,7 @@ def launch_local_processes(
         (1 if it was killed by a signal), or 124 on a timeout.
 
     Example:
-        >>> from eqx_norm.distributed import launch_local_processes
+        >>> from eqx_norm.demo.distributed import launch_local_processes
         >>> launch_local_processes(["--steps", "2"], 2, timeout=120.0)  # doctest: +SKIP
         0
     """
