@@ -11,9 +11,12 @@ function computes statistics in at least float32 and returns an array of ``x``'s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Hashable, Sequence
+from typing import Any, Literal
 
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
 from jaxtyping import Array, Bool, Float
 
 from . import _cpu_kernel, _xla
@@ -29,12 +32,13 @@ from ._checks import (
     check_parameter,
     check_trailing_shape,
     describe_layout,
+    is_int,
     optional_dtype,
     positive_int,
 )
-from ._statistics import compute_dtype
+from ._statistics import compute_dtype, inverse_std, moments
 
-__all__ = ["group_norm", "instance_norm", "layer_norm", "rms_norm"]
+__all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"]
 
 Implementation = Literal["xla", "kernel"] | None
 
@@ -293,6 +297,138 @@ def instance_norm(
     )
 
 
+def batch_norm(
+    x: Float[Array, "*shape"],
+    running_mean: Float[Array, " channels"],
+    running_var: Float[Array, " channels"],
+    gamma: Float[Array, " channels"] | None = None,
+    beta: Float[Array, " channels"] | None = None,
+    *,
+    training: bool,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    channel_axis: int = -1,
+    axis_name: Hashable | None = None,
+    mask: Bool[Array, "..."] | None = None,
+    zero_centered_scale: bool = False,
+    dtype: DTypeLike | None = None,
+) -> tuple[Float[Array, "*shape"], Float[Array, " channels"], Float[Array, " channels"]]:
+    r"""Batch normalization: per-channel statistics over the batch and every spatial axis.
+
+    .. math:: y = \frac{x - \mathrm{E}_c[x]}{\sqrt{\mathrm{Var}_c[x] + \epsilon}}
+        \gamma_c + \beta_c
+
+    Training (``training=True``): the mean and (biased) variance of channel ``c`` run over
+    every axis of ``x`` except ``channel_axis``, and across the devices or examples of
+    ``axis_name`` when it is given; the running statistics move towards them,
+
+    .. math:: m' = \mu\, m + (1 - \mu)\, \mathrm{E}_c[x], \qquad
+        v' = \mu\, v + (1 - \mu) \tfrac{n}{n - 1} \mathrm{Var}_c[x],
+
+    with ``n`` the number of values per channel: the running variance is the unbiased
+    (Bessel-corrected) batch variance, as torch and brainpy store it. ``momentum=0.99``
+    keeps 99 % of the old value (flax, equinox, brainpy); torch's ``momentum=0.1`` is the
+    weight of the *new* value, so torch's ``momentum`` is ``1 - momentum`` here. The running
+    statistics carry no gradient. Inference (``training=False``): the running statistics
+    normalize, and are returned unchanged.
+
+    Without ``axis_name``, ``x`` is the whole batch; under ``jit`` with ``x`` sharded over
+    devices, XLA reduces across them, so the statistics are the global batch's. With
+    ``axis_name`` (inside ``vmap``, ``pmap`` or ``shard_map``), ``x`` is one example or one
+    device's shard and the sums are combined with ``psum`` over that axis, equal to the
+    whole-batch call. Statistics are two-pass in at least float32.
+
+    Args:
+        x: floating array with channels on ``channel_axis``, e.g. ``(N, H, W, C)``.
+        running_mean: running mean of shape ``(C,)`` (starts at zeros).
+        running_var: running variance of shape ``(C,)`` (starts at ones).
+        gamma: per-channel scale of shape ``(C,)``, or None.
+        beta: per-channel offset of shape ``(C,)``, or None.
+        training: True normalizes by the batch statistics and updates the running ones;
+            False normalizes by the running statistics.
+        momentum: fraction of the running statistics kept at each step, in ``[0, 1]``.
+        epsilon: added to the variance, ``>= 0``.
+        channel_axis: the channel axis, counted in ``x`` as passed (batch axes included):
+            -1 (default) for channels-last ``(N, *spatial, C)``, 1 for torch's ``(N, C,
+            *spatial)``, 0 for one channels-first example under ``axis_name``.
+        axis_name: None, or the name (or tuple of names) of the mapped axes whose examples
+            or shards share the statistics.
+        mask: optional boolean array of x's rank (axes of size 1 broadcast, e.g.
+            ``(N, 1, 1, 1)`` for padded examples); False elements take no part in the
+            statistics or the running statistics, and their output is ``beta`` (0 without
+            beta). A channel left with one value keeps its running variance (one value
+            estimates no variance), and with none its running mean too: never NaN.
+        zero_centered_scale: use ``1 + gamma`` as the scale.
+        dtype: output dtype; default ``x.dtype``.
+
+    Returns:
+        ``(y, new_mean, new_var)``: an array of x's shape, and the running statistics in
+        their own dtype.
+
+    Raises:
+        ValueError: in training, when each channel has fewer than two values (a batch of
+            one example without spatial axes): the variance of one value is 0.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from eqx_norm.functional import batch_norm
+        >>> x = 5.0 + jax.random.normal(jax.random.key(0), (64, 3))
+        >>> y, mean, var = batch_norm(x, jnp.zeros(3), jnp.ones(3), training=True)
+        >>> bool(jnp.allclose(y.mean(0), 0, atol=1e-5)), bool(jnp.all(mean > 0.04))
+        (True, True)
+
+    References:
+        Ioffe and Szegedy, "Batch Normalization: Accelerating Deep Network Training by
+        Reducing Internal Covariate Shift", ICML 2015. arXiv:1502.03167.
+    """
+    layer = "batch_norm"
+    x = check_floating(x, layer)
+    training = check_flag(training, "training")
+    momentum = _check_momentum(momentum)
+    axis = _batch_channel_axis(channel_axis, x, layer)
+    channels = x.shape[axis]
+    running_mean = _check_running(running_mean, "running_mean", x, axis, layer)
+    running_var = _check_running(running_var, "running_var", x, axis, layer)
+    gamma = check_parameter(gamma, (channels,), "gamma", layer)
+    beta = check_parameter(beta, (channels,), "beta", layer)
+    epsilon = check_epsilon(epsilon)
+    mask = check_mask(mask, x.shape, layer)
+    zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
+    out_dtype = optional_dtype(dtype, "dtype") or x.dtype
+
+    axes = tuple(i for i in range(x.ndim) if i != axis)
+    per_channel = tuple(channels if i == axis else 1 for i in range(x.ndim))
+    x = x.astype(compute_dtype(x.dtype))
+    if training:
+        per_device = math.prod(x.shape[i] for i in axes)
+        values = per_device * (1 if axis_name is None else _axis_size(axis_name, layer))
+        if values < 2:
+            raise ValueError(
+                f"{layer}: training needs at least 2 values per channel to estimate a "
+                f"variance, but x of shape {x.shape} (channel_axis={channel_axis}"
+                f"{'' if axis_name is None else f', axis_name={axis_name!r}'}) gives "
+                f"{values}: the variance of one value is 0. Use a batch of at least 2 "
+                "examples, or training=False to normalize by the running statistics."
+            )
+        mean, var, count = _batch_moments(x, axes, mask, axis_name)
+        new_mean, new_var = _update_running(
+            running_mean, running_var, mean, var, count, momentum, channels
+        )
+    else:
+        mean = running_mean.astype(x.dtype).reshape(per_channel)
+        var = running_var.astype(x.dtype).reshape(per_channel)
+        new_mean, new_var = running_mean, running_var
+    scale, offset = _affine(gamma, beta, zero_centered_scale, x.dtype, per_channel)
+    y = (x - mean) * inverse_std(var, epsilon)
+    if scale is not None:
+        y = y * scale
+    if offset is not None:
+        y = y + offset
+    if mask is not None:
+        y = jnp.where(mask, y, 0 if offset is None else offset)
+    return y.astype(out_dtype), new_mean, new_var
+
+
 def _affine(
     gamma: Array | None, beta: Array | None, zero_centered_scale: bool, dtype: DTypeLike, shape
 ) -> tuple[Array | None, Array | None]:
@@ -307,11 +443,18 @@ def _affine(
     return scale, offset
 
 
-def _use_kernel(implementation: str | None, x: Array, masked: bool, layer: str) -> bool:
+def _use_kernel(
+    implementation: str | None, x: Array, masked: bool, out_dtype: DTypeLike, layer: str
+) -> bool:
     """Whether the compiled kernel runs this call; ``"kernel"`` where it cannot is an error."""
     if implementation == "xla":
         return False
-    reason = "a `mask` is given" if masked else _cpu_kernel.unavailable_reason(x)
+    if masked:
+        reason = "a `mask` is given"
+    elif out_dtype != x.dtype:  # the kernel writes x's dtype: a wider output would lose bits
+        reason = f"the output dtype {out_dtype} differs from x's dtype {x.dtype}"
+    else:
+        reason = _cpu_kernel.unavailable_reason(x)
     if reason is None:
         return True
     if implementation == "kernel":
@@ -347,7 +490,9 @@ def _trailing_norm(
     mask = check_mask(mask, x.shape, layer)
     zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
     out_dtype = optional_dtype(dtype, "dtype") or x.dtype
-    use_kernel = _use_kernel(check_implementation(implementation), x, mask is not None, layer)
+    use_kernel = _use_kernel(
+        check_implementation(implementation), x, mask is not None, out_dtype, layer
+    )
     if mask is not None:
         scale, offset = _affine(gamma, beta, zero_centered_scale, compute_dtype(x.dtype), shape)
         y = _xla.normalize(x, axes, scale, offset, epsilon=epsilon, center=center, mask=mask)
@@ -433,3 +578,128 @@ def _grouped_norm(
         mask=None if mask is None else mask.reshape(grouped),
     )
     return y.astype(out_dtype).reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- batch_norm
+
+
+def _check_momentum(momentum: Any) -> float:
+    """``momentum`` as a float in ``[0, 1]``: the fraction of the running statistics kept."""
+    if isinstance(momentum, bool) or not isinstance(
+        momentum, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"`momentum` must be a float in [0, 1], got {momentum!r}.")
+    if not 0 <= momentum <= 1:  # NaN fails too
+        raise ValueError(
+            f"`momentum` must be a float in [0, 1], the fraction of the running statistics "
+            f"kept at each step, got {momentum!r}. torch's momentum=0.1 is momentum=0.9 here."
+        )
+    return float(momentum)
+
+
+def _check_channel_axis(channel_axis: Any, owner: str) -> int:
+    """``channel_axis`` as an int (checked against the input's rank at call time)."""
+    if not is_int(channel_axis):
+        raise TypeError(
+            f"{owner}: `channel_axis` must be an int, an axis of the input (-1 for "
+            f"channels-last, 1 for torch's (N, C, *spatial)), got {channel_axis!r}."
+        )
+    return int(channel_axis)
+
+
+def _batch_channel_axis(channel_axis: Any, x: Array, layer: str) -> int:
+    """The non-negative channel axis of ``x``, or an error naming the valid range."""
+    channel_axis = _check_channel_axis(channel_axis, layer)
+    if not -x.ndim <= channel_axis < x.ndim:
+        raise ValueError(
+            f"{layer}: `channel_axis`={channel_axis} is not an axis of x of shape {x.shape} "
+            f"(rank {x.ndim}); it counts the axes of x as passed, batch included: -1 for "
+            "channels-last, 1 for torch's (N, C, *spatial)."
+        )
+    return channel_axis % x.ndim
+
+
+def _check_running(value: Any, argument: str, x: Array, axis: int, layer: str) -> Array:
+    """A running statistic of shape ``(C,)``; a size that matches another axis of ``x`` gets
+    a hint to move ``channel_axis`` there."""
+    channels = x.shape[axis]
+    if value is None:
+        raise TypeError(
+            f"{layer}: `{argument}` must be an array of shape ({channels},), got None. Start "
+            "from zeros for the mean and ones for the variance."
+        )
+    shape = np.shape(value)
+    if len(shape) == 1 and shape[0] != channels:
+        others = [i for i in range(x.ndim) if i != axis and x.shape[i] == shape[0]]
+        hint = (
+            f" If the channels are on axis {others[0]} (torch's (N, C, *spatial) is axis 1), "
+            f"pass channel_axis={others[0]}: it counts the axes of x, batch included."
+            if others
+            else ""
+        )
+        raise ValueError(
+            f"{layer}: x of shape {x.shape} has {channels} channels on axis {axis}, but "
+            f"`{argument}` has shape {shape} (num_features={shape[0]}).{hint}"
+        )
+    return check_parameter(value, (channels,), argument, layer)
+
+
+def _axis_size(axis_name: Hashable, layer: str) -> int:
+    """The number of examples or shards along the mapped axis ``axis_name``."""
+    try:
+        return lax.psum(1, axis_name)
+    except NameError:
+        raise NameError(
+            f"{layer}: axis_name={axis_name!r} is not a mapped axis here. Call it inside "
+            f"`jax.vmap`/`jax.pmap`/`shard_map` with axis_name={axis_name!r}, or pass "
+            "axis_name=None and the whole batch (under `jit`, sharded or not)."
+        ) from None
+
+
+def _batch_moments(
+    x: Array, axes: tuple[int, ...], mask: Array | None, axis_name: Hashable | None
+) -> tuple[Array, Array, Array]:
+    """``(mean, var, count)`` per channel (size-1 ``axes`` kept), combined over ``axis_name``.
+
+    Each shard's two-pass moments come from :func:`moments`; across shards, the mean is a
+    count-weighted mean corrected by a second pass over the shards' deviations from it, and
+    the variance adds the spread of the shards' means (Chan et al.), so no shard subtracts
+    large squares.
+    """
+    mean, var = moments(x, axes, mask=mask)
+    if mask is None:
+        count = jnp.asarray(math.prod(x.shape[i] for i in axes), x.dtype)
+    else:
+        count = jnp.sum(mask, axis=axes, keepdims=True, dtype=x.dtype)
+    if axis_name is None:
+        return mean, var, count
+    total, weighted = lax.psum((count, count * mean), axis_name)
+    safe = jnp.maximum(total, 1)
+    first = weighted / safe
+    deviation = mean - first
+    shift, spread = lax.psum((count * deviation, count * (var + jnp.square(deviation))), axis_name)
+    shift = shift / safe
+    return first + shift, jnp.maximum(spread / safe - jnp.square(shift), 0), total
+
+
+def _update_running(
+    running_mean: Array,
+    running_var: Array,
+    mean: Array,
+    var: Array,
+    count: Array,
+    momentum: float,
+    channels: int,
+) -> tuple[Array, Array]:
+    """The running statistics moved towards the batch's, the variance Bessel-corrected; a
+    channel with no value keeps both, one with a single value keeps its variance."""
+    count = jnp.broadcast_to(count, mean.shape).reshape(channels)
+    mean = lax.stop_gradient(mean).reshape(channels)
+    unbiased = lax.stop_gradient(var).reshape(channels) * (count / jnp.maximum(count - 1, 1))
+
+    def move(old: Array, batch: Array, valid: Array) -> Array:
+        dtype = jnp.promote_types(old.dtype, batch.dtype)
+        new = momentum * old.astype(dtype) + (1 - momentum) * batch.astype(dtype)
+        return jnp.where(valid, new, old.astype(dtype)).astype(old.dtype)
+
+    return move(running_mean, mean, count >= 1), move(running_var, unbiased, count >= 2)

@@ -329,3 +329,35 @@ def test_layer_call_reaches_the_implementation_in_three_calls(monkeypatch):
     with pytest.raises(RuntimeError):
         LayerNorm(4, implementation="xla")(jnp.ones((2, 4)))
     assert calls == [["_trailing_norm", "layer_norm", "__call__"]]
+
+
+# ------------------------------------------------------------------ implementation switch
+
+
+@pytest.mark.parametrize(
+    ("x", "kwargs", "why"),
+    [
+        (jnp.ones((2, 8)), {"mask": jnp.ones((2, 8), bool)}, "a `mask` is given"),
+        (
+            jnp.ones((2, 8), jnp.bfloat16),
+            {"dtype": jnp.float32},
+            "the output dtype float32 differs from x's dtype bfloat16",
+        ),
+    ],
+    ids=["mask", "wider-output"],
+)
+def test_kernel_where_it_cannot_serve_is_a_clear_error_and_none_falls_back(x, kwargs, why):
+    x = x + jnp.arange(8, dtype=x.dtype)  # not constant rows
+    with pytest.raises(ValueError, match=rf"implementation='kernel' cannot serve .*{why}"):
+        functional.layer_norm(x, 8, **kwargs, implementation="kernel")
+    np.testing.assert_array_equal(
+        functional.layer_norm(x, 8, **kwargs),
+        functional.layer_norm(x, 8, **kwargs, implementation="xla"),
+    )
+
+
+def test_unknown_implementation_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"`implementation` must be None .* got 'triton'"):
+        LayerNorm(8, implementation="triton")
+    with pytest.raises(ValueError, match=r"`implementation` must be None .* got 'cuda'"):
+        functional.rms_norm(jnp.ones((2, 8)), 8, implementation="cuda")
