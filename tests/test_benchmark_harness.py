@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # long: the quick loop (-m "not slow") skips it
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

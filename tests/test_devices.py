@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # long: the quick loop (-m "not slow") skips it
+
 TESTS = Path(__file__).resolve().parent
 CHECKS = TESTS / "_multidevice_checks.py"
 

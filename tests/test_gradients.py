@@ -120,6 +120,7 @@ SMALL_LAYERS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("family", "normalized", "epsilon", "options"), SMALL_LAYERS)
 def test_second_order_finite_differences(family, normalized, epsilon, options, x64):
     key_x, key_g, key_b = jax.random.split(jax.random.key(1), 3)
@@ -144,6 +145,7 @@ def test_second_order_finite_differences(family, normalized, epsilon, options, x
     check_grads(f, (x, *params), order=2, modes=("fwd", "rev"))
 
 
+@pytest.mark.slow
 def test_long_rows_match_plain_autodiff_to_second_order(x64):
     """The dot form (few rows of >= 16384): finite differences, and Hessian-vector
     products against plain autodiff of the unfused path."""
@@ -168,6 +170,7 @@ def test_long_rows_match_plain_autodiff_to_second_order(x64):
         np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_hessian_and_jvp_apply_directly_to_the_layer(x64):
     key_x, key_t = jax.random.split(jax.random.key(3))
     x = jax.random.normal(key_x, (2, 6), jnp.float64)

@@ -128,6 +128,7 @@ def torch_float64_gradients(x, gamma, beta, cotangent, ndim, epsilon):
     return tx.grad.numpy(), tg.grad.numpy(), tb.grad.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("shape", "normalized_shape", "mean"),
     [
@@ -162,6 +163,7 @@ def test_jitted_gradients_match_float64_torch(shape, normalized_shape, mean):
         assert error < 1e-3, (name, error)
 
 
+@pytest.mark.slow
 def test_second_order_gradients_by_finite_differences(x64):
     layer = random_layer((3, 5))
     layer = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), layer)
@@ -174,6 +176,7 @@ def test_second_order_gradients_by_finite_differences(x64):
     check_grads(f, (x, layer.gamma, layer.beta), order=2, modes=["fwd", "rev"])
 
 
+@pytest.mark.slow
 def test_hessian_against_finite_differences_of_the_gradient(x64):
     layer = LayerNorm(6)
     x = random_input((6,), dtype=jnp.float64)

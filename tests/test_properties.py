@@ -10,12 +10,15 @@ deviations `x - mean` keep the input's absolute rounding), so the bound is
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eqx_norm
 
 import reference
+
+pytestmark = pytest.mark.slow  # long: the quick loop (-m "not slow") skips it
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
 dims = st.lists(st.integers(1, 5), min_size=0, max_size=2)
