@@ -268,26 +268,25 @@ def test_command_line_errors(argv, match, capsys):
     assert re.search(match, capsys.readouterr().err)
 
 
-def test_help_shows_every_option_with_its_help_and_default(capsys):
+def test_help_shows_every_option_with_its_help_and_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "2000")  # argparse wraps at the terminal's width
     parser = build_parser()
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
-    text = " ".join(capsys.readouterr().out.split())  # undo the help's line wrapping
-    for action in parser._actions:
-        if not action.option_strings:
-            continue
+    text = " ".join(capsys.readouterr().out.split())  # one space between words
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) == 22
+    for action in options:
         assert action.help, action.option_strings  # every option says what it does
-        assert action.option_strings[0] in text
-        if action.default not in (None, False, argparse_suppress()):
+        assert " ".join(action.help.split()) in text
+        if action.default is None:  # no value to show: the help says what happens instead
+            assert "(default: " in action.help, action.option_strings
+        elif action.default is not False:  # a flag's default (off) goes without saying
             assert f"(default: {action.default})" in text, action.option_strings
-    assert "--steps STEPS optimizer steps per run (default: 500)" in text
+    assert "--steps N optimizer steps per run (default: 500)" in text
     assert "(default: [0.25, 0.5, 1.0, 2.0, 4.0])" in text
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
+    assert "--devices N shard each batch over N devices" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
 
 
 def test_seed_options_and_device_count_defaults(monkeypatch):
@@ -424,6 +423,7 @@ def test_main_reports_missing_devices_clearly(monkeypatch, capsys):
 SCALES = ["--init-scales", "0.5", "1"]
 
 
+@pytest.mark.slow  # a subprocess with 8 devices
 def test_command_line_on_8_devices_writes_the_figure_and_trains_like_1_device(tmp_path, data):
     # `python -m eqx_norm.demo --devices 8` in a fresh process with no XLA_FLAGS set: the
     # entry point asks XLA for 8 CPU devices itself. One subprocess serves both checks.
