@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import jitted_gradients, random_input, random_trailing_layer
 from jax.test_util import check_grads
 
 from eqx_norm import Constant, LayerNorm, Normal, OneInit, TruncatedNormal, Uniform, ZeroInit
@@ -30,19 +31,7 @@ CASES = [  # (input shape, normalized_shape)
 
 
 def random_layer(normalized_shape, seed=0, **kwargs):
-    """A layer with non-trivial gamma and beta, so the affine step is tested too."""
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    keys = jax.random.split(jax.random.key(seed), 2)
-    return LayerNorm(
-        normalized_shape,
-        scale_initializer=1.0 + 0.5 * jax.random.normal(keys[0], shape),
-        bias_initializer=0.3 * jax.random.normal(keys[1], shape),
-        **kwargs,
-    )
-
-
-def random_input(shape, seed=1, mean=0.0, std=1.0, dtype=jnp.float32):
-    return (mean + std * jax.random.normal(jax.random.key(seed), shape)).astype(dtype)
+    return random_trailing_layer(LayerNorm, normalized_shape, seed, **kwargs)
 
 
 @pytest.mark.parametrize(("shape", "normalized_shape"), CASES)
@@ -143,16 +132,7 @@ def test_jitted_gradients_match_float64_torch(shape, normalized_shape, mean):
     layer = random_layer(normalized_shape)
     x = random_input(shape, mean=mean)
     cotangent = random_input(shape, seed=7)
-
-    @jax.jit
-    def grads(x, gamma, beta):
-        def loss(x, gamma, beta):
-            y = eqx.tree_at(lambda m: (m.gamma, m.beta), layer, (gamma, beta))(x)
-            return jnp.sum(y * cotangent)
-
-        return jax.grad(loss, argnums=(0, 1, 2))(x, gamma, beta)
-
-    ours = grads(x, layer.gamma, layer.beta)
+    ours = jitted_gradients(layer, x, cotangent)
     expected = torch_float64_gradients(
         x, layer.gamma, layer.beta, cotangent, len(layer.normalized_shape), layer.epsilon
     )

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import random_input, random_trailing_layer
 from jax.test_util import check_grads
 
 from eqx_norm import RMSNorm
@@ -29,19 +30,7 @@ CASES = [  # (input shape, normalized_shape)
 
 
 def random_layer(normalized_shape, seed=0, **kwargs):
-    """A layer with non-trivial gamma (and beta, used only with use_bias=True)."""
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    keys = jax.random.split(jax.random.key(seed), 2)
-    return RMSNorm(
-        normalized_shape,
-        scale_initializer=1.0 + 0.5 * jax.random.normal(keys[0], shape),
-        bias_initializer=0.3 * jax.random.normal(keys[1], shape),
-        **kwargs,
-    )
-
-
-def random_input(shape, seed=1, mean=0.0, std=1.0, dtype=jnp.float32):
-    return (mean + std * jax.random.normal(jax.random.key(seed), shape)).astype(dtype)
+    return random_trailing_layer(RMSNorm, normalized_shape, seed, **kwargs)
 
 
 def test_defaults_scale_only():
