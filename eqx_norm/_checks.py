@@ -16,6 +16,7 @@ from jaxtyping import Array
 
 DTypeLike = Any
 IMPLEMENTATIONS = (None, "xla", "kernel")
+MAX_ELEMENTS = 2**56  # times 16 bytes (complex128) still fits an int64 byte count
 
 
 def is_int(value: Any) -> bool:
@@ -38,6 +39,12 @@ def canonical_shape(value: int | Sequence[int], argument: str) -> tuple[int, ...
             f"`{argument}` must be a positive int or a non-empty sequence of positive ints, "
             f"got {value!r}."
         )
+    if math.prod(int(v) for v in items) > MAX_ELEMENTS:
+        # XLA aborts the process (not an exception) when a shape's byte size overflows int64.
+        raise ValueError(
+            f"`{argument}`={value!r} has {math.prod(int(v) for v in items)} elements, more than "
+            "the 2**56 an array may have."
+        )
     return tuple(int(v) for v in items)
 
 
@@ -47,6 +54,8 @@ def positive_int(value: Any, argument: str) -> int:
         raise TypeError(f"`{argument}` must be a positive int, got {value!r}.")
     if value <= 0:
         raise ValueError(f"`{argument}` must be a positive int, got {value!r}.")
+    if value > MAX_ELEMENTS:
+        raise ValueError(f"`{argument}` must be at most 2**56, got {value!r}.")
     return int(value)
 
 
@@ -81,19 +90,21 @@ def optional_dtype(dtype: DTypeLike | None, argument: str) -> np.dtype | None:
 
 def check_implementation(implementation: Any) -> str | None:
     """``implementation`` as one of None, ``"xla"``, ``"kernel"``."""
-    if implementation not in IMPLEMENTATIONS or isinstance(implementation, bool):
+    if implementation is None:
+        return None
+    if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
         raise ValueError(
             "`implementation` must be None (the compiled kernel where it serves, else XLA), "
             f'"xla" or "kernel", got {implementation!r}.'
         )
-    return implementation
+    return str(implementation)  # a plain str, also for a NumPy string: it is a static field
 
 
 def check_floating(x: Any, layer: str) -> Array:
     """``x`` as a JAX array of a floating dtype; integer, boolean or complex input is an error."""
     try:
         x = jnp.asarray(x)
-    except TypeError:
+    except (TypeError, ValueError):  # e.g. a string, None, a ragged list
         raise TypeError(
             f"{layer} expects a floating-point array `x`, got {type(x).__name__} {x!r:.80}."
         ) from None
@@ -117,7 +128,7 @@ def check_mask(mask: Any, x_shape: tuple[int, ...], layer: str) -> Array | None:
         return None
     try:
         mask = jnp.asarray(mask)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(f"{layer}: `mask` must be a boolean array, got {mask!r:.80}.") from None
     if mask.dtype != jnp.bool_:
         raise TypeError(
@@ -139,7 +150,7 @@ def check_parameter(value: Any, expected: tuple[int, ...], argument: str, layer:
         return None
     try:
         value = jnp.asarray(value)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(
             f"{layer}: `{argument}` must be None or a floating array of shape {expected}, "
             f"got {value!r:.80}."
@@ -194,10 +205,11 @@ def check_layout(
     if not is_int(spatial_ndim) or spatial_ndim < min_spatial_ndim:
         kind = "a positive int" if min_spatial_ndim else "a non-negative int"
         why = " (one example needs a spatial axis to normalize over)" if min_spatial_ndim else ""
-        raise ValueError(f"{layer}: `spatial_ndim` must be {kind}, got {spatial_ndim!r}{why}.")
+        error = ValueError if is_int(spatial_ndim) else TypeError
+        raise error(f"{layer}: `spatial_ndim` must be {kind}, got {spatial_ndim!r}{why}.")
     spatial_ndim = int(spatial_ndim)
     if not is_int(channel_axis) or channel_axis not in (-1, 0):
-        raise ValueError(
+        raise (ValueError if is_int(channel_axis) else TypeError)(
             f"{layer}: `channel_axis` must be -1 (channels-last, "
             f"{describe_layout(spatial_ndim, -1, None)}) or 0 (channels-first, "
             f"{describe_layout(spatial_ndim, 0, None)}), got {channel_axis!r}."

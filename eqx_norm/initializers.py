@@ -205,6 +205,13 @@ _ACCEPTED = (
 )
 
 
+def _check_real(dtype: np.dtype, given: str) -> None:
+    """A TypeError unless ``dtype`` is real (integer or floating): casting a complex, boolean
+    or string array to the parameter dtype would drop or invent values."""
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"{given}; a parameter's initial values must be real numbers.")
+
+
 def make_parameter(
     initializer: InitializerLike,
     *,
@@ -224,6 +231,7 @@ def make_parameter(
                 f"`{argument}` is an array of shape {initializer.shape}, but the parameter has "
                 f"shape {shape}; arrays are never broadcast, pass one of shape {shape}."
             )
+        _check_real(initializer.dtype, f"`{argument}` is an array of dtype {initializer.dtype}")
         return jnp.asarray(initializer, dtype=dtype)
     if isinstance(initializer, type):
         if not issubclass(initializer, Initializer):
@@ -257,7 +265,12 @@ def make_parameter(
                 f"`{argument}`={initializer!r} failed when called with key=None ({err!r}). "
                 "If it is a random initializer, pass `key=jax.random.key(...)` to the layer."
             ) from err
-    value = jnp.asarray(value)
+    returned = f"`{argument}`={initializer!r} returned"
+    try:
+        value = jnp.asarray(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{returned} {value!r:.80}, not an array of shape {shape}.") from None
+    _check_real(value.dtype, f"{returned} an array of dtype {value.dtype}")
     if value.shape != shape:
         raise ValueError(
             f"`{argument}`={initializer!r} returned an array of shape {value.shape}, expected "
