@@ -14,6 +14,7 @@ import math
 from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -665,8 +666,17 @@ def _batch_moments(
     count-weighted mean corrected by a second pass over the shards' deviations from it, and
     the variance adds the spread of the shards' means (Chan et al.), so no shard subtracts
     large squares.
+
+    Under explicit sharding (``jax.make_mesh``'s default) with a reduced axis sharded,
+    :func:`moments` cannot take its unmasked shift, the first element (JAX does not slice one
+    element out of a sharded axis), so an all-True mask selects its masked path, which
+    shifts by a first mean instead: one more pass over ``x``.
     """
-    mean, var = moments(x, axes, mask=mask)
+    spec = jax.typeof(x).sharding.spec
+    if mask is None and any(i < len(spec) and spec[i] is not None for i in axes):
+        mean, var = moments(x, axes, mask=jnp.ones(x.shape, bool))
+    else:
+        mean, var = moments(x, axes, mask=mask)
     if mask is None:
         count = jnp.asarray(math.prod(x.shape[i] for i in axes), x.dtype)
     else:

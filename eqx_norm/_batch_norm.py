@@ -1,0 +1,218 @@
+"""BatchNorm: per-channel statistics over the batch, running statistics as equinox state.
+
+``__call__`` is one call of :func:`eqx_norm.functional.batch_norm` with the layer's fields
+and the running statistics it keeps in an :class:`equinox.nn.State`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
+
+from . import functional
+from ._base import NO_STATE, AffineNorm
+from ._checks import DTypeLike, check_flag, optional_dtype, positive_int
+from ._statistics import compute_dtype
+from .functional import _check_channel_axis, _check_momentum
+from .initializers import InitializerLike, ZeroInit
+
+
+class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
+    r"""Batch normalization: per-channel statistics over the batch and every spatial axis.
+
+    .. math:: y = \frac{x - \mathrm{E}_c[x]}{\sqrt{\mathrm{Var}_c[x] + \epsilon}} \gamma_c
+        + \beta_c
+
+    ``x`` is the whole batch, e.g. ``(N, H, W, C)``: in training the mean and (biased)
+    variance of channel ``c`` run over every axis but the channel axis, two-pass in at least
+    float32, and the running statistics move towards them; in inference the running
+    statistics normalize. No ``vmap`` and no ``axis_name`` are needed, and under ``jit``
+    with the batch sharded over devices XLA reduces across them, so the statistics are the
+    global batch's (synchronized BatchNorm).
+
+    The running statistics live in an :class:`equinox.nn.State`, so the layer stays
+    immutable: build with ``eqx.nn.make_with_state`` and call as ``y, state = bn(x, state)``
+    (it is an :class:`equinox.nn.StatefulLayer`, so :class:`equinox.nn.Sequential` threads
+    the state). The running mean starts at 0 and the running variance at 1; each training
+    step sets
+
+    .. math:: m' = \mu\, m + (1 - \mu)\, \mathrm{E}_c[x], \qquad
+        v' = \mu\, v + (1 - \mu) \tfrac{n}{n - 1} \mathrm{Var}_c[x],
+
+    with ``n`` values per channel: the running variance is the unbiased batch variance, as
+    torch and brainpy store it. ``momentum=0.99`` keeps 99 % of the old value (flax,
+    equinox, brainpy); torch's ``momentum=0.1`` weights the new value, so
+    ``torch.nn.BatchNorm2d(C, momentum=0.1)`` matches ``momentum=0.9`` here.
+
+    Layout: ``channel_axis`` is an axis of ``x`` as the layer receives it, batch included:
+    -1 (default) for channels-last ``(N, *spatial, C)``, 1 for torch's ``(N, C,
+    *spatial)``. (GroupNorm's ``channel_axis`` counts within one example; BatchNorm's input
+    is the batch.) With ``axis_name``, the equinox convention: the layer runs inside
+    ``jax.vmap``/``jax.pmap`` over that axis, ``x`` is one example (or one device's shard)
+    and the statistics combine across the axis, equal to the whole-batch call; equinox's
+    channels-first ``(C, *spatial)`` example is then ``channel_axis=0``.
+
+    Args:
+        num_features: number of channels, the size of the channel axis.
+        epsilon: added to the variance for numerical stability, ``>= 0``.
+        momentum: fraction of the running statistics kept at each step, in ``[0, 1]``.
+        channel_axis: the channel axis of the input, as above (default -1).
+        axis_name: None (default: ``x`` is the whole batch), or the name of the
+            ``vmap``/``pmap`` axis (or a tuple of names) that holds the batch.
+        inference: False (default) trains; True normalizes by the running statistics and
+            leaves them unchanged. Toggle with :func:`equinox.nn.inference_mode`.
+        scale_initializer: initializer of the stored ``gamma`` (see
+            :mod:`eqx_norm.initializers`): an instance, a class, a ``(key, shape, dtype)``
+            callable or an array of shape ``(num_features,)``; None (default) means ones,
+            or zeros with ``zero_centered_scale=True``.
+        bias_initializer: initializer of ``beta``, in the same forms.
+        elementwise_affine: False switches off both ``gamma`` and ``beta``.
+        use_scale: False switches off ``gamma`` alone.
+        use_bias: False switches off ``beta`` alone.
+        zero_centered_scale: scale by ``1 + gamma``, with ``gamma`` initialised to zero.
+        param_dtype: storage dtype of ``gamma``/``beta`` (default float32); the running
+            statistics are kept in at least float32.
+        dtype: output dtype (default: the input's).
+        key: PRNG key, needed only by random initializers.
+
+    Example:
+        >>> import equinox as eqx, jax, jax.numpy as jnp
+        >>> from eqx_norm import BatchNorm
+        >>> bn, state = eqx.nn.make_with_state(BatchNorm)(3)
+        >>> x = 5.0 + jax.random.normal(jax.random.key(0), (64, 8, 8, 3))  # (N, H, W, C)
+        >>> y, state = bn(x, state)  # training: batch statistics, running ones updated
+        >>> bool(jnp.allclose(y.mean(axis=(0, 1, 2)), 0, atol=1e-4))
+        True
+        >>> y_eval, _ = eqx.nn.inference_mode(bn)(x, state)  # running statistics
+        >>> torch_layout = BatchNorm(3, channel_axis=1)  # (N, C, H, W)
+
+    References:
+        Ioffe and Szegedy, "Batch Normalization: Accelerating Deep Network Training by
+        Reducing Internal Covariate Shift", ICML 2015. arXiv:1502.03167.
+    """
+
+    state_index: eqx.nn.StateIndex
+    inference: bool
+    num_features: int = eqx.field(static=True)
+    momentum: float = eqx.field(static=True)
+    channel_axis: int = eqx.field(static=True)
+    axis_name: Hashable | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        num_features: int,
+        epsilon: float = 1e-5,
+        *,
+        momentum: float = 0.99,
+        channel_axis: int = -1,
+        axis_name: Hashable | None = None,
+        inference: bool = False,
+        scale_initializer: InitializerLike | None = None,
+        bias_initializer: InitializerLike = ZeroInit,
+        elementwise_affine: bool = True,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        zero_centered_scale: bool = False,
+        param_dtype: DTypeLike | None = None,
+        dtype: DTypeLike | None = None,
+        key: PRNGKeyArray | None = None,
+    ):
+        self.num_features = positive_int(num_features, "num_features")
+        self.momentum = _check_momentum(momentum)
+        self.channel_axis = _check_channel_axis(channel_axis, "BatchNorm")
+        try:
+            hash(axis_name)
+        except TypeError:
+            raise TypeError(
+                "BatchNorm: `axis_name` must be None or a hashable axis name (or a tuple of "
+                f"them), as given to `jax.vmap`/`jax.pmap`, got {axis_name!r}."
+            ) from None
+        self.axis_name = axis_name
+        self.inference = check_flag(inference, "inference")
+        self._init_affine(
+            (self.num_features,),
+            epsilon=epsilon,
+            scale_initializer=scale_initializer,
+            bias_initializer=bias_initializer,
+            elementwise_affine=elementwise_affine,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            zero_centered_scale=zero_centered_scale,
+            param_dtype=param_dtype,
+            dtype=dtype,
+            key=key,
+        )
+        stats_dtype = compute_dtype(optional_dtype(param_dtype, "param_dtype") or np.float32)
+        self.state_index = eqx.nn.StateIndex(
+            (
+                jnp.zeros((self.num_features,), stats_dtype),
+                jnp.ones((self.num_features,), stats_dtype),
+            )
+        )
+
+    def __call__(
+        self,
+        x: Float[Array, "*shape"],
+        state: eqx.nn.State = NO_STATE,
+        *,
+        mask: Bool[Array, "*shape"] | None = None,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+    ) -> tuple[Float[Array, "*shape"], eqx.nn.State]:
+        """Normalize ``x`` (the batch, channels on ``channel_axis``) and update ``state``.
+
+        Args:
+            x: floating-point input; integer and boolean inputs are an error.
+            state: the :class:`equinox.nn.State` holding the running statistics.
+            mask: optional boolean array of x's rank (size-1 axes broadcast, e.g.
+                ``(N, 1, 1, 1)`` for padded examples). False elements take no part in the
+                statistics or the running statistics, and their output is ``beta`` (0
+                without ``beta``).
+            key: ignored, as in equinox.
+            inference: overrides the ``inference`` field for this call when not None.
+
+        Returns:
+            ``(y, state)``: an array of x's shape in x's dtype (or ``dtype`` if set), and
+            the state with the running statistics updated (unchanged in inference).
+        """
+        del key
+        if state is NO_STATE:
+            raise TypeError(
+                "BatchNorm keeps its running statistics in an equinox State: build it with "
+                "`bn, state = eqx.nn.make_with_state(BatchNorm)(...)` and call "
+                "`y, state = bn(x, state)`."
+            )
+        inference = self.inference if inference is None else check_flag(inference, "inference")
+        old_mean, old_var = state.get(self.state_index)
+        with jax.named_scope("eqx_norm.BatchNorm"):
+            y, running_mean, running_var = functional.batch_norm(
+                x,
+                old_mean,
+                old_var,
+                self.gamma,
+                self.beta,
+                training=not inference,
+                momentum=self.momentum,
+                epsilon=self.epsilon,
+                channel_axis=self.channel_axis,
+                axis_name=self.axis_name,
+                mask=mask,
+                zero_centered_scale=self.zero_centered_scale,
+                dtype=self.dtype,
+            )
+        if not inference:
+            mesh = jax.typeof(x).sharding.mesh
+            if jax.typeof(running_mean).sharding.mesh != jax.typeof(old_mean).sharding.mesh:
+                raise ValueError(
+                    f"BatchNorm: x is sharded over a mesh of explicit axes {mesh.axis_names}, "
+                    "but the state is not on that mesh, so the updated running statistics "
+                    "cannot take the place of the old ones. Put the state on the mesh, "
+                    "replicated: `state = jax.device_put(state, NamedSharding(mesh, P()))`."
+                )
+            state = state.set(self.state_index, (running_mean, running_var))
+        return y, state
