@@ -57,36 +57,86 @@ def moments(
         >>> float(mean[0, 0]), float(var[0, 0])
         (2.0, 0.6666666865348816)
     """
+    mean, centered = _center(x, axes, center=center, mask=mask, dots=dots)
+    return mean, _mean(jnp.square(centered), axes, mask=mask, dots=dots)
+
+
+def _center(
+    x: Array, axes: tuple[int, ...], *, center: bool, mask: Array | None, dots: bool
+) -> tuple[Array | None, Array]:
+    """``(mean, x - mean)``; ``(None, x)`` with ``center=False``.
+
+    ``x - mean`` is computed as ``(x - shift) - mean(x - shift)``, never from the rounded
+    ``mean``: at a mean of 1e4 that rounding alone (half a float32 ulp, 5e-4) would exceed
+    the error of everything else.
+    """
+    if not center:
+        return None, x
     if mask is None:
-        mean = None
-        if center:
-            shift = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))]
-            mean = shift + axis_mean(x - shift, axes, dots=dots)
-            x = x - mean
-        return mean, axis_mean(jnp.square(x), axes, dots=dots)
-    count = jnp.maximum(jnp.sum(mask, axis=axes, keepdims=True, dtype=x.dtype), 1)
+        shift = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))]
+    else:
+        shift = _mean(x, axes, mask=mask, dots=dots)  # a second pass removes its rounding
+    shifted = x - shift
+    mean_shifted = _mean(shifted, axes, mask=mask, dots=dots)
+    return shift + mean_shifted, shifted - mean_shifted
 
-    def masked_mean(values: Array) -> Array:
-        return jnp.sum(jnp.where(mask, values, 0), axis=axes, keepdims=True) / count
 
-    mean = None
-    if center:
-        shift = masked_mean(x)  # a second pass removes its rounding error
-        mean = shift + masked_mean(x - shift)
-        x = x - mean
-    return mean, masked_mean(jnp.square(x))
+def _mean(values: Array, axes: tuple[int, ...], *, mask: Array | None, dots: bool) -> Array:
+    if mask is None:
+        return axis_mean(values, axes, dots=dots)
+    count = jnp.maximum(jnp.sum(mask, axis=axes, keepdims=True, dtype=values.dtype), 1)
+    return jnp.sum(jnp.where(mask, values, 0), axis=axes, keepdims=True) / count
 
 
 def inverse_std(var: Array, epsilon: float) -> Array:
     """``rsqrt(var + epsilon)``; with ``epsilon == 0`` a zero variance gives 0, not inf.
 
     A row of zero variance is constant, so its centred values are exactly 0 and its output
-    is ``0 * 0 = 0`` rather than ``0 * inf = NaN``.
+    is ``0 * 0 = 0`` rather than ``0 * inf = NaN``. An infinite variance (the squares
+    overflowed float32) gives NaN, not ``rsqrt(inf) = 0``, which would silently return
+    ``offset``.
     """
     if epsilon > 0:
-        return lax.rsqrt(var + epsilon)
-    positive = var > 0
-    return jnp.where(positive, lax.rsqrt(jnp.where(positive, var, 1)), 0)
+        rstd = lax.rsqrt(var + epsilon)
+    else:
+        positive = var > 0
+        rstd = jnp.where(positive, lax.rsqrt(jnp.where(positive, var, 1)), 0)
+        rstd = jnp.where(jnp.isnan(var), jnp.nan, rstd)  # a NaN row must not read as constant
+    return jnp.where(var == jnp.inf, jnp.nan, rstd)
+
+
+def centered_statistics(
+    x: Float[Array, "*shape"],
+    axes: tuple[int, ...],
+    *,
+    epsilon: float,
+    center: bool = True,
+    mask: Bool[Array, "*shape"] | None = None,
+    dots: bool = False,
+) -> tuple[Array, Array]:
+    """``(x - E[x], rsqrt(Var[x] + epsilon))`` over ``axes`` (``x`` and the mean square with
+    ``center=False``); the second kept as size-1 axes.
+
+    With ``epsilon > 0`` an overflowed variance gives NaN (:func:`inverse_std`). With
+    ``epsilon == 0`` the variance is taken of the centred values divided by their largest
+    magnitude ``s`` and the result divided by ``s``, so spreads whose squares underflow
+    (below about 1e-19) or overflow (above about 1e19) in float32 are still right; a
+    constant row gives 0; a row whose answer is not a normal float32 gives NaN.
+    """
+    _, centered = _center(x, axes, center=center, mask=mask, dots=dots)
+    if epsilon > 0:
+        return centered, inverse_std(
+            _mean(jnp.square(centered), axes, mask=mask, dots=dots), epsilon
+        )
+    magnitude = jnp.abs(centered) if mask is None else jnp.where(mask, jnp.abs(centered), 0)
+    # The result does not depend on s: no gradient flows through it.
+    s = lax.stop_gradient(jnp.max(magnitude, axis=axes, keepdims=True))
+    nonconstant = s > 0
+    scaled = jnp.square(centered / jnp.where(nonconstant, s, 1))
+    var_scaled = _mean(scaled, axes, mask=mask, dots=dots)  # in [1/n, 1]
+    rstd = lax.rsqrt(var_scaled) / jnp.where(nonconstant, s, 1)
+    # s is NaN where the row holds a NaN (or inf - inf): NaN, not the constant row's 0.
+    return centered, jnp.where(nonconstant, jnp.where(rstd > 0, rstd, jnp.nan), s * 0)
 
 
 def standardize(
@@ -105,6 +155,6 @@ def standardize(
         >>> standardize(jnp.array([[1.0, 3.0]]), (1,), epsilon=0.0)
         Array([[-1.,  1.]], dtype=float32)
     """
-    mean, var = moments(x, axes, center=center, mask=mask)
-    y = (x if mean is None else x - mean) * inverse_std(var, epsilon)
+    centered, rstd = centered_statistics(x, axes, epsilon=epsilon, center=center, mask=mask)
+    y = centered * rstd
     return y if mask is None else jnp.where(mask, y, 0)

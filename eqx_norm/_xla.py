@@ -11,10 +11,11 @@ The derivative of :func:`normalize_rows` is a :func:`jax.custom_jvp` whose tange
 linear in the tangents, so reverse mode is JAX's transpose of it:
 
 .. math::
-    \dot y = s r (\dot x - c\,\overline{\dot x} - x_c r^2 \overline{\dot x x_c})
+    \dot y = s r (\dot x - c\,\overline{\dot x} - \hat x\,\overline{\dot x \hat x})
              + \dot s\, x_c r + \dot o,
 
 with ``x_c = x - mean`` (``x`` when ``center=False``), ``r = rsqrt(mean(x_c^2) + eps)``,
+``\hat x = x_c r``,
 ``c = 1`` for LayerNorm and 0 for RMSNorm, and bars for row means. The tangent runs under
 ``jax.checkpoint(nothing_saveable)``, so the only residuals are ``x`` and the scale and the
 statistics are recomputed in the backward pass; each term recomputes them from its own
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float
 
-from ._statistics import axis_mean, compute_dtype, inverse_std, moments, standardize
+from ._statistics import axis_mean, centered_statistics, compute_dtype, standardize
 
 # Rows at least this long, when there are at most this many of them, reduce by dots.
 _DOT_MIN_ROW = 16384
@@ -89,8 +90,7 @@ def normalize_rows(
 
 def _row_statistics(x: Array, epsilon: float, center: bool, dots: bool) -> tuple[Array, Array]:
     """``(x - mean, rstd)`` of each row of ``x``; ``x`` itself when ``center=False``."""
-    mean, var = moments(x, (1,), center=center, dots=dots)
-    return (x if mean is None else x - mean), inverse_std(var, epsilon)
+    return centered_statistics(x, (1,), epsilon=epsilon, center=center, dots=dots)
 
 
 def _over_rows(v: Array, rows: int, dots: bool) -> Array:
@@ -129,11 +129,14 @@ def _tangent(
     if dx is not None:
         x_dx, scale_dx = lax.optimization_barrier((x, scale))
         centered, rstd = _row_statistics(x_dx, epsilon, center, dots)
-        # `+ centered * (-r^2 mean)` rather than `- ...`: transposed, a subtraction negates
-        # the full-size cotangent, one more op per element.
-        correction = axis_mean(dx * centered, (1,), dots=dots) * -jnp.square(rstd)
+        # In terms of xhat = centered * r, not centered * r^2: r^2 under- or overflows for
+        # spreads beyond about 1e19 or below 1e-19 (epsilon == 0), r itself does not.
+        xhat = centered * rstd
+        # `+ xhat * (-mean)` rather than `- ...`: transposed, a subtraction negates the
+        # full-size cotangent, one more op per element.
+        correction = -axis_mean(dx * xhat, (1,), dots=dots)
         inner = dx - axis_mean(dx, (1,), dots=dots) if center else dx
-        inner = inner + centered * correction
+        inner = inner + xhat * correction
         dy.append(inner * (rstd if scale_dx is None else rstd * scale_dx))
     if dscale is not None:
         centered_g, rstd_g = _row_statistics(lax.optimization_barrier(x), epsilon, center, dots)

@@ -94,15 +94,24 @@ EQX_INLINE float combine(float* acc) {
   return acc[0];
 }
 
-// sum of f(i) for i in [0, n), in the fixed lane order.
+// sum of f(i) for i in [0, n), in the fixed lane order, block by block: each block of
+// kBlock elements in 16 float lanes, the block sums added in double, so that the rounding
+// error grows with kBlock / kLanes = 256 terms per lane, not n / 16 (1e6-element rows).
+constexpr int64_t kBlock = 4096;
+
 template <class F>
 EQX_INLINE float lane_sum(int64_t n, F f) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) acc[l] += f(i + l);
-  for (int64_t l = 0; i + l < n; ++l) acc[l] += f(i + l);
-  return combine(acc);
+  double total = 0.0;
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    const int64_t end = std::min(n, begin + kBlock);
+    float acc[kLanes] = {};
+    int64_t i = begin;
+    for (; i + kLanes <= end; i += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) acc[l] += f(i + l);
+    for (int64_t l = 0; i + l < end; ++l) acc[l] += f(i + l);
+    total += combine(acc);
+  }
+  return static_cast<float>(total);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -162,9 +171,30 @@ struct ForwardArgs {
 };
 
 EQX_INLINE float rsqrt_or_zero(float variance, float epsilon) {
+  // An infinite variance (the squares overflowed) gives NaN, not rsqrt(inf) = 0, which would
+  // silently return `offset`; so does a NaN one.
+  if (!(variance < INFINITY)) return NAN;  // inf or NaN (a NaN input must not read as 0)
   float v = variance + epsilon;
   // epsilon == 0 and a constant row: 0, so that the row gives exactly `offset`, not NaN.
   return v > 0.0f ? 1.0f / std::sqrt(v) : 0.0f;
+}
+
+// epsilon == 0 and a variance of 0 or inf: rsqrt(mean(c(i)^2)) recomputed as
+// rsqrt(mean((c(i) / s)^2)) / s with s = max |c(i)|, so that squares that under- or overflowed
+// float32 are right; 0 for a constant row, NaN where the answer is not a normal float32.
+// Only such rows pay for it (the XLA path computes the same for every row at epsilon == 0).
+template <class C>
+EQX_INLINE float rescaled_rsqrt(int64_t d, float inv_d, C c) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < d; ++i) s = std::max(s, std::fabs(c(i)));
+  if (!(s > 0.0f)) return 0.0f;
+  float var = lane_sum(d, [&](int64_t i) {
+                float v = c(i) / s;
+                return v * v;
+              }) *
+              inv_d;
+  float r = 1.0f / std::sqrt(var) / s;
+  return r > 0.0f ? r : NAN;
 }
 
 template <class S>
@@ -187,6 +217,8 @@ EQX_INLINE void forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t ro
                   }) *
                   inv_d;
       r = rsqrt_or_zero(var, a.epsilon);
+      if (a.epsilon == 0.0f && (var == 0.0f || var == INFINITY))
+        r = rescaled_rsqrt(d, inv_d, [&](int64_t i) { return (S::load(x[i]) - shift) - m; });
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i)
         y[i] = S::store(((S::load(x[i]) - shift) - m) * r * scale[i] + offset[i]);
@@ -197,6 +229,8 @@ EQX_INLINE void forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t ro
                  }) *
                  inv_d;
       r = rsqrt_or_zero(ms, a.epsilon);
+      if (a.epsilon == 0.0f && (ms == 0.0f || ms == INFINITY))
+        r = rescaled_rsqrt(d, inv_d, [&](int64_t i) { return S::load(x[i]); });
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) y[i] = S::store(S::load(x[i]) * r * scale[i] + offset[i]);
     }
