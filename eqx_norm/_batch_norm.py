@@ -16,9 +16,15 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from . import functional
 from ._base import NO_STATE, AffineNorm
-from ._checks import DTypeLike, check_flag, optional_dtype, positive_int
+from ._checks import (
+    DTypeLike,
+    check_channel_axis,
+    check_flag,
+    check_momentum,
+    optional_dtype,
+    positive_int,
+)
 from ._statistics import compute_dtype
-from .functional import _check_channel_axis, _check_momentum
 from .initializers import InitializerLike, ZeroInit
 
 
@@ -123,8 +129,8 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
         key: PRNGKeyArray | None = None,
     ):
         self.num_features = positive_int(num_features, "num_features")
-        self.momentum = _check_momentum(momentum)
-        self.channel_axis = _check_channel_axis(channel_axis, "BatchNorm")
+        self.momentum = check_momentum(momentum)
+        self.channel_axis = check_channel_axis(channel_axis, "BatchNorm")
         try:
             hash(axis_name)
         except TypeError:

@@ -215,3 +215,27 @@ def check_layout(
             f"{describe_layout(spatial_ndim, 0, None)}), got {channel_axis!r}."
         )
     return spatial_ndim, int(channel_axis)
+
+
+def check_momentum(momentum: Any) -> float:
+    """``momentum`` as a float in ``[0, 1]``: the fraction of the running statistics kept."""
+    if isinstance(momentum, bool) or not isinstance(
+        momentum, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"`momentum` must be a float in [0, 1], got {momentum!r}.")
+    if not 0 <= momentum <= 1:  # NaN fails too
+        raise ValueError(
+            f"`momentum` must be a float in [0, 1], the fraction of the running statistics "
+            f"kept at each step, got {momentum!r}. torch's momentum=0.1 is momentum=0.9 here."
+        )
+    return float(momentum)
+
+
+def check_channel_axis(channel_axis: Any, owner: str) -> int:
+    """``channel_axis`` as an int (checked against the input's rank at call time)."""
+    if not is_int(channel_axis):
+        raise TypeError(
+            f"{owner}: `channel_axis` must be an int, an axis of the input (-1 for "
+            f"channels-last, 1 for torch's (N, C, *spatial)), got {channel_axis!r}."
+        )
+    return int(channel_axis)

@@ -24,16 +24,17 @@ from . import _cpu_kernel, _xla
 from ._checks import (
     DTypeLike,
     canonical_shape,
+    check_channel_axis,
     check_epsilon,
     check_flag,
     check_floating,
     check_implementation,
     check_layout,
     check_mask,
+    check_momentum,
     check_parameter,
     check_trailing_shape,
     describe_layout,
-    is_int,
     optional_dtype,
     positive_int,
 )
@@ -385,7 +386,7 @@ def batch_norm(
     layer = "batch_norm"
     x = check_floating(x, layer)
     training = check_flag(training, "training")
-    momentum = _check_momentum(momentum)
+    momentum = check_momentum(momentum)
     axis = _batch_channel_axis(channel_axis, x, layer)
     channels = x.shape[axis]
     running_mean = _check_running(running_mean, "running_mean", x, axis, layer)
@@ -584,33 +585,9 @@ def _grouped_norm(
 # ----------------------------------------------------------------------------- batch_norm
 
 
-def _check_momentum(momentum: Any) -> float:
-    """``momentum`` as a float in ``[0, 1]``: the fraction of the running statistics kept."""
-    if isinstance(momentum, bool) or not isinstance(
-        momentum, (int, float, np.integer, np.floating)
-    ):
-        raise TypeError(f"`momentum` must be a float in [0, 1], got {momentum!r}.")
-    if not 0 <= momentum <= 1:  # NaN fails too
-        raise ValueError(
-            f"`momentum` must be a float in [0, 1], the fraction of the running statistics "
-            f"kept at each step, got {momentum!r}. torch's momentum=0.1 is momentum=0.9 here."
-        )
-    return float(momentum)
-
-
-def _check_channel_axis(channel_axis: Any, owner: str) -> int:
-    """``channel_axis`` as an int (checked against the input's rank at call time)."""
-    if not is_int(channel_axis):
-        raise TypeError(
-            f"{owner}: `channel_axis` must be an int, an axis of the input (-1 for "
-            f"channels-last, 1 for torch's (N, C, *spatial)), got {channel_axis!r}."
-        )
-    return int(channel_axis)
-
-
 def _batch_channel_axis(channel_axis: Any, x: Array, layer: str) -> int:
     """The non-negative channel axis of ``x``, or an error naming the valid range."""
-    channel_axis = _check_channel_axis(channel_axis, layer)
+    channel_axis = check_channel_axis(channel_axis, layer)
     if not -x.ndim <= channel_axis < x.ndim:
         raise ValueError(
             f"{layer}: `channel_axis`={channel_axis} is not an axis of x of shape {x.shape} "
