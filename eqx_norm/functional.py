@@ -5,7 +5,8 @@ functions are the only places that check arguments and choose an implementation;
 arithmetic lives in :mod:`eqx_norm._xla` (pure JAX), :mod:`eqx_norm._cpu_kernel` (the
 compiled CPU kernel) and the statistics they share, :mod:`eqx_norm._statistics`. Every
 function computes statistics in at least float32 and returns an array of ``x``'s shape and
-(unless ``dtype`` is given) ``x``'s dtype.
+(unless ``dtype`` is given) ``x``'s dtype; :func:`batch_norm` also returns the updated
+running statistics.
 """
 
 from __future__ import annotations
