@@ -76,6 +76,9 @@ def _center(
         shift = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))]
     else:
         shift = _mean(x, axes, mask=mask, dots=dots)  # a second pass removes its rounding
+    # Any shift gives the same mean: no gradient flows through it (autodiff through the
+    # first element would add a pad-and-add and its rounding to that element's gradient).
+    shift = lax.stop_gradient(shift)
     shifted = x - shift
     mean_shifted = _mean(shifted, axes, mask=mask, dots=dots)
     return shift + mean_shifted, shifted - mean_shifted
@@ -101,8 +104,9 @@ def inverse_std(var: Array, epsilon: float) -> Array:
     else:
         positive = var > 0
         rstd = jnp.where(positive, lax.rsqrt(jnp.where(positive, var, 1)), 0)
-        rstd = jnp.where(jnp.isnan(var), jnp.nan, rstd)  # a NaN row must not read as constant
-    return jnp.where(var == jnp.inf, jnp.nan, rstd)
+    # inf - inf = NaN, else 0: an add, which XLA fuses where a select on (rows, 1) cost
+    # 40 % of a (8192, 1024) forward and backward.
+    return rstd + (var - var)
 
 
 def centered_statistics(
