@@ -71,8 +71,11 @@ def load_leaves(path_or_file: str | os.PathLike | BinaryIO, like: T) -> T:
         ``like`` with its leaves replaced by the saved ones.
 
     Raises:
-        ValueError: a leaf's shape or dtype differs, or the file holds fewer or more
-            leaves than ``like``; the message names the leaf's path in the model.
+        ValueError: a leaf's shape or dtype differs, the file holds fewer or more leaves
+            than ``like``, is truncated, or is damaged where a header is (the message names
+            the leaf's path in the model). Loading never unpickles: pickled data in the
+            file is this error too. The format has no checksum: a changed byte inside an
+            array's data loads as a different value.
 
     Example:
         >>> import io, equinox as eqx
@@ -91,13 +94,8 @@ def load_leaves(path_or_file: str | os.PathLike | BinaryIO, like: T) -> T:
         path = next(position)
         try:
             loaded = eqx.default_deserialise_filter_spec(f, leaf)
-        except (EOFError, ValueError, OSError) as error:
-            problems.append(
-                f"load_leaves: the file ends before the template's leaf `{path}` (it holds "
-                f"fewer arrays than `like` has leaves; {type(error).__name__}: {error}). Was "
-                "it saved from a model with gamma or beta switched off? Build the template "
-                "with the configuration the model was saved with."
-            )
+        except Exception as error:  # NumPy raises many types on a damaged header
+            problems.append(_unreadable(f, path, error))
             raise
         if loaded is not leaf and _shape_dtype(loaded) != _shape_dtype(leaf):
             problems.append(
@@ -131,6 +129,34 @@ def load_leaves(path_or_file: str | os.PathLike | BinaryIO, like: T) -> T:
             "with the configuration the model was saved with."
         )
     return out
+
+
+def _unreadable(f: BinaryIO, path: str, error: Exception) -> str:
+    """Why the array at leaf ``path`` could not be read: the file ends, it holds pickled
+    data (never unpickled: NumPy's ``allow_pickle=False``), or it is damaged."""
+    detail = f"{type(error).__name__}: {error}"
+    if "pickle" in str(error):
+        return (
+            f"load_leaves: the file holds pickled data (or bytes that are not a NumPy array) "
+            f"where the template's leaf `{path}` should be ({detail}); load_leaves never "
+            "unpickles. The file is damaged or was not written by eqx.tree_serialise_leaves."
+        )
+    try:
+        at_end = f.read(1) == b""
+    except (OSError, ValueError):
+        at_end = False
+    if isinstance(error, EOFError) or at_end:
+        return (
+            f"load_leaves: the file ends before the template's leaf `{path}` (it holds "
+            f"fewer arrays than `like` has leaves, or is truncated; {detail}). Was it saved "
+            "from a model with gamma or beta switched off? Build the template with the "
+            "configuration the model was saved with."
+        )
+    return (
+        f"load_leaves: the file is damaged at the template's leaf `{path}`: its bytes are not "
+        f"a valid NumPy array ({detail}). It was changed after eqx.tree_serialise_leaves "
+        "wrote it, or was written by something else."
+    )
 
 
 def _count_arrays(data: bytes) -> str:
