@@ -32,6 +32,9 @@ LAYERS = [
     ("instance_norm", "xla"),
 ]
 LAYER_IDS = [f"{layer}-{impl}" for layer, impl in LAYERS]
+# The layers that centre (RMSNorm does not: a constant row is not special to it).
+CENTERING = [case for case in LAYERS if case[0] != "rms_norm"]
+CENTERING_IDS = [f"{layer}-{impl}" for layer, impl in CENTERING]
 
 
 def apply(layer, impl, x, epsilon, gamma=None, beta=None):
@@ -141,10 +144,8 @@ def test_overflow_mixed_with_ordinary_rows():
 
 @pytest.mark.parametrize("value", [0.0, 3.0, -1e4, 1e8, 1e30, -3e38])
 @pytest.mark.parametrize("epsilon", [0.0, 1e-5])
-@pytest.mark.parametrize(("layer", "impl"), LAYERS, ids=LAYER_IDS)
+@pytest.mark.parametrize(("layer", "impl"), CENTERING, ids=CENTERING_IDS)
 def test_constant_rows_give_exactly_beta(layer, impl, epsilon, value):
-    if layer == "rms_norm":
-        pytest.skip("RMSNorm does not centre: a constant row is not special")
     x = jnp.full((ROWS, D), value, jnp.float32)
     beta = jnp.linspace(-1.0, 1.0, CHANNELS if layer in ("group_norm", "instance_norm") else D)
     y = np.asarray(apply(layer, impl, x, epsilon, jnp.full_like(beta, 2.0), beta))
