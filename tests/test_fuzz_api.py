@@ -19,10 +19,13 @@ counts are printed (``pytest -s``) and recorded as test properties.
 from __future__ import annotations
 
 import collections
+import io
 import os
+import pickle
 import re
 import warnings
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +42,7 @@ import reference
 # 40 examples per family keep the quick run under a minute; the slow run draws 300 (or
 # EQX_NORM_FUZZ_EXAMPLES) per family.
 QUICK, LONG = 40, int(os.environ.get("EQX_NORM_FUZZ_EXAMPLES", "300"))
-SETTINGS = settings(
+SETTINGS = settings(  # max_examples set per test
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -674,3 +677,156 @@ def test_fuzzed_arguments_give_our_errors_or_right_outputs(fuzz, record_property
 @FAMILIES
 def test_fuzzed_arguments_long_run(fuzz, record_property):
     _run_fuzz(fuzz, LONG, record_property)
+
+
+# ------------------------------------------------------------------------------ load_leaves
+
+LOAD_MESSAGE = r"^load_leaves: .*`\[\d\]\.(gamma|beta)`"
+
+
+def _saved(model):
+    buffer = io.BytesIO()
+    eqx.tree_serialise_leaves(buffer, model)
+    return buffer.getvalue()
+
+
+def _data_regions(data):
+    """The byte ranges of each array's data (after its header) in a saved file."""
+    stream, regions = io.BytesIO(data), []
+    while stream.tell() < len(data):
+        start = stream.tell()
+        version = np.lib.format.read_magic(stream)
+        fmt = np.lib.format
+        (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(stream)
+        header_end = stream.tell()
+        stream.seek(start)
+        np.load(stream)
+        regions.append(range(header_end, stream.tell()))
+    return regions
+
+
+MODEL = [eqx_norm.LayerNorm(8), eqx_norm.GroupNorm(2, 4)]
+
+
+def test_load_leaves_truncated_at_every_byte_is_our_error(tmp_path):
+    data = _saved(MODEL)
+    for end in range(len(data)):
+        with pytest.raises(ValueError, match=LOAD_MESSAGE):
+            eqx_norm.load_leaves(io.BytesIO(data[:end]), MODEL)
+    path = tmp_path / "model.eqx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"ends before the template's leaf `\[\d\]\.\w+`"):
+        eqx_norm.load_leaves(path, MODEL)
+    COUNTS["truncated"] += len(data) + 1
+    print(f"\nload_leaves: {len(data) + 1} truncated files, each our ValueError")
+
+
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 7)), min_size=1, max_size=4))
+def _fuzz_flipped_bits(flips):
+    data = _saved(MODEL)
+    damaged = bytearray(data)
+    positions = set()
+    for where, bit in flips:
+        damaged[where % len(data)] ^= 1 << bit
+        positions.add(where % len(data))
+    positions = {p for p in positions if damaged[p] != data[p]}  # a bit flipped twice
+    regions = _data_regions(data)
+    in_data = all(any(p in r for r in regions) for p in positions)
+    try:
+        loaded = eqx_norm.load_leaves(io.BytesIO(bytes(damaged)), MODEL)
+    except ValueError as error:
+        assert re.search(LOAD_MESSAGE, str(error)), str(error)
+        assert not in_data, f"only data bytes changed, yet: {error}"
+        COUNTS["error"] += 1
+        return
+    # No checksum in the format: a changed data byte loads as a changed value, and nothing
+    # else may change: every leaf keeps the template's shape and dtype, and the loaded bytes
+    # differ from the saved ones only at the flipped positions.
+    leaves = jax.tree_util.tree_leaves(loaded)
+    for leaf, want, region in zip(leaves, jax.tree_util.tree_leaves(MODEL), regions, strict=True):
+        assert leaf.shape == want.shape and leaf.dtype == want.dtype
+        got = np.frombuffer(np.asarray(leaf).tobytes(), np.uint8)
+        saved = np.frombuffer(data[region.start : region.stop], np.uint8)
+        changed = {region.start + int(i) for i in np.flatnonzero(got != saved)}
+        assert changed <= positions
+    COUNTS["ok"] += 1
+
+
+def test_load_leaves_flipped_bits_are_our_error_or_only_those_values():
+    COUNTS.clear()
+    settings(SETTINGS, max_examples=200)(_fuzz_flipped_bits)()
+    print(f"\nload_leaves flipped bits: {COUNTS['error']} our error, {COUNTS['ok']} loaded")
+    assert COUNTS["error"] >= 20 and COUNTS["ok"] >= 20, dict(COUNTS)
+
+
+UNPICKLED = []
+
+
+def _record(tag):
+    UNPICKLED.append(tag)
+
+
+class _Evil:
+    """Unpickling it calls ``_record``: proof that the loader ran pickle."""
+
+    def __reduce__(self):
+        return (_record, ("unpickled",))
+
+
+@pytest.mark.parametrize("how", ["object array", "raw pickle"])
+def test_load_leaves_never_unpickles(how):
+    buffer = io.BytesIO()
+    if how == "object array":
+        np.save(buffer, np.array([_Evil()] * 8, dtype=object), allow_pickle=True)
+    else:
+        pickle.dump(_Evil(), buffer)
+    data = buffer.getvalue() + _saved(MODEL)[len(_saved(eqx_norm.LayerNorm(8).gamma)) :]
+    with pytest.raises(ValueError, match=r"pickled data .*`\[0\]\.gamma`.* never unpickles"):
+        eqx_norm.load_leaves(io.BytesIO(data), MODEL)
+    assert UNPICKLED == []
+    pickle.loads(pickle.dumps(_Evil()))  # the probe works: unpickling does record
+    assert UNPICKLED == ["unpickled"]
+    UNPICKLED.clear()
+
+
+CONFIGS = st.tuples(
+    st.sampled_from([4, 8, (2, 4)]),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([jnp.float32, jnp.bfloat16]),
+)
+
+
+@given(CONFIGS, CONFIGS)
+def _fuzz_mismatched_templates(saved, like):
+    def build(config):
+        shape, use_scale, use_bias, param_dtype = config
+        return eqx_norm.LayerNorm(
+            shape, use_scale=use_scale, use_bias=use_bias, param_dtype=param_dtype
+        )
+
+    saved_model, template = build(saved), build(like)
+    data = _saved(saved_model)
+    same_leaves = [(a.shape, a.dtype) for a in jax.tree_util.tree_leaves(saved_model)] == [
+        (a.shape, a.dtype) for a in jax.tree_util.tree_leaves(template)
+    ]
+    try:
+        loaded = eqx_norm.load_leaves(io.BytesIO(data), template)
+    except ValueError as error:
+        assert str(error).startswith("load_leaves: "), str(error)
+        assert not same_leaves
+        COUNTS["error"] += 1
+        return
+    assert same_leaves
+    for a, b in zip(
+        jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(saved_model), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    COUNTS["ok"] += 1
+
+
+def test_load_leaves_mismatched_templates():
+    COUNTS.clear()
+    settings(SETTINGS, max_examples=100)(_fuzz_mismatched_templates)()
+    print(f"\nload_leaves templates: {COUNTS['error']} our error, {COUNTS['ok']} loaded")
+    assert COUNTS["error"] >= 10 and COUNTS["ok"] >= 10, dict(COUNTS)
