@@ -645,6 +645,127 @@ def _fuzz_grouped_functions(case):
     check_outcome(run, case["statuses"], _expected_shape(case), _expected_dtype(case), check)
 
 
+BN_ONLY = ["training", "momentum"]
+
+
+@st.composite
+def batch_cases(draw):
+    """Arguments for functional.batch_norm (channel on axis -1 or 1 of x, batch included)."""
+    pick = Picker(
+        draw,
+        [*COMMON, "channel_axis", "running_mean", "running_var", "gamma", "beta", *BN_ONLY],
+    )
+    statuses = {}
+    channel_axis, statuses["channel_axis"] = pick.pick(
+        "channel_axis", tagged(*_pairs([-1, 1], OK), *_pairs([5, "a", None, 1.5], BAD))
+    )
+    channels = draw(st.sampled_from([2, 3]))
+    shape = (draw(st.sampled_from([2, 4])), 3, channels)
+    if channel_axis == 1:
+        shape = (shape[0], channels, 3)
+    x_kind = pick.kind("x", ["match"], ["not array"])
+    if x_kind == "not array":
+        x, statuses["x"] = draw(st.sampled_from(NOT_ARRAYS))
+        x_dtype = None
+    else:
+        x, statuses["x"], x_dtype = make_x(pick, shape, OK)
+    case = dict(x=x, x_dtype=x_dtype, channel_axis=channel_axis, channels=channels)
+    for argument, fill in (("running_mean", 0.1), ("running_var", 1.5)):
+        case[argument], statuses[argument] = pick.pick(
+            argument,
+            tagged(
+                (np.full(channels, fill, np.float32), OK),
+                (np.full(channels + 1, fill, np.float32), BAD),
+                (np.full(channels, 1, np.int32), BAD),
+                (None, BAD),
+                ("stat", BAD),
+            ),
+        )
+    for argument in ("gamma", "beta"):
+        case[argument], statuses[argument] = pick.pick(
+            argument,
+            tagged(
+                (None, OK),
+                (np.linspace(0.5, 1.5, channels), OK),
+                (np.ones(channels + 1, np.float32), BAD),
+            ),
+        )
+    case["training"], statuses["training"] = pick.pick(
+        "training", tagged(*_pairs([True, False], OK), *_pairs([None, "yes", 1], BAD))
+    )
+    case["momentum"], statuses["momentum"] = pick.pick(
+        "momentum",
+        tagged(*_pairs([0.9, 0.0, 1], OK), *_pairs([-0.1, 1.5, float("nan"), "0.9"], BAD)),
+    )
+    case["epsilon"], statuses["epsilon"] = pick.pick("epsilon", EPSILONS)
+    case["dtype"], statuses["dtype"] = pick.pick("dtype", DTYPES)
+    x_shape = np.shape(x) if x_dtype is not None else ()
+    case["mask"], statuses["mask"] = draw_mask(pick, x_shape)
+    case["zero_centered"], statuses["zero_centered_scale"] = pick.pick("zero_centered_scale", FLAGS)
+    case["statuses"] = statuses
+    return case
+
+
+@given(batch_cases())
+def _fuzz_batch_norm(case):
+    out = {}
+
+    def run():
+        y, mean, var = functional.batch_norm(
+            case["x"],
+            case["running_mean"],
+            case["running_var"],
+            case["gamma"],
+            case["beta"],
+            training=case["training"],
+            momentum=case["momentum"],
+            epsilon=case["epsilon"],
+            channel_axis=case["channel_axis"],
+            mask=case["mask"],
+            zero_centered_scale=case["zero_centered"],
+            dtype=case["dtype"],
+        )
+        out["stats"] = (mean, var)
+        return y
+
+    def check(y):
+        x = np.asarray(jnp.asarray(case["x"]).astype(jnp.float32), np.float64)
+        x = np.moveaxis(x, case["channel_axis"], -1)  # channels last for the reference
+        mask = case["mask"]
+        keep = (
+            None
+            if mask is None
+            else np.moveaxis(np.broadcast_to(mask, y.shape), case["channel_axis"], -1)
+        )
+        axes = (0, 1)
+        if case["training"]:
+            want = reference.standardize(x, axes, float(case["epsilon"]), keep)
+        else:
+            want = (x - case["running_mean"]) / np.sqrt(case["running_var"] + case["epsilon"])
+            want = want if keep is None else np.where(keep, want, 0.0)
+        gamma, beta = case["gamma"], case["beta"]
+        if gamma is not None:
+            want = want * (1 + gamma if case["zero_centered"] else gamma)
+        if beta is not None:
+            want = want + beta
+        close_to(
+            y, np.moveaxis(want, -1, case["channel_axis"]), [jnp.asarray(case["x"]).dtype, y.dtype]
+        )
+        mean, var = out["stats"]
+        if case["training"] and mask is None:  # running statistics, Bessel-corrected
+            n, m = x.shape[0] * x.shape[1], float(case["momentum"])
+            want_mean = m * case["running_mean"] + (1 - m) * x.mean(axis=axes)
+            want_var = m * case["running_var"] + (1 - m) * x.var(axis=axes) * n / (n - 1)
+            close_to(mean, want_mean, [jnp.asarray(case["x"]).dtype])
+            close_to(var, want_var, [jnp.asarray(case["x"]).dtype])
+        elif not case["training"]:
+            np.testing.assert_array_equal(mean, case["running_mean"])
+            np.testing.assert_array_equal(var, case["running_var"])
+
+    expected_shape = np.shape(case["x"]) if case["x_dtype"] is not None else None
+    check_outcome(run, case["statuses"], expected_shape, _expected_dtype(case), check)
+
+
 FAMILIES = pytest.mark.parametrize(
     "fuzz",
     [
@@ -652,8 +773,9 @@ FAMILIES = pytest.mark.parametrize(
         _fuzz_trailing_functions,
         _fuzz_grouped_layers,
         _fuzz_grouped_functions,
+        _fuzz_batch_norm,
     ],
-    ids=["LayerNorm/RMSNorm", "layer_norm/rms_norm", "GroupNorm/InstanceNorm", "group_norm"],
+    ids=["LayerNorm/RMSNorm", "layer_norm/rms_norm", "GroupNorm/InstanceNorm", "group_norm", "bn"],
 )
 
 
