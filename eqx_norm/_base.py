@@ -32,6 +32,16 @@ def with_state(y: Array, state: Any) -> Any:
     return y if state is NO_STATE else (y, state)
 
 
+def _split_key(key: Any) -> tuple[Any, Any]:
+    """Two keys from ``key``, or a TypeError naming ``key``."""
+    try:
+        return tuple(jax.random.split(key))
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"`key` must be a PRNG key such as `jax.random.key(0)`, got {key!r:.80} ({error})."
+        ) from None
+
+
 class AffineNorm(eqx.Module):
     """Learnable ``gamma``/``beta`` (None when switched off) and the shared static config."""
 
@@ -66,11 +76,13 @@ class AffineNorm(eqx.Module):
         self.dtype = optional_dtype(dtype, "dtype")
         param_dtype = optional_dtype(param_dtype, "param_dtype") or np.dtype(np.float32)
         affine = check_flag(elementwise_affine, "elementwise_affine")
+        use_scale = check_flag(use_scale, "use_scale")
+        use_bias = check_flag(use_bias, "use_bias")
         if scale_initializer is None:
             scale_initializer = ZeroInit() if self.zero_centered_scale else OneInit()
-        scale_key, bias_key = (None, None) if key is None else jax.random.split(key)
+        scale_key, bias_key = (None, None) if key is None else _split_key(key)
         self.gamma = self.beta = None
-        if affine and check_flag(use_scale, "use_scale"):
+        if affine and use_scale:
             self.gamma = make_parameter(
                 scale_initializer,
                 argument="scale_initializer",
@@ -78,7 +90,7 @@ class AffineNorm(eqx.Module):
                 shape=parameter_shape,
                 dtype=param_dtype,
             )
-        if affine and check_flag(use_bias, "use_bias"):
+        if affine and use_bias:
             self.beta = make_parameter(
                 bias_initializer,
                 argument="bias_initializer",

@@ -361,3 +361,10 @@ def test_unknown_implementation_is_a_clear_error():
         LayerNorm(8, implementation="triton")
     with pytest.raises(ValueError, match=r"`implementation` must be None .* got 'cuda'"):
         functional.rms_norm(jnp.ones((2, 8)), 8, implementation="cuda")
+
+
+def test_bad_key_and_switches_are_clear_errors_even_without_affine():
+    with pytest.raises(TypeError, match=r"`key` must be a PRNG key .* got 'a'"):
+        LayerNorm(4, scale_initializer=eqx_norm.Normal(), key="a")
+    with pytest.raises(TypeError, match=r"`use_scale` must be True or False, got 'yes'"):
+        LayerNorm(4, elementwise_affine=False, use_scale="yes")
