@@ -404,7 +404,6 @@ def _trailing_reference(case, gamma, beta, zero_centered):
     return check
 
 
-@given(trailing_cases(via_layer=True))
 def _fuzz_trailing_layers(case):
     cls = eqx_norm.LayerNorm if case["center"] else eqx_norm.RMSNorm
     built = {}
@@ -438,7 +437,6 @@ def _fuzz_trailing_layers(case):
     check_outcome(run, case["statuses"], _expected_shape(case), expected_dtype, check)
 
 
-@given(trailing_cases(via_layer=False))
 def _fuzz_trailing_functions(case):
     fn = functional.layer_norm if case["center"] else functional.rms_norm
 
@@ -591,7 +589,6 @@ def _grouped_reference(case, gamma, beta, zero_centered, groups):
     return check
 
 
-@given(grouped_cases(via_layer=True))
 def _fuzz_grouped_layers(case):
     built = {}
     common = dict(
@@ -624,7 +621,6 @@ def _fuzz_grouped_layers(case):
     check_outcome(run, case["statuses"], _expected_shape(case), _expected_dtype(case), check)
 
 
-@given(grouped_cases(via_layer=False))
 def _fuzz_grouped_functions(case):
     common = dict(
         num_channels=case["num_channels"],
@@ -712,7 +708,6 @@ def batch_cases(draw):
     return case
 
 
-@given(batch_cases())
 def _fuzz_batch_norm(case):
     out = {}
 
@@ -775,20 +770,22 @@ def _fuzz_batch_norm(case):
 FAMILIES = pytest.mark.parametrize(
     "fuzz",
     [
-        _fuzz_trailing_layers,
-        _fuzz_trailing_functions,
-        _fuzz_grouped_layers,
-        _fuzz_grouped_functions,
-        _fuzz_batch_norm,
+        (_fuzz_trailing_layers, lambda: trailing_cases(via_layer=True)),
+        (_fuzz_trailing_functions, lambda: trailing_cases(via_layer=False)),
+        (_fuzz_grouped_layers, lambda: grouped_cases(via_layer=True)),
+        (_fuzz_grouped_functions, lambda: grouped_cases(via_layer=False)),
+        (_fuzz_batch_norm, batch_cases),
     ],
     ids=["LayerNorm/RMSNorm", "layer_norm/rms_norm", "GroupNorm/InstanceNorm", "group_norm", "bn"],
 )
 
 
 def _run_fuzz(fuzz, examples, record_property):
+    # a fresh @given test per run: hypothesis refuses to apply settings twice to one test
+    check, cases = fuzz
     COUNTS.clear()
-    settings(SETTINGS, max_examples=examples)(fuzz)()
-    print(f"\n{fuzz.__name__}: {COUNTS['ok']} returned, {COUNTS['error']} raised our error")
+    settings(SETTINGS, max_examples=examples)(given(cases())(check))()
+    print(f"\n{check.__name__}: {COUNTS['ok']} returned, {COUNTS['error']} raised our error")
     record_property("examples_ok", COUNTS["ok"])
     record_property("examples_error", COUNTS["error"])
     assert COUNTS["ok"] + COUNTS["error"] == examples, dict(COUNTS)
