@@ -184,6 +184,7 @@ class Block(eqx.Module):
         return self.group_norm(self.conv(x.T))  # (channels, seq), channels-first
 
 
+@pytest.mark.slow
 def test_from_equinox_keeps_a_transformer_block_s_outputs_and_gradients():
     block = Block(jax.random.key(0))
     converted = from_equinox(block, spatial_ndim=1)

@@ -129,6 +129,7 @@ TORCH_CASES = {  # name: (torch module class, channels-first shape (N, C, *spati
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(TORCH_CASES))
 @pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
 @pytest.mark.parametrize("momentum", [0.9, 0.99])
@@ -200,6 +201,7 @@ def vmapped(layer, **kwargs):
     )
 
 
+@pytest.mark.slow
 def test_matches_equinox_batch_mode():
     # equinox's mode="batch": training normalizes by the batch statistics, as ours does; its
     # running variance is the *biased* batch variance (ours and torch's are unbiased), so
@@ -229,6 +231,7 @@ def test_matches_equinox_batch_mode():
         their_state, our_state = new_their_state, new_our_state
 
 
+@pytest.mark.slow
 def test_matches_equinox_ema_mode():
     # equinox's mode="ema" normalizes by the batch statistics on its first step only, and in
     # inference by its running statistics as stored (no debiasing): load ours into it
@@ -248,6 +251,7 @@ def test_matches_equinox_ema_mode():
 # ----------------------------------------------------------------------------- float64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channel_axis", [-1, 1, 0, 2])
 def test_float64_reference(x64, channel_axis):
     shape = (6, 4, 5, 3)
@@ -273,6 +277,7 @@ def test_float64_reference(x64, channel_axis):
     np.testing.assert_allclose(var, 0.75 + 0.25 * batch_var * count / (count - 1), rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_jit_equals_eager_and_jvp():
     bn, state = build(3)
     x = random_input((10, 4, 3))
@@ -377,6 +382,7 @@ def test_param_dtype_and_output_dtype():
 # ----------------------------------------------------------------------------- masks
 
 
+@pytest.mark.slow
 def test_mask_excludes_padded_examples():
     x = random_input((10, 4, 4, 3))
     keep = np.array([1, 1, 0, 1, 1, 1, 0, 1, 1, 0], bool)
@@ -411,6 +417,7 @@ def test_mask_with_too_few_values_keeps_running_statistics():
     np.testing.assert_array_equal(y[0, 0], 0.0)  # one value: x - mean = 0
 
 
+@pytest.mark.slow
 def test_mask_under_axis_name():
     x = random_input((6, 5, 3))
     mask = np.ones((6, 5, 1), bool)
@@ -433,6 +440,7 @@ def test_mask_under_axis_name():
 # ----------------------------------------------------------------------------- axis_name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("example_shape", "channel_axis"), [((3,), -1), ((4, 4, 3), -1), ((3, 4, 4), 0)]
 )
@@ -453,6 +461,7 @@ def test_axis_name_under_vmap_equals_whole_batch(example_shape, channel_axis):
         assert_close_relative(a, b, 1e-5)
 
 
+@pytest.mark.slow
 def test_axis_name_tuple_of_nested_vmaps():
     x = random_input((4, 3, 5, 2))  # two mapped axes of 4 and 3, then (5, C=2) per example
     bn, state = build(2)
@@ -682,6 +691,7 @@ def test_errors_name_the_argument():
             call()
 
 
+@pytest.mark.slow
 def test_group_norm_and_batch_norm_layouts_differ_on_purpose():
     # GroupNorm's channel_axis counts within one example, BatchNorm's within the batch:
     # the same torch-layout data needs channel_axis=0 there and 1 here

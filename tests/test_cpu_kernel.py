@@ -24,9 +24,13 @@ from eqx_norm import _cpu_kernel, _xla
 from reference import layer_norm as ref_layer_norm
 from reference import rms_norm as ref_rms_norm
 
-pytestmark = pytest.mark.skipif(
-    _cpu_kernel._load_reason() is not None, reason=str(_cpu_kernel._load_reason())
-)
+# the quick loop (-m "not slow") skips this file: every transformation of the kernel: long; CI runs it
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        _cpu_kernel._load_reason() is not None, reason=str(_cpu_kernel._load_reason())
+    ),
+]
 
 EPS = 1e-5
 

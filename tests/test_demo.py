@@ -42,6 +42,9 @@ from eqx_norm.demo import (
 )
 from eqx_norm.demo._cli import request_cpu_devices, without_processes
 
+# the quick loop (-m "not slow") skips this file: training runs: long; CI runs it
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 # One small config shared by most tests, so that its compiled step is reused.
 SMALL = TrainConfig(depth=4, width=32, steps=20)

@@ -20,6 +20,9 @@ import pytest
 
 import eqx_norm
 
+# the quick loop (-m "not slow") skips this file: every README/page/docstring example: long; CI runs it
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [
     REPO / "README.md",

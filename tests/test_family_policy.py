@@ -92,6 +92,7 @@ def expected_output(name, layer, x, mask=None, gamma=None):
 ROUNDOFF = {jnp.float32: 1e-5, jnp.bfloat16: 2.0**-8, jnp.float16: 2.0**-11}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
@@ -206,6 +207,7 @@ def random_mask(name, seed=5):
     return jax.random.bernoulli(jax.random.key(seed), 0.7, shape).at[1].set(False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_mask_under_jit_and_vmap(name):
     layer = random_layer(name)

@@ -71,6 +71,7 @@ OPTIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "module", "function", "shape", "param_shape"), PAIRS, ids=IDS)
 @pytest.mark.parametrize("options", OPTIONS)
 def test_function_equals_module(name, module, function, shape, param_shape, options):
@@ -109,6 +110,7 @@ def test_one_code_path(name, module, function, shape, param_shape):
     assert str(from_module(x, gamma, beta)) == str(from_function(x, gamma, beta))
 
 
+@pytest.mark.slow
 def test_without_parameters_against_float64_numpy():
     x = random_input((4, 6, 5, 8), mean=2.0)
     tolerance = dict(atol=1e-5, rtol=1e-5)  # float32 over groups of <= 240 elements
@@ -123,6 +125,7 @@ def test_without_parameters_against_float64_numpy():
     )
 
 
+@pytest.mark.slow
 def test_group_norm_infers_channels_from_the_input():
     x = random_input((2, 4, 4, 12))
     gamma, beta = params((12,))
@@ -131,6 +134,7 @@ def test_group_norm_infers_channels_from_the_input():
     np.testing.assert_allclose(F.group_norm(x, 12), F.instance_norm(x), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradients_flow_to_all_arguments():
     x = random_input((2, 5, 6))
     gamma, beta = params((6,))

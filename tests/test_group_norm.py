@@ -122,6 +122,7 @@ def test_instance_norm_matches_float64_numpy(shape, groups, channels, spatial_nd
     assert layer.num_groups == channels
 
 
+@pytest.mark.slow
 def test_batched_equals_vmap_over_examples():
     layer = random_group_norm(2, 4, channel_axis=0)
     x = random_input((3, 5, 4, 6, 7))  # (*batch, C, H, W)
@@ -152,6 +153,7 @@ def torch_channels_first(x):
     return to_torch(x).movedim(-1, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("shape", "groups"), [((16, 32, 32, 128), 32), ((2, 7, 9, 6), 3), ((4, 12, 10), 1)]
 )
@@ -172,6 +174,7 @@ def test_group_norm_matches_torch(shape, groups):
     np.testing.assert_allclose(jnp.moveaxis(y, 1, -1), expected, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("shape", "torch_class"),
     [
@@ -214,6 +217,7 @@ def assert_gradients_close(ours, expected):
         assert error < 1e-3, (name, error)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("shape", "groups", "mean"),
     [((16, 32, 32, 128), 32, 0.0), ((8, 16, 16, 64), 8, 1e3), ((3, 5, 4, 6), 2, 0.0)],
@@ -260,6 +264,7 @@ def test_group_norm_matches_equinox_channels_first_under_vmap():
 # ----------------------------------------------------------------------------- masks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channel_axis", [-1, 0])
 def test_padded_images_mask(channel_axis):
     # each image of a batch is padded to 8x8; the mask has one entry per pixel

@@ -23,7 +23,8 @@ from eqx_norm import _cpu_kernel
 from eqx_norm.functional import layer_norm, rms_norm
 
 _REASON = _cpu_kernel.unavailable_reason(jax.ShapeDtypeStruct((1, 8), jnp.float32))
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
+# the quick loop (-m "not slow") skips this file: threads and 10,000 calls: long; CI runs it
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(_REASON is not None, reason=str(_REASON))]
 
 FUNCTIONS = {"layer_norm": layer_norm, "rms_norm": rms_norm}
 TOL = 1e-5  # float32 rounding, relative to each output's largest magnitude

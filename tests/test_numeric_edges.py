@@ -19,6 +19,9 @@ from eqx_norm import functional as F
 
 import reference as ref
 
+# the quick loop (-m "not slow") skips this file: the edges matrix: long; CI runs it
+pytestmark = pytest.mark.slow
+
 ROWS, D = 8, 256
 CHANNELS, GROUPS = 4, 2  # GroupNorm/InstanceNorm see each row as (D // 4 positions, 4 channels)
 

@@ -124,6 +124,7 @@ def test_vmap_matches_reference(config):
     np.testing.assert_allclose(jnp.moveaxis(moved, 1, 0), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_vmap_with_mask():
     layer = make_layer((8,))
     x = random((4, 3, 8), seed=1)
@@ -163,6 +164,7 @@ def test_filter_vmap_builds_a_stack_of_layers():
         np.testing.assert_allclose(y[i], expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scan_over_a_stack_of_layers():
     stack, _ = stacked_layers(5, 8)
     params, static = eqx.partition(stack, eqx.is_array)
