@@ -66,9 +66,9 @@ def _center(
 ) -> tuple[Array | None, Array]:
     """``(mean, x - mean)``; ``(None, x)`` with ``center=False``.
 
-    ``x - mean`` is computed as ``(x - shift) - mean(x - shift)``, never from the rounded
-    ``mean``: at a mean of 1e4 that rounding alone (half a float32 ulp, 5e-4) would exceed
-    the error of everything else.
+    ``x - mean`` is corrected by the rounding error of ``mean = shift + mean(x - shift)``:
+    at a mean of 1e4 that rounding alone (half a float32 ulp, 5e-4) would exceed the error
+    of everything else.
     """
     if not center:
         return None, x
@@ -79,9 +79,13 @@ def _center(
     # Any shift gives the same mean: no gradient flows through it (autodiff through the
     # first element would add a pad-and-add and its rounding to that element's gradient).
     shift = lax.stop_gradient(shift)
-    shifted = x - shift
-    mean_shifted = _mean(shifted, axes, mask=mask, dots=dots)
-    return shift + mean_shifted, shifted - mean_shifted
+    mean_shifted = _mean(x - shift, axes, mask=mask, dots=dots)
+    mean = shift + mean_shifted
+    # `(x - mean) - rounding`, with the per-row rounding error of `mean`, is as accurate as
+    # `(x - shift) - mean_shifted` and reads only per-row values beside x: XLA:CPU ran
+    # GroupNorm's forward about 20 % slower with the slice `shift` in the elementwise pass.
+    rounding = mean_shifted - (mean - shift)
+    return mean, (x - mean) - rounding
 
 
 def _mean(values: Array, axes: tuple[int, ...], *, mask: Array | None, dots: bool) -> Array:
