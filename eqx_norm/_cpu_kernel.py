@@ -43,7 +43,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float
 
-from ._statistics import inverse_std
+from ._statistics import centered_statistics
 
 _SUPPORTED = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _FORWARD_TARGET = "eqx_norm_forward"
@@ -148,14 +148,14 @@ def _xhat(x: Array, mean_shift: Array, rstd: Array, center: bool) -> Array:
 
 def _jnp_forward(x, scale, offset, *, epsilon, center):
     xf = x.astype(jnp.float32)
+    # the library's one copy of the statistics (with its epsilon == 0 rescaling, as the
+    # kernel does); `mean_shift` is only the residual the tangent and backward rebuild from
+    centered, rstd = centered_statistics(xf, (1,), epsilon=epsilon, center=center)
+    rstd = rstd[:, 0]
     if center:
-        shifted = xf - xf[:, :1]
-        mean_shift = jnp.mean(shifted, axis=1)
-        centered = shifted - mean_shift[:, None]
+        mean_shift = jnp.mean(xf - xf[:, :1], axis=1)
     else:
         mean_shift = jnp.zeros(x.shape[:1], jnp.float32)
-        centered = xf
-    rstd = inverse_std(jnp.mean(jnp.square(centered), axis=1), epsilon)
     y = centered * rstd[:, None] * scale + offset
     return y.astype(x.dtype), mean_shift, rstd
 

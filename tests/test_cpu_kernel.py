@@ -514,3 +514,21 @@ def test_multiple_devices():
     # batch-sharded jit: each device runs the kernel on its own rows, x is never gathered
     assert out["rows"]["kernel"] and not out["rows"]["all_gather"], out["rows"]
     assert out["rows"]["y_rows_axis"] == "b", out["rows"]
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_jnp_fallback_agrees_with_the_kernel_where_squares_underflow(center):
+    """The fallback (jax.export, other platforms) shares the library's statistics, so at
+    epsilon 0 a spread of 1e-20 is normalized, not collapsed to the offset."""
+    x = (1e-20 * np.random.default_rng(0).standard_normal((4, 64))).astype(np.float32)
+    scale, offset = jnp.ones(64), jnp.zeros(64)
+    fallback, _, _ = _cpu_kernel._jnp_forward(
+        jnp.asarray(x), scale, offset, epsilon=0.0, center=center
+    )
+    x64 = x.astype(np.float64)
+    centered = x64 - x64.mean(1, keepdims=True) if center else x64
+    expected = centered / np.sqrt((centered**2).mean(1, keepdims=True))
+    # float32 statistics of O(1) outputs: a few ulps
+    np.testing.assert_allclose(np.asarray(fallback), expected, atol=1e-5)
+    kernel = _cpu_kernel.normalize_rows(jnp.asarray(x), scale, offset, epsilon=0.0, center=center)
+    np.testing.assert_allclose(np.asarray(fallback), np.asarray(kernel), atol=1e-5)
