@@ -291,7 +291,7 @@ def _machine() -> dict:
                 break
     except OSError:
         pass
-    from eqx_norm import _cpu_kernel
+    from eqx_norm.kernels import rows as _cpu_kernel
 
     reason = _cpu_kernel.unavailable_reason(jax.ShapeDtypeStruct((1, 1), "float32"))
     return {

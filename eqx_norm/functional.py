@@ -2,7 +2,7 @@
 
 Every layer's ``__call__`` is one call of its function here with the layer's fields. These
 functions are the only places that check arguments and choose an implementation; the
-arithmetic lives in :mod:`eqx_norm._xla` (pure JAX), :mod:`eqx_norm._cpu_kernel` (the
+arithmetic lives in :mod:`eqx_norm._xla` (pure JAX), :mod:`eqx_norm.kernels` (the
 compiled CPU kernel) and the statistics they share, :mod:`eqx_norm._statistics`. Every
 function computes statistics in at least float32 and returns an array of ``x``'s shape and
 (unless ``dtype`` is given) ``x``'s dtype; :func:`batch_norm` also returns the updated
@@ -21,7 +21,8 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float
 
-from . import _cpu_kernel, _xla
+from . import _xla
+from .kernels import rows as _kernel_rows
 from ._checks import (
     DTypeLike,
     canonical_shape,
@@ -457,7 +458,7 @@ def _use_kernel(
     elif out_dtype != x.dtype:  # the kernel writes x's dtype: a wider output would lose bits
         reason = f"the output dtype {out_dtype} differs from x's dtype {x.dtype}"
     else:
-        reason = _cpu_kernel.unavailable_reason(x)
+        reason = _kernel_rows.unavailable_reason(x)
     if reason is None:
         return True
     if implementation == "kernel":
@@ -503,7 +504,7 @@ def _trailing_norm(
     d = math.prod(shape)
     scale, offset = _affine(gamma, beta, zero_centered_scale, compute_dtype(x.dtype), (d,))
     rows = x.reshape(-1, d)  # (*batch, *normalized) -> (rows, D), a free bitcast
-    run = _cpu_kernel.normalize_rows if use_kernel else _xla.normalize_rows
+    run = _kernel_rows.normalize_rows if use_kernel else _xla.normalize_rows
     y = run(rows, scale, offset, epsilon=epsilon, center=center)
     return y.astype(out_dtype).reshape(x.shape)
 

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqx_norm import _cpu_kernel, _xla
+from eqx_norm import _xla
+from eqx_norm.kernels import rows as _cpu_kernel
 
 from reference import layer_norm as ref_layer_norm
 from reference import rms_norm as ref_rms_norm
@@ -226,7 +227,7 @@ _ONE_THREAD = """
 import os, sys
 os.sched_setaffinity(0, {0})  # one core: XLA sizes its intra-op pool to one thread
 import jax, jax.numpy as jnp, numpy as np
-from eqx_norm import _cpu_kernel
+from eqx_norm.kernels import rows as _cpu_kernel
 rng = np.random.default_rng(0)
 out = {}
 for shape in [(4096, 1024), (8, 40000)]:
@@ -446,7 +447,7 @@ import json, os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from eqx_norm import _cpu_kernel
+from eqx_norm.kernels import rows as _cpu_kernel
 
 def kernel(x, s, o):
     return _cpu_kernel.normalize_rows(x, s, o, epsilon=1e-5, center=True)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqx_norm import _cpu_kernel
+from eqx_norm.kernels import rows as _cpu_kernel
 from eqx_norm.functional import layer_norm, rms_norm
 
 _REASON = _cpu_kernel.unavailable_reason(jax.ShapeDtypeStruct((1, 8), jnp.float32))
