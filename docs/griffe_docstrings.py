@@ -1,10 +1,14 @@
-"""Griffe extension: the docstrings' two reStructuredText habits, read as Markdown.
+"""Griffe extension: the docstrings' house habits, read as the site needs them.
 
-The docstrings are Google style (``Args:``, ``Returns:``, ``Example:``) and use two reST
-forms that Markdown does not know:
+The docstrings are Google style (``Args:``, ``Returns:``, ``Example:``) and use forms that
+griffe's Google parser or Markdown read otherwise:
 
+* an ``Example:`` section is read as ``Examples:``, griffe's examples section, so its
+  ``>>>`` lines render as highlighted ``pycon`` code blocks (griffe reads ``Example:`` as
+  an admonition, whose ``>>>`` lines Markdown renders as nested blockquotes of prose);
 * roles such as :func:`layer_norm` or :class:`eqx_norm.GroupNorm` become inline code, and
-  a link when the name is a public object of eqx_norm (so it has a place on the site);
+  a link when the name is an object the site documents (a ``::: identifier`` of a page in
+  docs/, or a member of one);
 * ``.. math::`` blocks become ``$$`` blocks, which pymdownx.arithmatex marks and
   docs/hooks.py draws as MathML.
 """
@@ -12,25 +16,43 @@ forms that Markdown does not know:
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import griffe
 
 _ROLE = re.compile(r":(?:func|class|meth|mod|attr|obj|data|exc):`~?([\w.]+)`")
 _MATH = re.compile(r"^(?P<indent> *)\.\. math::[ \t]*(?P<first>.*)$")
+_EXAMPLE = re.compile(r"^(?P<indent> *)Example:[ \t]*$", re.MULTILINE)
+# the objects the site documents: the `::: identifier` lines of its pages
+DOCUMENTED = tuple(
+    sorted(
+        {
+            match[1]
+            for page in Path(__file__).parent.rglob("*.md")
+            for match in re.finditer(r"^::: *([\w.]+)", page.read_text(), re.MULTILINE)
+        }
+    )
+)
+
+
+def _documented(path: str) -> bool:
+    return any(path == root or path.startswith(root + ".") for root in DOCUMENTED)
 
 
 def _public_path(obj: griffe.Object, target: str) -> str | None:
-    """The path of ``target`` as a public, documented eqx_norm object, if it is one."""
+    """The path of ``target`` as a public eqx_norm object the site documents, if it is one."""
     root = obj.package
     for path in (target, f"{obj.module.path}.{target}", f"{root.path}.{target}"):
         head, _, rest = path.partition(".")
         if head != root.name or any(part.startswith("_") for part in path.split(".")):
             continue
         try:
-            root[rest] if rest else root
+            target_obj = root[rest] if rest else root
+            canonical = target_obj.canonical_path
         except (KeyError, griffe.AliasResolutionError, griffe.CyclicAliasError):
             continue
-        return path
+        if _documented(path) or _documented(canonical):
+            return path
     return None
 
 
@@ -69,5 +91,6 @@ class ReSTToMarkdown(griffe.Extension):
                     path = _public_path(obj, match[1])
                     return f"[`{match[1]}`][{path}]" if path else f"`{match[1]}`"
 
-                obj.docstring.value = _ROLE.sub(role, _math_blocks(obj.docstring.value))
+                text = _EXAMPLE.sub(r"\g<indent>Examples:", obj.docstring.value)
+                obj.docstring.value = _ROLE.sub(role, _math_blocks(text))
             stack += [m for m in obj.members.values() if not m.is_alias]
