@@ -3,9 +3,12 @@
 The site is built with ``mkdocs build --strict`` into the test's temporary folder, served
 on 127.0.0.1 by a thread running ``http.server``, and opened in headless Chromium
 (Debian's ``chromium`` package, driven by Playwright, which is told to use that binary and
-never downloads a browser). The home page, the API page and a notebook page must load
+never downloads a browser). The home page, the API page and the notebook pages must load
 with no console error and no request to another host; typing ``LayerNorm`` in the search
-box must list a result; a screenshot of the home page is written to the temporary folder.
+box must list a result; the API page's docstring examples must be highlighted code blocks
+(not prose); each entry of a notebook's table of contents must have its heading's text
+and link to an anchor of the page; screenshots of the home page and of the API page's
+first example are written to the temporary folder.
 """
 
 from __future__ import annotations
@@ -126,9 +129,32 @@ def test_site_in_headless_chromium(tmp_path):
             for name in ("LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm", "load_leaves"):
                 assert page.locator(f"[id='eqx_norm.{name}']").count() == 1, name
             assert page.locator("math").count() > 0  # the docstrings' formulas, as MathML
+            # the docstrings' examples: code blocks highlighted by pygments (a `>>>` prompt
+            # token, names and numbers in their own colours), none left as blockquoted prose
+            titles = page.locator(".doc-section-title", has_text="Examples")
+            examples = page.locator("div.highlight:has(code span.gp)")
+            assert titles.count() >= 15 and examples.count() == titles.count()
+            assert page.locator("blockquote", has_text=">>>").count() == 0
+            colour = "element => getComputedStyle(element).color"
+            first = examples.first
+            assert first.locator("span.gp").first.evaluate(colour) != first.locator(
+                "span.n"
+            ).first.evaluate(colour)
+            first.scroll_into_view_if_needed()
+            page.screenshot(path=tmp_path / "api_example.png")
 
-            visit("notebooks/gradient_flow/")
-            assert page.locator("img").count() > 0  # the notebook's stored figure
+            for notebook in ("quickstart", "gradient_flow"):
+                visit(f"notebooks/{notebook}/")
+                toc = page.locator("nav.md-nav--secondary a.md-nav__link")
+                assert toc.count() >= 3, notebook
+                for link in toc.all():
+                    anchor = link.get_attribute("href").removeprefix("#")
+                    heading = page.locator(f"article [id='{anchor}']")
+                    assert heading.count() == 1, (notebook, anchor)
+                    # the entry reads as the heading does, inline code included
+                    text = heading.inner_text().removesuffix("¶").strip()
+                    assert link.inner_text().strip() == text, (notebook, anchor)
+            assert page.locator("img").count() > 0  # gradient_flow's stored figure
 
             browser.close()
     finally:
@@ -136,5 +162,5 @@ def test_site_in_headless_chromium(tmp_path):
 
     assert not errors, "\n".join(errors)
     assert not outside, f"pages fetched from other hosts: {outside}"
-    screenshot = tmp_path / "home.png"
-    assert screenshot.stat().st_size > 10_000  # a rendered page, not a blank image
+    for screenshot in (tmp_path / "home.png", tmp_path / "api_example.png"):
+        assert screenshot.stat().st_size > 10_000  # a rendered page, not a blank image
