@@ -108,9 +108,9 @@ def _resident_bytes():
 def test_the_kernel_is_what_runs(name):
     forward, backward = _programs(name, "kernel")
     x, gamma, beta, weights = _inputs((4, 8))
-    assert "eqx_norm_forward" in forward.lower(x, gamma, beta).compile().as_text()
+    assert "eqx_norm_rows_forward" in forward.lower(x, gamma, beta).compile().as_text()
     compiled = backward.lower(x, gamma, beta, weights).compile().as_text()
-    assert "eqx_norm_forward" in compiled and "eqx_norm_backward" in compiled
+    assert "eqx_norm_rows_forward" in compiled and "eqx_norm_rows_backward" in compiled
 
 
 def test_ten_thousand_calls_leave_resident_memory_flat():

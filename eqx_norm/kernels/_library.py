@@ -17,6 +17,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from ._jax_hooks import missing_hooks
+
 if sys.platform == "win32":
     LIBRARY = "eqx_norm_cpu.dll"
 elif sys.platform == "darwin":
@@ -70,8 +72,6 @@ def unavailable_reason(x: jax.Array | jax.ShapeDtypeStruct) -> str | None:
     JAX's default backend is the CPU), once the library is loaded and JAX offers the hooks
     the binding needs.
     """
-    from ._jax_hooks import missing_hooks
-
     reason, dtypes = load()
     reason = reason or missing_hooks()
     if reason is not None:

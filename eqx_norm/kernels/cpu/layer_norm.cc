@@ -7,7 +7,11 @@
 //           dx = r * (v - c * mean(v) - xhat * mean(v * xhat))   (c = 1 LayerNorm, 0 RMSNorm)
 //           dscale[g] = sum over group g's rows of ct * xhat, doffset[g] = sum of ct.
 //
-// Statistics are float32; inputs and outputs may be float32, bfloat16 or float16.
+// Statistics are float32; inputs and outputs may be float32, bfloat16 or float16 (where the
+// compiler has _Float16: EqxNormDtypes() says which were built).
+// Safety: a registered target can be called by anyone with any shapes, so every handler
+// checks every buffer's dimensions and element type against x's and returns an error
+// naming the buffer; nothing is read or written before the checks pass.
 // Determinism: the work is cut into chunks by shape only (never by thread count), every
 // sum runs in a fixed order (16 fixed lanes inside a row, chunks reduced in index order),
 // so results are bitwise identical across runs and thread counts.
@@ -24,6 +28,8 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -156,6 +162,22 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const Body& body) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Buffer checks: an error naming the buffer, its dimensions and the expected ones.
+
+std::optional<ffi::Error> check_dims(const char* name, ffi::Span<const int64_t> dims,
+                                     std::initializer_list<int64_t> expected) {
+  bool same = dims.size() == expected.size() && std::equal(expected.begin(), expected.end(),
+                                                           dims.begin());
+  if (same) return std::nullopt;
+  std::string message = std::string(name) + " has dimensions (";
+  for (size_t i = 0; i < dims.size(); ++i) message += (i ? ", " : "") + std::to_string(dims[i]);
+  message += "), expected (";
+  size_t i = 0;
+  for (int64_t e : expected) message += (i++ ? ", " : "") + std::to_string(e);
+  return ffi::Error::InvalidArgument(message + ")");
+}
+
+// ---------------------------------------------------------------------------------------
 // Forward.
 
 struct ForwardArgs {
@@ -265,9 +287,13 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32>
   auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D (rows, D)");
   const int64_t rows = dims[0], d = dims[1];
-  if (scale.element_count() != static_cast<size_t>(d) ||
-      offset.element_count() != static_cast<size_t>(d))
-    return ffi::Error::InvalidArgument("scale and offset must have D elements");
+  if (auto e = check_dims("scale", scale.dimensions(), {d})) return *e;
+  if (auto e = check_dims("offset", offset.dimensions(), {d})) return *e;
+  if (auto e = check_dims("y", y->dimensions(), {rows, d})) return *e;
+  if (auto e = check_dims("mean_shift", mean_shift->dimensions(), {rows})) return *e;
+  if (auto e = check_dims("rstd", rstd->dimensions(), {rows})) return *e;
+  if (y->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("y must have x's element type");
   ForwardFn fn;
   switch (x.element_type()) {
     case ffi::F32: fn = forward_rows_f32; break;
@@ -309,6 +335,7 @@ struct BackwardArgs {
   void* dx;
   int64_t d;
   bool center;
+  bool want_dx;  // false: only dscale/doffset are wanted, dx is neither computed nor written
 };
 
 // One row's reductions over columns [c0, c1): sum(v) and sum(v * xhat); also adds ct * xhat
@@ -378,6 +405,7 @@ EQX_INLINE void backward_tile(const BackwardArgs& a, int64_t r0, int64_t r1, int
   for (int64_t row = r0; row < r1; ++row) {
     float s, sx;
     row_sums<S>(a, row, c0, c1, &s, &sx, dscale, doffset);
+    if (!a.want_dx) continue;
     if (fused) {
       row_dx<S>(a, row, c0, c1, s, sx);
     } else {
@@ -460,14 +488,26 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
                     ffi::Buffer<ffi::F32> mean_shift, ffi::Buffer<ffi::F32> rstd,
                     ffi::AnyBuffer ct, ffi::Result<ffi::AnyBuffer> dx,
                     ffi::Result<ffi::Buffer<ffi::F32>> dscale,
-                    ffi::Result<ffi::Buffer<ffi::F32>> doffset, bool center, int64_t groups) {
+                    ffi::Result<ffi::Buffer<ffi::F32>> doffset, bool center, int64_t groups,
+                    bool want_dx) {
   auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D (rows, D)");
   const int64_t rows = dims[0], d = dims[1];
-  if (ct.element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("the cotangent must have x's dtype");
   if (groups < 1 || rows % groups != 0)
-    return ffi::Error::InvalidArgument("groups must divide the number of rows");
+    return ffi::Error::InvalidArgument("groups must be >= 1 and divide the number of rows");
+  if (auto e = check_dims("scale", scale.dimensions(), {d})) return *e;
+  if (auto e = check_dims("mean_shift", mean_shift.dimensions(), {rows})) return *e;
+  if (auto e = check_dims("rstd", rstd.dimensions(), {rows})) return *e;
+  if (auto e = check_dims("ct", ct.dimensions(), {rows, d})) return *e;
+  if (want_dx) {
+    if (auto e = check_dims("dx", dx->dimensions(), {rows, d})) return *e;
+  } else if (dx->element_count() != 0) {
+    return ffi::Error::InvalidArgument("dx must be empty when want_dx is false");
+  }
+  if (auto e = check_dims("dscale", dscale->dimensions(), {groups, d})) return *e;
+  if (auto e = check_dims("doffset", doffset->dimensions(), {groups, d})) return *e;
+  if (ct.element_type() != x.element_type() || dx->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("ct and dx must have x's element type");
   TileFn tile_fn;
   DxFn dx_fn;
   switch (x.element_type()) {
@@ -486,7 +526,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
     return ffi::Error::Success();
   }
   BackwardArgs a{x.untyped_data(), scale.typed_data(), mean_shift.typed_data(),
-                 rstd.typed_data(), ct.untyped_data(), dx->untyped_data(), d, center};
+                 rstd.typed_data(), ct.untyped_data(), dx->untyped_data(), d, center, want_dx};
   const bool long_rows = d > kLongRow;
   const int64_t block = long_rows ? kColumnBlock : d;
   const int64_t blocks = (d + block - 1) / block;
@@ -534,7 +574,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
   parallel_for(pool, static_cast<int64_t>(tiles.size()),
                [&](int64_t t) { tile_fn(a, tiles[t], per_group, out_dscale, out_doffset); });
 
-  if (long_rows) {
+  if (long_rows && want_dx) {
     // Row sums over column blocks in block order, then dx by (row, block) tiles.
     const int64_t row_chunk = std::max<int64_t>(1, (1 << 18) / block);
     const int64_t row_tasks = (rows + row_chunk - 1) / row_chunk;
@@ -567,12 +607,22 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
 
 }  // namespace
 
-// The two handlers are the library's only exported symbols (built with hidden visibility).
+// The handlers and EqxNormDtypes are the library's only exported symbols (built with hidden
+// visibility).
 #define EQX_EXPORT extern "C" __attribute__((visibility("default")))
-EQX_EXPORT XLA_FFI_Error* EqxNormForward(XLA_FFI_CallFrame* call_frame);
-EQX_EXPORT XLA_FFI_Error* EqxNormBackward(XLA_FFI_CallFrame* call_frame);
+EQX_EXPORT XLA_FFI_Error* EqxNormRowsForward(XLA_FFI_CallFrame* call_frame);
+EQX_EXPORT XLA_FFI_Error* EqxNormRowsBackward(XLA_FFI_CallFrame* call_frame);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormForward, Forward,
+// The element types this build serves, as bits: 1 float32, 2 bfloat16, 4 float16.
+EQX_EXPORT int EqxNormDtypes() {
+#ifdef __FLT16_MAX__
+  return 1 | 2 | 4;
+#else
+  return 1 | 2;
+#endif
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormRowsForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()            // x (rows, D)
@@ -584,7 +634,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormForward, Forward,
                                   .Attr<float>("epsilon")
                                   .Attr<bool>("center"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormBackward, Backward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormRowsBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()            // x (rows, D)
@@ -592,8 +642,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()     // mean - x[:, 0] (rows,)
                                   .Arg<ffi::Buffer<ffi::F32>>()     // rstd (rows,)
                                   .Arg<ffi::AnyBuffer>()            // cotangent (rows, D)
-                                  .Ret<ffi::AnyBuffer>()            // dx (rows, D)
+                                  .Ret<ffi::AnyBuffer>()            // dx (rows, D), or empty
                                   .Ret<ffi::Buffer<ffi::F32>>()     // dscale (groups, D)
                                   .Ret<ffi::Buffer<ffi::F32>>()     // doffset (groups, D)
                                   .Attr<bool>("center")
-                                  .Attr<int64_t>("groups"));
+                                  .Attr<int64_t>("groups")
+                                  .Attr<bool>("want_dx"));
