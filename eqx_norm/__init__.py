@@ -1,5 +1,7 @@
 """eqx_norm: normalization layers for JAX, as immutable Equinox modules."""
 
+from importlib import metadata as _metadata
+
 from . import functional as functional
 from . import initializers as initializers
 from ._batch_norm import BatchNorm as BatchNorm
@@ -17,4 +19,7 @@ from .initializers import Uniform as Uniform
 from .initializers import ZeroInit as ZeroInit
 from .serialization import load_leaves as load_leaves
 
-__version__ = "0.1.0"
+try:  # one source for the version: pyproject.toml, as installed
+    __version__ = _metadata.version("eqx_norm")
+except _metadata.PackageNotFoundError:  # imported from a source tree that is not installed
+    __version__ = "0+unknown"
