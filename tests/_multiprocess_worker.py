@@ -1,12 +1,10 @@
-"""A few data-parallel optax steps on a global mesh; one process of a multi-process run.
+"""A few data-parallel optax steps of a LayerNorm model on a global mesh; one process of many.
 
-Run by tests/test_multiprocess.py through ``eqx_norm.demo.distributed.launch_local_processes``
-(``python -m _multiprocess_worker --out PATH [--steps N]``), or alone for the single-process
-reference. ``--fail-process K --fail-how start|kill|raise`` makes process K exit before
-joining, SIGKILL itself after joining, or raise during training. Every process builds the
-same global batch and model from fixed seeds; ``jax.make_array_from_callback`` gives each
-device its slice of the batch, the parameters are replicated, and process 0 writes the
-loss history and the final parameters to ``--out`` as JSON.
+Started by tests/test_multiprocess.py through ``eqx_norm.demo._cli.launch``, which appends
+``--coordinator --num-processes --process-id``; without them it runs alone (the reference).
+``--fail-process K --fail-how start|kill|raise`` makes process K exit before joining, SIGKILL
+itself after joining, or raise during training. Every process builds the same global batch
+and model from fixed seeds; process 0 writes the losses and final parameters to ``--out``.
 """
 
 import argparse
@@ -14,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 
 import equinox as eqx
 import jax
@@ -23,47 +22,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import eqx_norm
-from eqx_norm.demo.distributed import exit_on_error, initialize_from_args
-
-GLOBAL_BATCH = 16
 
 
-def make_model():
-    keys = jax.random.split(jax.random.key(0), 2)
-    return eqx.nn.Sequential(
-        [
-            eqx.nn.Linear(8, 16, key=keys[0]),
-            eqx_norm.LayerNorm(16),
-            eqx.nn.Lambda(jax.nn.relu),
-            eqx.nn.Linear(16, 1, key=keys[1]),
-        ]
-    )
-
-
-def make_data():
-    rng = np.random.default_rng(0)
-    x = rng.normal(2.0, 3.0, (GLOBAL_BATCH, 8)).astype(np.float32)
-    y = np.sin(x.sum(axis=1, keepdims=True)).astype(np.float32)
-    return x, y
-
-
-def loss_fn(model, x, y):
-    return jnp.mean((jax.vmap(model)(x) - y) ** 2)
-
-
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--fail-process", type=int, default=None)
-    parser.add_argument("--fail-how", choices=["start", "kill", "raise"], default="start")
-    args = parser.parse_args()
-
-    rank = int(os.environ.get("EQX_NORM_PROCESS_ID", "0"))  # read before jax starts
-
+def main(args):
     def fail_here(how):
-        if args.fail_how == how and args.fail_process == rank:
-            print(f"process {rank}: failing on purpose ({how})", file=sys.stderr)
+        if args.fail_how == how and args.fail_process == (args.process_id or 0):
+            print(f"process {args.process_id}: failing on purpose ({how})", file=sys.stderr)
             if how == "start":
                 sys.exit(3)
             if how == "kill":
@@ -71,18 +35,25 @@ def main():
             raise RuntimeError("failing on purpose")
 
     fail_here("start")  # before joining: the process never starts
-    distributed = initialize_from_args(None, None, None, initialization_timeout=30)
+    if args.coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     fail_here("kill")
 
     mesh = Mesh(np.array(jax.devices()), ("batch",))
-    batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    x_np, y_np = make_data()
-    x = jax.make_array_from_callback(x_np.shape, batch_sharding, lambda index: x_np[index])
-    y = jax.make_array_from_callback(y_np.shape, batch_sharding, lambda index: y_np[index])
-
-    model = make_model()
-    params, static = eqx.partition(model, eqx.is_array)
+    batch, replicated = (
+        NamedSharding(mesh, PartitionSpec("batch")),
+        NamedSharding(mesh, PartitionSpec()),
+    )
+    rng = np.random.default_rng(0)
+    x_np = rng.normal(2.0, 3.0, (16, 8)).astype(np.float32)
+    y_np = np.sin(x_np.sum(axis=1, keepdims=True)).astype(np.float32)
+    x, y = (jax.make_array_from_callback(a.shape, batch, lambda i, a=a: a[i]) for a in (x_np, y_np))
+    keys = jax.random.split(jax.random.key(0), 2)
+    layers = [eqx.nn.Linear(8, 16, key=keys[0]), eqx_norm.LayerNorm(16), eqx.nn.Lambda(jax.nn.relu)]
+    params, static = eqx.partition(
+        eqx.nn.Sequential([*layers, eqx.nn.Linear(16, 1, key=keys[1])]), eqx.is_array
+    )
     params = jax.tree.map(
         lambda p: jax.make_array_from_callback(p.shape, replicated, lambda i: np.asarray(p)[i]),
         params,
@@ -92,7 +63,10 @@ def main():
 
     @jax.jit
     def step(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(eqx.combine(p, static), x, y))(params)
+        def loss_fn(p):
+            return jnp.mean((jax.vmap(eqx.combine(p, static))(x) - y) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -101,19 +75,13 @@ def main():
         fail_here("raise")
         params, opt_state, loss = step(params, opt_state, x, y)
         losses.append(float(loss.addressable_data(0)))
-
-    def local(p):
-        return np.asarray(p.addressable_data(0)).tolist()
-
     result = {
-        "distributed": distributed,
-        "process_count": jax.process_count(),
-        "device_count": jax.device_count(),
-        "local_device_count": jax.local_device_count(),
+        "distributed": args.coordinator is not None,
+        "counts": [jax.process_count(), jax.device_count(), jax.local_device_count()],
         "x_sharding": str(x.sharding.spec),
         "loss_sharding_replicated": loss.sharding.is_fully_replicated,
         "losses": losses,
-        "params": [local(p) for p in jax.tree.leaves(params)],
+        "params": [np.asarray(p.addressable_data(0)).tolist() for p in jax.tree.leaves(params)],
     }
     if jax.process_index() == 0:
         with open(args.out, "w") as f:
@@ -122,5 +90,16 @@ def main():
 
 
 if __name__ == "__main__":
-    with exit_on_error():
-        main()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--fail-how", choices=["start", "kill", "raise"])
+    for flag in ("--fail-process", "--num-processes", "--process-id"):
+        parser.add_argument(flag, type=int)
+    parser.add_argument("--coordinator")
+    try:
+        main(parser.parse_args())
+    except Exception:  # exit at once: the other processes would wait for this one
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
