@@ -30,6 +30,10 @@ else:
 TARGETS = {
     "eqx_norm_rows_forward": "EqxNormRowsForward",
     "eqx_norm_rows_backward": "EqxNormRowsBackward",
+    "eqx_norm_residual_forward": "EqxNormResidualForward",
+    "eqx_norm_residual_backward": "EqxNormResidualBackward",
+    "eqx_norm_groups_forward": "EqxNormGroupsForward",
+    "eqx_norm_groups_backward": "EqxNormGroupsBackward",
 }
 # bits of EqxNormDtypes()
 _DTYPE_BITS = {1: jnp.dtype(jnp.float32), 2: jnp.dtype(jnp.bfloat16), 4: jnp.dtype(jnp.float16)}

@@ -182,6 +182,8 @@ std::optional<ffi::Error> check_dims(const char* name, ffi::Span<const int64_t> 
 
 struct ForwardArgs {
   const void* x;
+  const void* r;  // the residual (rows, D), or null; then h = x + r is stored and normalized
+  void* h;
   const float* scale;
   const float* offset;
   void* y;
@@ -219,58 +221,79 @@ EQX_INLINE float rescaled_rsqrt(int64_t d, float inv_d, C c) {
   return r > 0.0f ? r : NAN;
 }
 
-template <class S>
+// Y: x's and y's element type; H: the residual's and h's (with Residual, the row normalized
+// is h = store_H(load(x) + load(r)), as stored; without, x itself).
+template <class Y, class H, bool Residual>
 EQX_INLINE void forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
-  using T = typename S::T;
+  using T = typename Y::T;
+  using TH = typename H::T;
   const int64_t d = a.d;
   const float inv_d = 1.0f / static_cast<float>(d);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const T* x = static_cast<const T*>(a.x) + row * d;
     T* y = static_cast<T*>(a.y) + row * d;
+    const TH* h = nullptr;
+    if constexpr (Residual) {
+      const TH* r = static_cast<const TH*>(a.r) + row * d;
+      TH* h_out = static_cast<TH*>(a.h) + row * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) h_out[i] = H::store(Y::load(x[i]) + H::load(r[i]));
+      h = h_out;
+    }
+    auto v = [&](int64_t i) -> float {
+      if constexpr (Residual) {
+        return H::load(h[i]);
+      } else {
+        return Y::load(x[i]);
+      }
+    };
     const float* scale = a.scale;
     const float* offset = a.offset;
     float shift = 0.0f, m = 0.0f, r;
     if (a.center) {
-      shift = S::load(x[0]);
-      m = lane_sum(d, [&](int64_t i) { return S::load(x[i]) - shift; }) * inv_d;
+      shift = v(0);
+      m = lane_sum(d, [&](int64_t i) { return v(i) - shift; }) * inv_d;
       float var = lane_sum(d, [&](int64_t i) {
-                    float c = (S::load(x[i]) - shift) - m;
+                    float c = (v(i) - shift) - m;
                     return c * c;
                   }) *
                   inv_d;
       r = rsqrt_or_zero(var, a.epsilon);
       if (a.epsilon == 0.0f && (var == 0.0f || var == INFINITY))
-        r = rescaled_rsqrt(d, inv_d, [&](int64_t i) { return (S::load(x[i]) - shift) - m; });
+        r = rescaled_rsqrt(d, inv_d, [&](int64_t i) { return (v(i) - shift) - m; });
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i)
-        y[i] = S::store(((S::load(x[i]) - shift) - m) * r * scale[i] + offset[i]);
+        y[i] = Y::store(((v(i) - shift) - m) * r * scale[i] + offset[i]);
     } else {
       float ms = lane_sum(d, [&](int64_t i) {
-                   float v = S::load(x[i]);
-                   return v * v;
+                   float u = v(i);
+                   return u * u;
                  }) *
                  inv_d;
       r = rsqrt_or_zero(ms, a.epsilon);
       if (a.epsilon == 0.0f && (ms == 0.0f || ms == INFINITY))
-        r = rescaled_rsqrt(d, inv_d, [&](int64_t i) { return S::load(x[i]); });
+        r = rescaled_rsqrt(d, inv_d, [&](int64_t i) { return v(i); });
 #pragma omp simd
-      for (int64_t i = 0; i < d; ++i) y[i] = S::store(S::load(x[i]) * r * scale[i] + offset[i]);
+      for (int64_t i = 0; i < d; ++i) y[i] = Y::store(v(i) * r * scale[i] + offset[i]);
     }
     a.mean_shift[row] = m;
     a.rstd[row] = r;
   }
 }
 
-EQX_CLONES void forward_rows_f32(const ForwardArgs& a, int64_t b, int64_t e) {
-  forward_rows<F32>(a, b, e);
-}
-EQX_CLONES void forward_rows_bf16(const ForwardArgs& a, int64_t b, int64_t e) {
-  forward_rows<BF16>(a, b, e);
-}
+#define EQX_FORWARD(NAME, Y, H, RESIDUAL)                                   \
+  EQX_CLONES void NAME(const ForwardArgs& a, int64_t b, int64_t e) {       \
+    forward_rows<Y, H, RESIDUAL>(a, b, e);                                 \
+  }
+EQX_FORWARD(forward_f32, F32, F32, false)
+EQX_FORWARD(forward_bf16, BF16, BF16, false)
+EQX_FORWARD(forward_f32_f32, F32, F32, true)
+EQX_FORWARD(forward_bf16_bf16, BF16, BF16, true)
+EQX_FORWARD(forward_bf16_f32, BF16, F32, true)
 #ifdef __FLT16_MAX__
-EQX_CLONES void forward_rows_f16(const ForwardArgs& a, int64_t b, int64_t e) {
-  forward_rows<F16>(a, b, e);
-}
+EQX_FORWARD(forward_f16, F16, F16, false)
+EQX_FORWARD(forward_f16_f16, F16, F16, true)
+EQX_FORWARD(forward_f16_f32, F16, F32, true)
 #endif
 
 // Rows per task: about 64K elements, at least one row.
@@ -280,10 +303,32 @@ int64_t rows_per_chunk(int64_t d, int64_t elements) {
 
 using ForwardFn = void (*)(const ForwardArgs&, int64_t, int64_t);
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
-                   ffi::Buffer<ffi::F32> offset, ffi::Result<ffi::AnyBuffer> y,
-                   ffi::Result<ffi::Buffer<ffi::F32>> mean_shift,
-                   ffi::Result<ffi::Buffer<ffi::F32>> rstd, float epsilon, bool center) {
+// The forward function for (x's, the residual's) element types; null if not built.
+ForwardFn forward_fn(ffi::DataType x, ffi::DataType r, bool residual) {
+  if (!residual) {
+    switch (x) {
+      case ffi::F32: return forward_f32;
+      case ffi::BF16: return forward_bf16;
+#ifdef __FLT16_MAX__
+      case ffi::F16: return forward_f16;
+#endif
+      default: return nullptr;
+    }
+  }
+  if (x == ffi::F32 && r == ffi::F32) return forward_f32_f32;
+  if (x == ffi::BF16 && r == ffi::BF16) return forward_bf16_bf16;
+  if (x == ffi::BF16 && r == ffi::F32) return forward_bf16_f32;
+#ifdef __FLT16_MAX__
+  if (x == ffi::F16 && r == ffi::F16) return forward_f16_f16;
+  if (x == ffi::F16 && r == ffi::F32) return forward_f16_f32;
+#endif
+  return nullptr;
+}
+
+ffi::Error run_forward(ffi::ThreadPool& pool, ffi::AnyBuffer x, const ffi::AnyBuffer* r,
+                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset,
+                       ffi::AnyBuffer* y, ffi::AnyBuffer* h, ffi::Buffer<ffi::F32>* mean_shift,
+                       ffi::Buffer<ffi::F32>* rstd, float epsilon, bool center) {
   auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D (rows, D)");
   const int64_t rows = dims[0], d = dims[1];
@@ -294,24 +339,44 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32>
   if (auto e = check_dims("rstd", rstd->dimensions(), {rows})) return *e;
   if (y->element_type() != x.element_type())
     return ffi::Error::InvalidArgument("y must have x's element type");
-  ForwardFn fn;
-  switch (x.element_type()) {
-    case ffi::F32: fn = forward_rows_f32; break;
-    case ffi::BF16: fn = forward_rows_bf16; break;
-#ifdef __FLT16_MAX__
-    case ffi::F16: fn = forward_rows_f16; break;
-#endif
-    default: return ffi::Error::InvalidArgument("unsupported dtype");
+  if (r != nullptr) {
+    if (auto e = check_dims("residual", r->dimensions(), {rows, d})) return *e;
+    if (auto e = check_dims("h", h->dimensions(), {rows, d})) return *e;
+    if (h->element_type() != r->element_type())
+      return ffi::Error::InvalidArgument("h must have the residual's element type");
   }
+  ForwardFn fn = forward_fn(x.element_type(), r ? r->element_type() : x.element_type(),
+                            r != nullptr);
+  if (fn == nullptr) return ffi::Error::InvalidArgument("unsupported element types");
   if (rows == 0 || d == 0) return ffi::Error::Success();
-  ForwardArgs a{x.untyped_data(), scale.typed_data(), offset.typed_data(), y->untyped_data(),
-                mean_shift->typed_data(), rstd->typed_data(), d, epsilon, center};
+  ForwardArgs a{x.untyped_data(), r ? r->untyped_data() : nullptr,
+                h ? h->untyped_data() : nullptr, scale.typed_data(), offset.typed_data(),
+                y->untyped_data(), mean_shift->typed_data(), rstd->typed_data(), d, epsilon,
+                center};
   const int64_t chunk = rows_per_chunk(d, 1 << 16);
   const int64_t tasks = (rows + chunk - 1) / chunk;
   parallel_for(pool, tasks, [&](int64_t t) {
     fn(a, t * chunk, std::min(rows, (t + 1) * chunk));
   });
   return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
+                   ffi::Buffer<ffi::F32> offset, ffi::Result<ffi::AnyBuffer> y,
+                   ffi::Result<ffi::Buffer<ffi::F32>> mean_shift,
+                   ffi::Result<ffi::Buffer<ffi::F32>> rstd, float epsilon, bool center) {
+  return run_forward(pool, x, nullptr, scale, offset, &*y, nullptr, &*mean_shift, &*rstd,
+                     epsilon, center);
+}
+
+ffi::Error ResidualForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer r,
+                           ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset,
+                           ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> h,
+                           ffi::Result<ffi::Buffer<ffi::F32>> mean_shift,
+                           ffi::Result<ffi::Buffer<ffi::F32>> rstd, float epsilon,
+                           bool center) {
+  return run_forward(pool, x, &r, scale, offset, &*y, &*h, &*mean_shift, &*rstd, epsilon,
+                     center);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -332,6 +397,7 @@ struct BackwardArgs {
   const float* mean_shift;
   const float* rstd;
   const void* ct;
+  const void* ct_h;  // the residual output's cotangent, added to dx (null: none)
   void* dx;
   int64_t d;
   bool center;
@@ -340,12 +406,13 @@ struct BackwardArgs {
 
 // One row's reductions over columns [c0, c1): sum(v) and sum(v * xhat); also adds ct * xhat
 // and ct to the column sums dscale/doffset (indexed from c0).
-template <class S>
+// S: x's (h's) and dx's element type; C: the cotangent's; Residual: ct_h is added to dx.
+template <class S, class C, bool Residual>
 EQX_INLINE void row_sums(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c1, float* sv,
                          float* svx, float* dscale, float* doffset) {
   using T = typename S::T;
   const T* x = static_cast<const T*>(a.x) + row * a.d;
-  const T* ct = static_cast<const T*>(a.ct) + row * a.d;
+  const typename C::T* ct = static_cast<const typename C::T*>(a.ct) + row * a.d;
   const float* scale = a.scale;
   const float shift = a.center ? S::load(x[0]) : 0.0f;
   const float m = a.mean_shift[row], r = a.rstd[row];
@@ -353,7 +420,7 @@ EQX_INLINE void row_sums(const BackwardArgs& a, int64_t row, int64_t c0, int64_t
   float acc_v[kLanes] = {}, acc_vx[kLanes] = {};
   auto step = [&](int64_t i, int64_t l) {
     const int64_t c = c0 + i;
-    float g = S::load(ct[c]);
+    float g = C::load(ct[c]);
     float xhat = a.center ? ((S::load(x[c]) - shift) - m) * r : S::load(x[c]) * r;
     float v = g * scale[c];
     acc_v[l] += v;
@@ -369,12 +436,20 @@ EQX_INLINE void row_sums(const BackwardArgs& a, int64_t row, int64_t c0, int64_t
   *svx = combine(acc_vx);
 }
 
-template <class S>
+template <class S, class C, bool Residual>
 EQX_INLINE void row_dx(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c1, float sv,
                        float svx) {
   using T = typename S::T;
   const T* x = static_cast<const T*>(a.x) + row * a.d;
-  const T* ct = static_cast<const T*>(a.ct) + row * a.d;
+  const typename C::T* ct = static_cast<const typename C::T*>(a.ct) + row * a.d;
+  const T* ct_h = Residual ? static_cast<const T*>(a.ct_h) + row * a.d : nullptr;
+  auto extra = [&](int64_t c) -> float {
+    if constexpr (Residual) {
+      return S::load(ct_h[c]);
+    } else {
+      return 0.0f;
+    }
+  };
   T* dx = static_cast<T*>(a.dx) + row * a.d;
   const float* scale = a.scale;
   const float inv_d = 1.0f / static_cast<float>(a.d);
@@ -385,29 +460,29 @@ EQX_INLINE void row_dx(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c
 #pragma omp simd
     for (int64_t c = c0; c < c1; ++c) {
       float xhat = ((S::load(x[c]) - shift) - m) * r;
-      dx[c] = S::store(r * ((S::load(ct[c]) * scale[c] - mean_v) - xhat * mean_vx));
+      dx[c] = S::store(r * ((C::load(ct[c]) * scale[c] - mean_v) - xhat * mean_vx) + extra(c));
     }
   } else {
 #pragma omp simd
     for (int64_t c = c0; c < c1; ++c) {
       float xhat = S::load(x[c]) * r;
-      dx[c] = S::store(r * (S::load(ct[c]) * scale[c] - xhat * mean_vx));
+      dx[c] = S::store(r * (C::load(ct[c]) * scale[c] - xhat * mean_vx) + extra(c));
     }
   }
 }
 
 // Rows [r0, r1), columns [c0, c1): column sums into dscale/doffset (zeroed first when
 // `zero`); with `fused` (one column block) also dx, else the row sums into sv/svx.
-template <class S>
+template <class S, class C, bool Residual>
 EQX_INLINE void backward_tile(const BackwardArgs& a, int64_t r0, int64_t r1, int64_t c0,
                               int64_t c1, float* dscale, float* doffset, bool fused, float* sv,
                               float* svx) {
   for (int64_t row = r0; row < r1; ++row) {
     float s, sx;
-    row_sums<S>(a, row, c0, c1, &s, &sx, dscale, doffset);
+    row_sums<S, C, Residual>(a, row, c0, c1, &s, &sx, dscale, doffset);
     if (!a.want_dx) continue;
     if (fused) {
-      row_dx<S>(a, row, c0, c1, s, sx);
+      row_dx<S, C, Residual>(a, row, c0, c1, s, sx);
     } else {
       sv[row] = s;
       svx[row] = sx;
@@ -430,13 +505,14 @@ using TileFn = void (*)(const BackwardArgs&, const Tile&, int64_t rows_per_group
 using DxFn = void (*)(const BackwardArgs&, int64_t row, int64_t c0, int64_t c1, float sv,
                       float svx);
 
-template <class S>
+template <class S, class C, bool Residual>
 EQX_INLINE void run_tile(const BackwardArgs& a, const Tile& t, int64_t rows_per_group,
                          float* out_dscale, float* out_doffset) {
   if (t.dscale != nullptr) {  // part of one group: its own partial buffer
     std::fill(t.dscale, t.dscale + (t.c1 - t.c0), 0.0f);
     std::fill(t.doffset, t.doffset + (t.c1 - t.c0), 0.0f);
-    backward_tile<S>(a, t.r0, t.r1, t.c0, t.c1, t.dscale, t.doffset, t.fused, t.sv, t.svx);
+    backward_tile<S, C, Residual>(a, t.r0, t.r1, t.c0, t.c1, t.dscale, t.doffset, t.fused, t.sv,
+                                  t.svx);
     return;
   }
   // whole groups: sum each straight into the output
@@ -446,32 +522,30 @@ EQX_INLINE void run_tile(const BackwardArgs& a, const Tile& t, int64_t rows_per_
     float* db = out_doffset + g * a.d + t.c0;
     std::fill(ds, ds + (t.c1 - t.c0), 0.0f);
     std::fill(db, db + (t.c1 - t.c0), 0.0f);
-    backward_tile<S>(a, r, r + rows_per_group, t.c0, t.c1, ds, db, t.fused, t.sv, t.svx);
+    backward_tile<S, C, Residual>(a, r, r + rows_per_group, t.c0, t.c1, ds, db, t.fused, t.sv,
+                                  t.svx);
   }
 }
 
-EQX_CLONES void tile_f32(const BackwardArgs& a, const Tile& t, int64_t k, float* s, float* o) {
-  run_tile<F32>(a, t, k, s, o);
-}
-EQX_CLONES void tile_bf16(const BackwardArgs& a, const Tile& t, int64_t k, float* s, float* o) {
-  run_tile<BF16>(a, t, k, s, o);
-}
-EQX_CLONES void dx_f32(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c1, float s,
-                       float sx) {
-  row_dx<F32>(a, row, c0, c1, s, sx);
-}
-EQX_CLONES void dx_bf16(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c1, float s,
-                        float sx) {
-  row_dx<BF16>(a, row, c0, c1, s, sx);
-}
+#define EQX_BACKWARD(SUFFIX, S, C, RESIDUAL)                                                \
+  EQX_CLONES void tile_##SUFFIX(const BackwardArgs& a, const Tile& t, int64_t k, float* s,    \
+                                float* o) {                                                   \
+    run_tile<S, C, RESIDUAL>(a, t, k, s, o);                                                  \
+  }                                                                                           \
+  EQX_CLONES void dx_##SUFFIX(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c1,     \
+                              float s, float sx) {                                            \
+    row_dx<S, C, RESIDUAL>(a, row, c0, c1, s, sx);                                            \
+  }
+// (h's type, the cotangent's type); the residual backward's cotangent is y's, in x's type
+EQX_BACKWARD(f32, F32, F32, false)
+EQX_BACKWARD(bf16, BF16, BF16, false)
+EQX_BACKWARD(res_f32_f32, F32, F32, true)
+EQX_BACKWARD(res_bf16_bf16, BF16, BF16, true)
+EQX_BACKWARD(res_f32_bf16, F32, BF16, true)
 #ifdef __FLT16_MAX__
-EQX_CLONES void tile_f16(const BackwardArgs& a, const Tile& t, int64_t k, float* s, float* o) {
-  run_tile<F16>(a, t, k, s, o);
-}
-EQX_CLONES void dx_f16(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c1, float s,
-                       float sx) {
-  row_dx<F16>(a, row, c0, c1, s, sx);
-}
+EQX_BACKWARD(f16, F16, F16, false)
+EQX_BACKWARD(res_f16_f16, F16, F16, true)
+EQX_BACKWARD(res_f32_f16, F32, F16, true)
 #endif
 
 EQX_CLONES void add_columns(float* out, const float* parts, int64_t count, int64_t stride,
@@ -484,12 +558,41 @@ EQX_CLONES void add_columns(float* out, const float* parts, int64_t count, int64
   }
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
-                    ffi::Buffer<ffi::F32> mean_shift, ffi::Buffer<ffi::F32> rstd,
-                    ffi::AnyBuffer ct, ffi::Result<ffi::AnyBuffer> dx,
-                    ffi::Result<ffi::Buffer<ffi::F32>> dscale,
-                    ffi::Result<ffi::Buffer<ffi::F32>> doffset, bool center, int64_t groups,
-                    bool want_dx) {
+// The tile and dx functions for (h's, the cotangent's) element types; false if not built.
+bool backward_fns(ffi::DataType x, ffi::DataType ct, bool residual, TileFn* tile, DxFn* dx) {
+  auto pick = [&](TileFn t, DxFn d) {
+    *tile = t;
+    *dx = d;
+    return true;
+  };
+  if (!residual) {
+    if (ct != x) return false;
+    switch (x) {
+      case ffi::F32: return pick(tile_f32, dx_f32);
+      case ffi::BF16: return pick(tile_bf16, dx_bf16);
+#ifdef __FLT16_MAX__
+      case ffi::F16: return pick(tile_f16, dx_f16);
+#endif
+      default: return false;
+    }
+  }
+  if (x == ffi::F32 && ct == ffi::F32) return pick(tile_res_f32_f32, dx_res_f32_f32);
+  if (x == ffi::BF16 && ct == ffi::BF16) return pick(tile_res_bf16_bf16, dx_res_bf16_bf16);
+  if (x == ffi::F32 && ct == ffi::BF16) return pick(tile_res_f32_bf16, dx_res_f32_bf16);
+#ifdef __FLT16_MAX__
+  if (x == ffi::F16 && ct == ffi::F16) return pick(tile_res_f16_f16, dx_res_f16_f16);
+  if (x == ffi::F32 && ct == ffi::F16) return pick(tile_res_f32_f16, dx_res_f32_f16);
+#endif
+  return false;
+}
+
+// x is the row normalized (h for the residual backward); with ct_h, dx is h's total
+// cotangent, dh = (d y / d h)^T ct + ct_h, in h's element type.
+ffi::Error run_backward(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
+                        ffi::Buffer<ffi::F32> mean_shift, ffi::Buffer<ffi::F32> rstd,
+                        ffi::AnyBuffer ct, const ffi::AnyBuffer* ct_h, ffi::AnyBuffer* dx,
+                        ffi::Buffer<ffi::F32>* dscale, ffi::Buffer<ffi::F32>* doffset,
+                        bool center, int64_t groups, bool want_dx) {
   auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D (rows, D)");
   const int64_t rows = dims[0], d = dims[1];
@@ -499,6 +602,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
   if (auto e = check_dims("mean_shift", mean_shift.dimensions(), {rows})) return *e;
   if (auto e = check_dims("rstd", rstd.dimensions(), {rows})) return *e;
   if (auto e = check_dims("ct", ct.dimensions(), {rows, d})) return *e;
+  if (ct_h != nullptr) {
+    if (auto e = check_dims("ct_h", ct_h->dimensions(), {rows, d})) return *e;
+    if (ct_h->element_type() != x.element_type())
+      return ffi::Error::InvalidArgument("ct_h must have h's element type");
+  }
   if (want_dx) {
     if (auto e = check_dims("dx", dx->dimensions(), {rows, d})) return *e;
   } else if (dx->element_count() != 0) {
@@ -506,18 +614,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
   }
   if (auto e = check_dims("dscale", dscale->dimensions(), {groups, d})) return *e;
   if (auto e = check_dims("doffset", doffset->dimensions(), {groups, d})) return *e;
-  if (ct.element_type() != x.element_type() || dx->element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("ct and dx must have x's element type");
+  if (dx->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("dx must have x's element type");
   TileFn tile_fn;
   DxFn dx_fn;
-  switch (x.element_type()) {
-    case ffi::F32: tile_fn = tile_f32; dx_fn = dx_f32; break;
-    case ffi::BF16: tile_fn = tile_bf16; dx_fn = dx_bf16; break;
-#ifdef __FLT16_MAX__
-    case ffi::F16: tile_fn = tile_f16; dx_fn = dx_f16; break;
-#endif
-    default: return ffi::Error::InvalidArgument("unsupported dtype");
-  }
+  if (!backward_fns(x.element_type(), ct.element_type(), ct_h != nullptr, &tile_fn, &dx_fn))
+    return ffi::Error::InvalidArgument("unsupported element types of x and ct");
   float* out_dscale = dscale->typed_data();
   float* out_doffset = doffset->typed_data();
   if (rows == 0 || d == 0) {
@@ -526,7 +628,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
     return ffi::Error::Success();
   }
   BackwardArgs a{x.untyped_data(), scale.typed_data(), mean_shift.typed_data(),
-                 rstd.typed_data(), ct.untyped_data(), dx->untyped_data(), d, center, want_dx};
+                 rstd.typed_data(), ct.untyped_data(), ct_h ? ct_h->untyped_data() : nullptr,
+                 dx->untyped_data(), d, center, want_dx};
   const bool long_rows = d > kLongRow;
   const int64_t block = long_rows ? kColumnBlock : d;
   const int64_t blocks = (d + block - 1) / block;
@@ -605,6 +708,27 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
   return ffi::Error::Success();
 }
 
+ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> mean_shift, ffi::Buffer<ffi::F32> rstd,
+                    ffi::AnyBuffer ct, ffi::Result<ffi::AnyBuffer> dx,
+                    ffi::Result<ffi::Buffer<ffi::F32>> dscale,
+                    ffi::Result<ffi::Buffer<ffi::F32>> doffset, bool center, int64_t groups,
+                    bool want_dx) {
+  return run_backward(pool, x, scale, mean_shift, rstd, ct, nullptr, &*dx, &*dscale,
+                      &*doffset, center, groups, want_dx);
+}
+
+ffi::Error ResidualBackward(ffi::ThreadPool pool, ffi::AnyBuffer h, ffi::Buffer<ffi::F32> scale,
+                            ffi::Buffer<ffi::F32> mean_shift, ffi::Buffer<ffi::F32> rstd,
+                            ffi::AnyBuffer ct, ffi::AnyBuffer ct_h,
+                            ffi::Result<ffi::AnyBuffer> dh,
+                            ffi::Result<ffi::Buffer<ffi::F32>> dscale,
+                            ffi::Result<ffi::Buffer<ffi::F32>> doffset, bool center,
+                            int64_t groups) {
+  return run_backward(pool, h, scale, mean_shift, rstd, ct, &ct_h, &*dh, &*dscale, &*doffset,
+                      center, groups, true);
+}
+
 }  // namespace
 
 // The handlers and EqxNormDtypes are the library's only exported symbols (built with hidden
@@ -612,6 +736,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
 #define EQX_EXPORT extern "C" __attribute__((visibility("default")))
 EQX_EXPORT XLA_FFI_Error* EqxNormRowsForward(XLA_FFI_CallFrame* call_frame);
 EQX_EXPORT XLA_FFI_Error* EqxNormRowsBackward(XLA_FFI_CallFrame* call_frame);
+EQX_EXPORT XLA_FFI_Error* EqxNormResidualForward(XLA_FFI_CallFrame* call_frame);
+EQX_EXPORT XLA_FFI_Error* EqxNormResidualBackward(XLA_FFI_CallFrame* call_frame);
 
 // The element types this build serves, as bits: 1 float32, 2 bfloat16, 4 float16.
 EQX_EXPORT int EqxNormDtypes() {
@@ -648,3 +774,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormRowsBackward, Backward,
                                   .Attr<bool>("center")
                                   .Attr<int64_t>("groups")
                                   .Attr<bool>("want_dx"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormResidualForward, ResidualForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()            // x (rows, D)
+                                  .Arg<ffi::AnyBuffer>()            // residual (rows, D)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // scale (D,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // offset (D,)
+                                  .Ret<ffi::AnyBuffer>()            // y (rows, D), x's type
+                                  .Ret<ffi::AnyBuffer>()            // h = x + r, r's type
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // mean - h[:, 0] (rows,)
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // rstd (rows,)
+                                  .Attr<float>("epsilon")
+                                  .Attr<bool>("center"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormResidualBackward, ResidualBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()            // h (rows, D)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // scale (D,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // mean - h[:, 0] (rows,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // rstd (rows,)
+                                  .Arg<ffi::AnyBuffer>()            // y's cotangent (rows, D)
+                                  .Arg<ffi::AnyBuffer>()            // h's cotangent (rows, D)
+                                  .Ret<ffi::AnyBuffer>()            // dh (rows, D), h's type
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // dscale (groups, D)
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // doffset (groups, D)
+                                  .Attr<bool>("center")
+                                  .Attr<int64_t>("groups"));
