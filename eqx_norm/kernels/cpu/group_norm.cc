@@ -1,0 +1,563 @@
+// GroupNorm and InstanceNorm (one group per channel) for XLA:CPU through JAX's FFI.
+//
+// x is viewed as 3-D: channels-last (N, S, C), where group g is channels [g K, (g + 1) K)
+// (K = C / G) at every position s, or channels-first (N, C, S), where group g is the
+// contiguous block of K channels of S positions. Each (n, g) group of M = K S values has
+// its own statistics; scale and offset are per channel.
+//
+// Forward:  y = ((x - x0) - m) * (r * scale[c]) + offset[c], where x0 is the group's first
+//           element (in memory order), m = mean(x - x0), r = rsqrt(mean(((x - x0) - m)^2)
+//           + eps). Saves m and r per (n, g).
+// Backward: with v = ct * scale[c] and bars for group means,
+//           dx = r * ((v - mean(v)) - xhat * mean(v * xhat)),
+//           dscale[c] = sum over n, s of ct * xhat, doffset[c] = sum of ct (per group of
+//           N / groups examples: `groups` > 1 under vmap).
+//
+// Statistics are float32, sums accumulate in float32 over short runs (16 lanes, or 64
+// positions) and in double across them. Inputs and outputs may be float32, bfloat16 or
+// float16 (see EqxNormDtypes in layer_norm.cc).
+// Determinism and batch invariance: the unit of work is one example (channels-last) or one
+// (n, g) group (channels-first); each unit is computed the same way wherever it lies in the
+// batch and whichever thread runs it, every sum in a fixed order. Units are grouped into
+// tasks by their size only. So y and dx of one example are bitwise the same alone or in any
+// batch, at any thread count. Per-example parameter sums are kept per (n, c) and added over
+// n in index order.
+// Memory: per task a few C-long vectors; the backward keeps two (N, C) double partial sums.
+// A unit is sized to sit in L2 between its passes (three over x forward, two backward).
+// Safety: every buffer's dimensions and element type are checked first, as layer_norm.cc.
+
+#include "common.h"
+
+namespace {
+
+using eqx::BF16;
+using eqx::check_dims;
+using eqx::F32;
+using eqx::kLanes;
+using eqx::parallel_for;
+using eqx::rsqrt_or_zero;
+#ifdef __FLT16_MAX__
+using eqx::F16;
+#endif
+
+constexpr int64_t kPositions = 64;  // channels-last: positions summed in float per block
+
+struct Layout {
+  int64_t n, s, c, g, k;  // examples, positions, channels, groups, channels per group
+  bool last;
+  int64_t group_size() const { return k * s; }
+  int64_t example_size() const { return s * c; }
+};
+
+// ---------------------------------------------------------------------------------------
+// Fixed-order sums of contiguous runs: 16 float lanes within blocks of 4096, blocks in double.
+
+constexpr int64_t kBlock = 4096;
+
+template <class F>
+EQX_INLINE double lane_sum(int64_t n, F f) {
+  double total = 0.0;
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    const int64_t end = std::min(n, begin + kBlock);
+    float acc[kLanes] = {};
+    int64_t i = begin;
+    for (; i + kLanes <= end; i += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) acc[l] += f(i + l);
+    for (int64_t l = 0; i + l < end; ++l) acc[l] += f(i + l);
+    total += eqx::combine(acc);
+  }
+  return total;
+}
+
+// Two sums at once: (sum f, sum h) over [0, n), same order as lane_sum.
+template <class F>
+EQX_INLINE void lane_sum2(int64_t n, F f, double* s1, double* s2) {
+  double t1 = 0.0, t2 = 0.0;
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    const int64_t end = std::min(n, begin + kBlock);
+    float a1[kLanes] = {}, a2[kLanes] = {};
+    int64_t i = begin;
+    for (; i + kLanes <= end; i += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) f(i + l, &a1[l], &a2[l]);
+    for (int64_t l = 0; i + l < end; ++l) f(i + l, &a1[l], &a2[l]);
+    t1 += eqx::combine(a1);
+    t2 += eqx::combine(a2);
+  }
+  *s1 = t1;
+  *s2 = t2;
+}
+
+// epsilon == 0 and a variance of 0 or inf: rsqrt(mean((c_i / s)^2)) / s with s = max |c_i|
+// (as layer_norm.cc), so squares that under- or overflowed float32 are right; 0 for a
+// constant group, NaN where the answer is not a normal float32. Rare: index by i.
+template <class C>
+float rescaled_rsqrt(int64_t m, C c) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < m; ++i) s = std::max(s, std::fabs(c(i)));
+  if (!(s > 0.0f)) return 0.0f;
+  float var = static_cast<float>(lane_sum(m, [&](int64_t i) {
+                float v = c(i) / s;
+                return v * v;
+              })) / static_cast<float>(m);
+  float r = 1.0f / std::sqrt(var) / s;
+  return r > 0.0f ? r : NAN;
+}
+
+EQX_INLINE float group_rstd(double sum_squares, int64_t m, float epsilon) {
+  return rsqrt_or_zero(static_cast<float>(sum_squares) / static_cast<float>(m), epsilon);
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward.
+
+struct ForwardArgs {
+  const void* x;
+  const float* scale;
+  const float* offset;
+  void* y;
+  float* mean_shift;  // (N, G): mean - first element of the group
+  float* rstd;        // (N, G)
+  Layout l;
+  float epsilon;
+};
+
+// Channels-first: group u = n * G + g, the contiguous block of M values at u * M.
+template <class S>
+EQX_INLINE void forward_group_first(const ForwardArgs& a, int64_t u) {
+  using T = typename S::T;
+  const Layout& l = a.l;
+  const int64_t m_size = l.group_size();
+  const T* x = static_cast<const T*>(a.x) + u * m_size;
+  T* y = static_cast<T*>(a.y) + u * m_size;
+  const float shift = S::load(x[0]);
+  const float m =
+      static_cast<float>(lane_sum(m_size, [&](int64_t i) { return S::load(x[i]) - shift; })) /
+      static_cast<float>(m_size);
+  const double ss = lane_sum(m_size, [&](int64_t i) {
+    float c = (S::load(x[i]) - shift) - m;
+    return c * c;
+  });
+  const float var = static_cast<float>(ss) / static_cast<float>(m_size);
+  float r = rsqrt_or_zero(var, a.epsilon);
+  if (a.epsilon == 0.0f && (var == 0.0f || var == INFINITY))
+    r = rescaled_rsqrt(m_size, [&](int64_t i) { return (S::load(x[i]) - shift) - m; });
+  const int64_t c0 = (u % l.g) * l.k;
+  for (int64_t k = 0; k < l.k; ++k) {
+    const float sc = r * a.scale[c0 + k], of = a.offset[c0 + k];
+    const T* xr = x + k * l.s;
+    T* yr = y + k * l.s;
+#pragma omp simd
+    for (int64_t i = 0; i < l.s; ++i) yr[i] = S::store(((S::load(xr[i]) - shift) - m) * sc + of);
+  }
+  a.mean_shift[u] = m;
+  a.rstd[u] = r;
+}
+
+// Channels-last scratch: per-channel vectors of one example.
+struct Scratch {
+  std::vector<float> shift, mean, acc, mul;
+  std::vector<double> total;
+  explicit Scratch(int64_t c) : shift(c), mean(c), acc(c), mul(c), total(c) {}
+};
+
+// Per-channel sums over all positions of f(s, c) (float within blocks of kPositions
+// positions, double across), into sc.total.
+template <class F>
+EQX_INLINE void channel_sums(const Layout& l, Scratch& sc, F f) {
+  const int64_t c = l.c;
+  float* acc = sc.acc.data();
+  double* total = sc.total.data();
+  std::fill(total, total + c, 0.0);
+  for (int64_t s0 = 0; s0 < l.s; s0 += kPositions) {
+    std::fill(acc, acc + c, 0.0f);
+    const int64_t s1 = std::min(l.s, s0 + kPositions);
+    for (int64_t s = s0; s < s1; ++s) {
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch) acc[ch] += f(s, ch);
+    }
+    for (int64_t ch = 0; ch < c; ++ch) total[ch] += acc[ch];
+  }
+}
+
+EQX_INLINE double group_total(const Layout& l, const double* total, int64_t g) {
+  double t = 0.0;
+  for (int64_t k = 0; k < l.k; ++k) t += total[g * l.k + k];
+  return t;
+}
+
+// Channels-last: example n, (S, C) at n * S * C.
+template <class S>
+EQX_INLINE void forward_example_last(const ForwardArgs& a, int64_t n, Scratch& sc) {
+  using T = typename S::T;
+  const Layout& l = a.l;
+  const int64_t c = l.c, m_size = l.group_size();
+  const T* x = static_cast<const T*>(a.x) + n * l.example_size();
+  T* y = static_cast<T*>(a.y) + n * l.example_size();
+  float* shift = sc.shift.data();
+  float* mean = sc.mean.data();
+  float* mul = sc.mul.data();
+  for (int64_t ch = 0; ch < c; ++ch) shift[ch] = S::load(x[(ch / l.k) * l.k]);
+  channel_sums(l, sc, [&](int64_t s, int64_t ch) { return S::load(x[s * c + ch]) - shift[ch]; });
+  for (int64_t g = 0; g < l.g; ++g) {
+    const float m = static_cast<float>(group_total(l, sc.total.data(), g)) /
+                    static_cast<float>(m_size);
+    for (int64_t k = 0; k < l.k; ++k) mean[g * l.k + k] = m;
+    a.mean_shift[n * l.g + g] = m;
+  }
+  channel_sums(l, sc, [&](int64_t s, int64_t ch) {
+    float v = (S::load(x[s * c + ch]) - shift[ch]) - mean[ch];
+    return v * v;
+  });
+  for (int64_t g = 0; g < l.g; ++g) {
+    const float var = static_cast<float>(group_total(l, sc.total.data(), g)) /
+                      static_cast<float>(m_size);
+    float r = rsqrt_or_zero(var, a.epsilon);
+    if (a.epsilon == 0.0f && (var == 0.0f || var == INFINITY)) {
+      const float x0 = shift[g * l.k], m = mean[g * l.k];
+      r = rescaled_rsqrt(m_size, [&](int64_t i) {
+        return (S::load(x[(i / l.k) * c + g * l.k + i % l.k]) - x0) - m;
+      });
+    }
+    for (int64_t k = 0; k < l.k; ++k) mul[g * l.k + k] = r * a.scale[g * l.k + k];
+    a.rstd[n * l.g + g] = r;
+  }
+  const float* offset = a.offset;
+  for (int64_t s = 0; s < l.s; ++s) {
+    const T* xr = x + s * c;
+    T* yr = y + s * c;
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch)
+      yr[ch] = S::store(((S::load(xr[ch]) - shift[ch]) - mean[ch]) * mul[ch] + offset[ch]);
+  }
+}
+
+template <class S>
+EQX_INLINE void forward_units(const ForwardArgs& a, int64_t u0, int64_t u1) {
+  if (a.l.last) {
+    Scratch sc(a.l.c);
+    for (int64_t n = u0; n < u1; ++n) forward_example_last<S>(a, n, sc);
+  } else {
+    for (int64_t u = u0; u < u1; ++u) forward_group_first<S>(a, u);
+  }
+}
+
+EQX_CLONES void forward_f32(const ForwardArgs& a, int64_t u0, int64_t u1) {
+  forward_units<F32>(a, u0, u1);
+}
+EQX_CLONES void forward_bf16(const ForwardArgs& a, int64_t u0, int64_t u1) {
+  forward_units<BF16>(a, u0, u1);
+}
+#ifdef __FLT16_MAX__
+EQX_CLONES void forward_f16(const ForwardArgs& a, int64_t u0, int64_t u1) {
+  forward_units<F16>(a, u0, u1);
+}
+#endif
+
+// Units (examples channels-last, groups channels-first) and units per task: about 64K
+// elements per task, by shape only.
+void units_and_chunk(const Layout& l, int64_t* units, int64_t* chunk) {
+  const int64_t unit_size = l.last ? l.example_size() : l.group_size();
+  *units = l.last ? l.n : l.n * l.g;
+  *chunk = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(unit_size, 1));
+}
+
+std::optional<ffi::Error> read_layout(ffi::Span<const int64_t> dims, int64_t num_groups,
+                                      bool channels_last, Layout* l) {
+  if (dims.size() != 3)
+    return ffi::Error::InvalidArgument("x must be 3-D: (N, S, C) channels-last or (N, C, S)");
+  l->n = dims[0];
+  l->last = channels_last;
+  l->s = channels_last ? dims[1] : dims[2];
+  l->c = channels_last ? dims[2] : dims[1];
+  if (num_groups < 1 || l->c % num_groups != 0)
+    return ffi::Error::InvalidArgument("num_groups must be >= 1 and divide the channels, got " +
+                                       std::to_string(num_groups) + " for " +
+                                       std::to_string(l->c) + " channels");
+  l->g = num_groups;
+  l->k = l->c / num_groups;
+  return std::nullopt;
+}
+
+using ForwardFn = void (*)(const ForwardArgs&, int64_t, int64_t);
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
+                   ffi::Buffer<ffi::F32> offset, ffi::Result<ffi::AnyBuffer> y,
+                   ffi::Result<ffi::Buffer<ffi::F32>> mean_shift,
+                   ffi::Result<ffi::Buffer<ffi::F32>> rstd, float epsilon, int64_t num_groups,
+                   bool channels_last) {
+  Layout l;
+  if (auto e = read_layout(x.dimensions(), num_groups, channels_last, &l)) return *e;
+  auto dims = x.dimensions();
+  if (auto e = check_dims("scale", scale.dimensions(), {l.c})) return *e;
+  if (auto e = check_dims("offset", offset.dimensions(), {l.c})) return *e;
+  if (auto e = check_dims("y", y->dimensions(), {dims[0], dims[1], dims[2]})) return *e;
+  if (auto e = check_dims("mean_shift", mean_shift->dimensions(), {l.n, l.g})) return *e;
+  if (auto e = check_dims("rstd", rstd->dimensions(), {l.n, l.g})) return *e;
+  if (y->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("y must have x's element type");
+  ForwardFn fn;
+  switch (x.element_type()) {
+    case ffi::F32: fn = forward_f32; break;
+    case ffi::BF16: fn = forward_bf16; break;
+#ifdef __FLT16_MAX__
+    case ffi::F16: fn = forward_f16; break;
+#endif
+    default: return ffi::Error::InvalidArgument("unsupported dtype");
+  }
+  if (l.n == 0) return ffi::Error::Success();
+  if (l.s == 0) {  // empty groups: NaN statistics, as a mean over no values
+    std::fill(mean_shift->typed_data(), mean_shift->typed_data() + l.n * l.g, NAN);
+    std::fill(rstd->typed_data(), rstd->typed_data() + l.n * l.g, NAN);
+    return ffi::Error::Success();
+  }
+  ForwardArgs a{x.untyped_data(), scale.typed_data(), offset.typed_data(), y->untyped_data(),
+                mean_shift->typed_data(), rstd->typed_data(), l, epsilon};
+  int64_t units, chunk;
+  units_and_chunk(l, &units, &chunk);
+  parallel_for(pool, (units + chunk - 1) / chunk,
+               [&](int64_t t) { fn(a, t * chunk, std::min(units, (t + 1) * chunk)); });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward.
+
+struct BackwardArgs {
+  const void* x;
+  const float* scale;
+  const float* mean_shift;
+  const float* rstd;
+  const void* ct;
+  void* dx;
+  double* sum_ct;     // (N, C): sum over s of ct
+  double* sum_ct_xh;  // (N, C): sum over s of ct * xhat
+  Layout l;
+  bool want_dx;
+};
+
+template <class S>
+EQX_INLINE void backward_group_first(const BackwardArgs& a, int64_t u) {
+  using T = typename S::T;
+  const Layout& l = a.l;
+  const int64_t m_size = l.group_size();
+  const T* x = static_cast<const T*>(a.x) + u * m_size;
+  const T* ct = static_cast<const T*>(a.ct) + u * m_size;
+  const float shift = S::load(x[0]);
+  const float m = a.mean_shift[u], r = a.rstd[u];
+  const int64_t n = u / l.g, c0 = (u % l.g) * l.k;
+  double sv = 0.0, svx = 0.0;
+  for (int64_t k = 0; k < l.k; ++k) {
+    const T* xr = x + k * l.s;
+    const T* gr = ct + k * l.s;
+    double s1, s2;
+    lane_sum2(
+        l.s,
+        [&](int64_t i, float* a1, float* a2) {
+          float g = S::load(gr[i]);
+          *a1 += g;
+          *a2 += g * (((S::load(xr[i]) - shift) - m) * r);
+        },
+        &s1, &s2);
+    a.sum_ct[n * l.c + c0 + k] = s1;
+    a.sum_ct_xh[n * l.c + c0 + k] = s2;
+    sv += a.scale[c0 + k] * s1;
+    svx += a.scale[c0 + k] * s2;
+  }
+  if (!a.want_dx) return;
+  const float mean_v = static_cast<float>(sv) / static_cast<float>(m_size);
+  const float mean_vx = static_cast<float>(svx) / static_cast<float>(m_size);
+  T* dx = static_cast<T*>(a.dx) + u * m_size;
+  for (int64_t k = 0; k < l.k; ++k) {
+    const float sc = a.scale[c0 + k];
+    const T* xr = x + k * l.s;
+    const T* gr = ct + k * l.s;
+    T* dr = dx + k * l.s;
+#pragma omp simd
+    for (int64_t i = 0; i < l.s; ++i) {
+      float xhat = ((S::load(xr[i]) - shift) - m) * r;
+      dr[i] = S::store(r * ((S::load(gr[i]) * sc - mean_v) - xhat * mean_vx));
+    }
+  }
+}
+
+template <class S>
+EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch& sc) {
+  using T = typename S::T;
+  const Layout& l = a.l;
+  const int64_t c = l.c, m_size = l.group_size();
+  const T* x = static_cast<const T*>(a.x) + n * l.example_size();
+  const T* ct = static_cast<const T*>(a.ct) + n * l.example_size();
+  float* shift = sc.shift.data();
+  float* mean = sc.mean.data();
+  float* rs = sc.mul.data();
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const int64_t g = ch / l.k;
+    shift[ch] = S::load(x[g * l.k]);
+    mean[ch] = a.mean_shift[n * l.g + g];
+    rs[ch] = a.rstd[n * l.g + g];
+  }
+  double* s_ct = a.sum_ct + n * c;
+  double* s_ctx = a.sum_ct_xh + n * c;
+  channel_sums(l, sc, [&](int64_t s, int64_t ch) { return S::load(ct[s * c + ch]); });
+  std::copy(sc.total.begin(), sc.total.end(), s_ct);
+  channel_sums(l, sc, [&](int64_t s, int64_t ch) {
+    return S::load(ct[s * c + ch]) * (((S::load(x[s * c + ch]) - shift[ch]) - mean[ch]) * rs[ch]);
+  });
+  std::copy(sc.total.begin(), sc.total.end(), s_ctx);
+  if (!a.want_dx) return;
+  // per channel: mean(v) and mean(v * xhat) of its group, into shift-free scratch
+  std::vector<float> mv(c), mvx(c);
+  for (int64_t g = 0; g < l.g; ++g) {
+    double sv = 0.0, svx = 0.0;
+    for (int64_t k = 0; k < l.k; ++k) {
+      sv += a.scale[g * l.k + k] * s_ct[g * l.k + k];
+      svx += a.scale[g * l.k + k] * s_ctx[g * l.k + k];
+    }
+    const float fv = static_cast<float>(sv) / static_cast<float>(m_size);
+    const float fvx = static_cast<float>(svx) / static_cast<float>(m_size);
+    for (int64_t k = 0; k < l.k; ++k) {
+      mv[g * l.k + k] = fv;
+      mvx[g * l.k + k] = fvx;
+    }
+  }
+  T* dx = static_cast<T*>(a.dx) + n * l.example_size();
+  const float* scale = a.scale;
+  const float* pmv = mv.data();
+  const float* pmvx = mvx.data();
+  for (int64_t s = 0; s < l.s; ++s) {
+    const T* xr = x + s * c;
+    const T* gr = ct + s * c;
+    T* dr = dx + s * c;
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) {
+      float xhat = ((S::load(xr[ch]) - shift[ch]) - mean[ch]) * rs[ch];
+      dr[ch] = S::store(rs[ch] * ((S::load(gr[ch]) * scale[ch] - pmv[ch]) - xhat * pmvx[ch]));
+    }
+  }
+}
+
+template <class S>
+EQX_INLINE void backward_units(const BackwardArgs& a, int64_t u0, int64_t u1) {
+  if (a.l.last) {
+    Scratch sc(a.l.c);
+    for (int64_t n = u0; n < u1; ++n) backward_example_last<S>(a, n, sc);
+  } else {
+    for (int64_t u = u0; u < u1; ++u) backward_group_first<S>(a, u);
+  }
+}
+
+EQX_CLONES void backward_f32(const BackwardArgs& a, int64_t u0, int64_t u1) {
+  backward_units<F32>(a, u0, u1);
+}
+EQX_CLONES void backward_bf16(const BackwardArgs& a, int64_t u0, int64_t u1) {
+  backward_units<BF16>(a, u0, u1);
+}
+#ifdef __FLT16_MAX__
+EQX_CLONES void backward_f16(const BackwardArgs& a, int64_t u0, int64_t u1) {
+  backward_units<F16>(a, u0, u1);
+}
+#endif
+
+using BackwardFn = void (*)(const BackwardArgs&, int64_t, int64_t);
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> mean_shift, ffi::Buffer<ffi::F32> rstd,
+                    ffi::AnyBuffer ct, ffi::Result<ffi::AnyBuffer> dx,
+                    ffi::Result<ffi::Buffer<ffi::F32>> dscale,
+                    ffi::Result<ffi::Buffer<ffi::F32>> doffset, int64_t num_groups,
+                    bool channels_last, int64_t groups, bool want_dx) {
+  Layout l;
+  if (auto e = read_layout(x.dimensions(), num_groups, channels_last, &l)) return *e;
+  auto dims = x.dimensions();
+  if (groups < 1 || l.n % groups != 0)
+    return ffi::Error::InvalidArgument("groups must be >= 1 and divide the number of examples");
+  if (auto e = check_dims("scale", scale.dimensions(), {l.c})) return *e;
+  if (auto e = check_dims("mean_shift", mean_shift.dimensions(), {l.n, l.g})) return *e;
+  if (auto e = check_dims("rstd", rstd.dimensions(), {l.n, l.g})) return *e;
+  if (auto e = check_dims("ct", ct.dimensions(), {dims[0], dims[1], dims[2]})) return *e;
+  if (want_dx) {
+    if (auto e = check_dims("dx", dx->dimensions(), {dims[0], dims[1], dims[2]})) return *e;
+  } else if (dx->element_count() != 0) {
+    return ffi::Error::InvalidArgument("dx must be empty when want_dx is false");
+  }
+  if (auto e = check_dims("dscale", dscale->dimensions(), {groups, l.c})) return *e;
+  if (auto e = check_dims("doffset", doffset->dimensions(), {groups, l.c})) return *e;
+  if (ct.element_type() != x.element_type() || dx->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("ct and dx must have x's element type");
+  BackwardFn fn;
+  switch (x.element_type()) {
+    case ffi::F32: fn = backward_f32; break;
+    case ffi::BF16: fn = backward_bf16; break;
+#ifdef __FLT16_MAX__
+    case ffi::F16: fn = backward_f16; break;
+#endif
+    default: return ffi::Error::InvalidArgument("unsupported dtype");
+  }
+  float* out_dscale = dscale->typed_data();
+  float* out_doffset = doffset->typed_data();
+  if (l.n == 0 || l.s == 0 || l.c == 0) {
+    std::fill(out_dscale, out_dscale + groups * l.c, 0.0f);
+    std::fill(out_doffset, out_doffset + groups * l.c, 0.0f);
+    return ffi::Error::Success();
+  }
+  std::vector<double> sums(static_cast<size_t>(2 * l.n * l.c));
+  BackwardArgs a{x.untyped_data(), scale.typed_data(), mean_shift.typed_data(),
+                 rstd.typed_data(), ct.untyped_data(), dx->untyped_data(), sums.data(),
+                 sums.data() + l.n * l.c, l, want_dx};
+  int64_t units, chunk;
+  units_and_chunk(l, &units, &chunk);
+  parallel_for(pool, (units + chunk - 1) / chunk,
+               [&](int64_t t) { fn(a, t * chunk, std::min(units, (t + 1) * chunk)); });
+  // dscale/doffset per group of examples: the (n, c) partial sums added in n order
+  const int64_t per = l.n / groups;
+  const int64_t cols = 1024, col_tasks = (l.c + cols - 1) / cols;
+  parallel_for(pool, groups * col_tasks, [&](int64_t t) {
+    const int64_t gr = t / col_tasks, c0 = (t % col_tasks) * cols;
+    const int64_t c1 = std::min(l.c, c0 + cols);
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      double sb = 0.0, sg = 0.0;
+      for (int64_t n = gr * per; n < (gr + 1) * per; ++n) {
+        sb += a.sum_ct[n * l.c + ch];
+        sg += a.sum_ct_xh[n * l.c + ch];
+      }
+      out_doffset[gr * l.c + ch] = static_cast<float>(sb);
+      out_dscale[gr * l.c + ch] = static_cast<float>(sg);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define EQX_EXPORT extern "C" __attribute__((visibility("default")))
+EQX_EXPORT XLA_FFI_Error* EqxNormGroupsForward(XLA_FFI_CallFrame* call_frame);
+EQX_EXPORT XLA_FFI_Error* EqxNormGroupsBackward(XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormGroupsForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // x (N, S, C) or (N, C, S)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale (C,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // offset (C,)
+                                  .Ret<ffi::AnyBuffer>()         // y, x's shape
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // mean - first (N, G)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // rstd (N, G)
+                                  .Attr<float>("epsilon")
+                                  .Attr<int64_t>("num_groups")
+                                  .Attr<bool>("channels_last"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormGroupsBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale (C,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean - first (N, G)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // rstd (N, G)
+                                  .Arg<ffi::AnyBuffer>()         // cotangent, x's shape
+                                  .Ret<ffi::AnyBuffer>()         // dx, x's shape, or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dscale (groups, C)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // doffset (groups, C)
+                                  .Attr<int64_t>("num_groups")
+                                  .Attr<bool>("channels_last")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<bool>("want_dx"));
