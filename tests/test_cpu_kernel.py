@@ -666,3 +666,106 @@ def test_missing_jax_hook_disables_the_kernel_with_a_reason():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("ok")
+
+
+# ----------------------------------------------------------------------------------------
+# The fused residual add + norm against the unfused composition.
+
+
+def _unfused_residual(x, r, s, o, center):
+    h = (x.astype(jnp.float32) + r.astype(jnp.float32)).astype(r.dtype)
+    return _plain(center)(h.astype(jnp.float32), s, o).astype(x.dtype), h
+
+
+def _fused_residual(x, r, s, o, center):
+    return _cpu_kernel.normalize_rows_residual(x, r, s, o, epsilon=EPS, center=center)
+
+
+# (x dtype, residual dtype, tolerance): float32 rounding of O(1) values; in bfloat16 the
+# fused backward rounds dh once where the composition rounds twice: one bf16 ulp at |dh| <= 4
+_RESIDUAL_CASES = [
+    (jnp.float32, jnp.float32, 2e-5),
+    (jnp.bfloat16, jnp.float32, 2e-2),
+    (jnp.bfloat16, jnp.bfloat16, 4e-2),
+]
+
+
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("x_dtype, r_dtype, tol", _RESIDUAL_CASES)
+def test_fused_residual_equals_the_unfused_composition(x_dtype, r_dtype, tol, center):
+    rng = np.random.default_rng(3)
+    x, scale, offset, ct_y = _inputs((96, 160), dtype=x_dtype)
+    r = jnp.asarray(rng.standard_normal((96, 160)), jnp.float32).astype(r_dtype)
+    ct_h = jnp.asarray(rng.standard_normal((96, 160)), jnp.float32)
+    assert _cpu_kernel.residual_unavailable_reason(x, r) is None
+    y, h = jax.jit(_fused_residual, static_argnums=4)(x, r, scale, offset, center)
+    y_ref, h_ref = _unfused_residual(x, r, scale, offset, center)
+    assert y.dtype == x_dtype and h.dtype == r_dtype
+    np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(h_ref, np.float32))
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), atol=tol)
+
+    def loss(fn):
+        def value(x, r, s, o):
+            y, h = fn(x, r, s, o, center)
+            f32 = jnp.float32
+            return jnp.sum(y.astype(f32) * ct_y.astype(f32)) + jnp.sum(h.astype(f32) * ct_h)
+
+        return value
+
+    grads = jax.jit(jax.grad(loss(_fused_residual), argnums=(0, 1, 2, 3)))(x, r, scale, offset)
+    refs = jax.grad(loss(_unfused_residual), argnums=(0, 1, 2, 3))(x, r, scale, offset)
+    for name, g, ref in zip(("dx", "dr", "dscale", "doffset"), grads, refs):
+        assert g.dtype == ref.dtype, name
+        scale_of = max(1.0, float(jnp.abs(ref.astype(jnp.float32)).max()))
+        err = float(jnp.abs(g.astype(jnp.float32) - ref.astype(jnp.float32)).max()) / scale_of
+        assert err < tol, (name, err)
+    # forward mode and vmap run the same maths
+    tangents = jax.jvp(lambda x, r: _fused_residual(x, r, scale, offset, center), (x, r), (x, r))
+    ref_tangents = jax.jvp(
+        lambda x, r: _unfused_residual(x, r, scale, offset, center), (x, r), (x, r)
+    )
+    for t, ref in zip(tangents[1], ref_tangents[1]):
+        np.testing.assert_allclose(np.asarray(t, np.float32), np.asarray(ref, np.float32), atol=tol)
+    xb, rb = x.reshape(4, 24, 160), r.reshape(4, 24, 160)
+    yb, hb = jax.vmap(lambda x, r: _fused_residual(x, r, scale, offset, center))(xb, rb)
+    np.testing.assert_array_equal(np.asarray(yb.reshape(y.shape)), np.asarray(y))
+    np.testing.assert_array_equal(np.asarray(hb.reshape(h.shape)), np.asarray(h))
+
+
+def test_fused_residual_backward_reads_both_cotangents_in_one_kernel():
+    x, scale, offset, _ = _inputs((32, 64))
+    r = x[::-1]
+    jaxpr = str(
+        jax.make_jaxpr(
+            jax.grad(
+                lambda x, r: sum(jnp.sum(a**2) for a in _fused_residual(x, r, scale, offset, True)),
+                argnums=(0, 1),
+            )
+        )(x, r)
+    )
+    assert jaxpr.count("eqx_norm_residual_backward") == 1
+    assert "eqx_norm_rows_backward" not in jaxpr
+
+
+def test_residual_targets_reject_wrong_shapes():
+    x, scale, offset, _ = _inputs((8, 16))
+    outs = [jax.ShapeDtypeStruct(s, _F32) for s in ((8, 16), (8, 16), (8,), (8,))]
+    with pytest.raises(Exception, match="residual has dimensions"):
+        jax.block_until_ready(
+            _ffi(
+                "eqx_norm_residual_forward",
+                outs,
+                x,
+                jnp.ones((8, 8)),
+                scale,
+                offset,
+                epsilon=np.float32(1e-5),
+                center=True,
+            )
+        )
+    args = [x, scale, jnp.ones(8), jnp.ones(8), x, jnp.ones((4, 16))]
+    outs = [jax.ShapeDtypeStruct(s, _F32) for s in ((8, 16), (1, 16), (1, 16))]
+    with pytest.raises(Exception, match="ct_h has dimensions"):
+        jax.block_until_ready(
+            _ffi("eqx_norm_residual_backward", outs, *args, center=True, groups=np.int64(1))
+        )
