@@ -495,6 +495,23 @@ ctp = ct.reshape(8, 8, 48)
 pm = jax.pmap(fwd_bwd(kernel), in_axes=(0, None, None, 0))
 y, dx, ds, do = pm(xp, s, o, ctp)
 out["pmap"] = {"err": err((y.reshape(64, 48), dx.reshape(64, 48), ds.sum(0), do.sum(0)))}
+
+# the fused residual kernel, batch-sharded: per-device rows too, against the composition
+r = jnp.asarray(rng.standard_normal((64, 48)), jnp.float32)
+def fused(x, r, s, o):
+    return sum(jnp.sum(a * a) for a in _cpu_kernel.normalize_rows_residual(
+        x, r, s, o, epsilon=1e-5, center=True))
+def composed(x, r, s, o):
+    y = plain(x + r, s, o)
+    return jnp.sum(y * y) + jnp.sum((x + r) ** 2)
+g = jax.jit(jax.grad(fused, argnums=(0, 1, 2, 3)), in_shardings=(rows, rows, rep, rep))
+hlo = g.lower(x, r, s, o).compile().as_text()
+want_g = jax.grad(composed, argnums=(0, 1, 2, 3))(x, r, s, o)
+out["residual"] = {
+    "err": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(g(x, r, s, o), want_g)),
+    "all_gather": "all-gather" in hlo,
+    "kernel": "eqx_norm_residual_forward" in hlo and "eqx_norm_residual_backward" in hlo,
+}
 print(json.dumps(out))
 """
 
@@ -515,6 +532,8 @@ def test_multiple_devices():
     # batch-sharded jit: each device runs the kernel on its own rows, x is never gathered
     assert out["rows"]["kernel"] and not out["rows"]["all_gather"], out["rows"]
     assert out["rows"]["y_rows_axis"] == "b", out["rows"]
+    residual = out["residual"]
+    assert residual["kernel"] and not residual["all_gather"] and residual["err"] < 1e-3, residual
 
 
 @pytest.mark.parametrize("center", [True, False])
