@@ -25,15 +25,8 @@ def compute_dtype(dtype: DTypeLike) -> np.dtype:
     return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
-def axis_mean(a: Array, axes: tuple[int, ...], *, dots: bool = False) -> Array:
-    """Mean of ``a`` over ``axes``, keeping them as size 1.
-
-    ``dots=True`` (``a`` of shape ``(rows, D)``, ``axes == (1,)``) computes it as ``a @ ones``,
-    which XLA:CPU runs far faster than a reduction on few, very long rows.
-    """
-    if dots:
-        ones = jnp.ones((a.shape[1], 1), a.dtype)
-        return jnp.matmul(a, ones, precision=lax.Precision.HIGHEST) / a.shape[1]
+def axis_mean(a: Array, axes: tuple[int, ...]) -> Array:
+    """Mean of ``a`` over ``axes``, keeping them as size 1."""
     return jnp.mean(a, axis=axes, keepdims=True)
 
 
@@ -43,7 +36,6 @@ def moments(
     *,
     center: bool = True,
     mask: Bool[Array, "*shape"] | None = None,
-    dots: bool = False,
 ) -> tuple[Array | None, Array]:
     """``(mean, var)`` of ``x`` over ``axes`` (kept as size-1 axes), two-pass.
 
@@ -57,12 +49,12 @@ def moments(
         >>> float(mean[0, 0]), float(var[0, 0])
         (2.0, 0.6666666865348816)
     """
-    mean, centered = _center(x, axes, center=center, mask=mask, dots=dots)
-    return mean, _mean(jnp.square(centered), axes, mask=mask, dots=dots)
+    mean, centered = _center(x, axes, center=center, mask=mask)
+    return mean, _mean(jnp.square(centered), axes, mask=mask)
 
 
 def _center(
-    x: Array, axes: tuple[int, ...], *, center: bool, mask: Array | None, dots: bool
+    x: Array, axes: tuple[int, ...], *, center: bool, mask: Array | None
 ) -> tuple[Array | None, Array]:
     """``(mean, x - mean)``; ``(None, x)`` with ``center=False``.
 
@@ -75,11 +67,11 @@ def _center(
     if mask is None:
         shift = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))]
     else:
-        shift = _mean(x, axes, mask=mask, dots=dots)  # a second pass removes its rounding
+        shift = _mean(x, axes, mask=mask)  # a second pass removes its rounding
     # Any shift gives the same mean: no gradient flows through it (autodiff through the
     # first element would add a pad-and-add and its rounding to that element's gradient).
     shift = lax.stop_gradient(shift)
-    mean_shifted = _mean(x - shift, axes, mask=mask, dots=dots)
+    mean_shifted = _mean(x - shift, axes, mask=mask)
     mean = shift + mean_shifted
     # `(x - mean) - rounding`, with the per-row rounding error of `mean`, is as accurate as
     # `(x - shift) - mean_shifted` and reads only per-row values beside x: XLA:CPU ran
@@ -88,9 +80,9 @@ def _center(
     return mean, (x - mean) - rounding
 
 
-def _mean(values: Array, axes: tuple[int, ...], *, mask: Array | None, dots: bool) -> Array:
+def _mean(values: Array, axes: tuple[int, ...], *, mask: Array | None) -> Array:
     if mask is None:
-        return axis_mean(values, axes, dots=dots)
+        return axis_mean(values, axes)
     count = jnp.maximum(jnp.sum(mask, axis=axes, keepdims=True, dtype=values.dtype), 1)
     return jnp.sum(jnp.where(mask, values, 0), axis=axes, keepdims=True) / count
 
@@ -120,7 +112,6 @@ def centered_statistics(
     epsilon: float,
     center: bool = True,
     mask: Bool[Array, "*shape"] | None = None,
-    dots: bool = False,
 ) -> tuple[Array, Array]:
     """``(x - E[x], rsqrt(Var[x] + epsilon))`` over ``axes`` (``x`` and the mean square with
     ``center=False``); the second kept as size-1 axes.
@@ -131,17 +122,15 @@ def centered_statistics(
     (below about 1e-19) or overflow (above about 1e19) in float32 are still right; a
     constant row gives 0; a row whose answer is not a normal float32 gives NaN.
     """
-    _, centered = _center(x, axes, center=center, mask=mask, dots=dots)
+    _, centered = _center(x, axes, center=center, mask=mask)
     if epsilon > 0:
-        return centered, inverse_std(
-            _mean(jnp.square(centered), axes, mask=mask, dots=dots), epsilon
-        )
+        return centered, inverse_std(_mean(jnp.square(centered), axes, mask=mask), epsilon)
     magnitude = jnp.abs(centered) if mask is None else jnp.where(mask, jnp.abs(centered), 0)
     # The result does not depend on s: no gradient flows through it.
     s = lax.stop_gradient(jnp.max(magnitude, axis=axes, keepdims=True))
     nonconstant = s > 0
     scaled = jnp.square(centered / jnp.where(nonconstant, s, 1))
-    var_scaled = _mean(scaled, axes, mask=mask, dots=dots)  # in [1/n, 1]
+    var_scaled = _mean(scaled, axes, mask=mask)  # in [1/n, 1]
     rstd = lax.rsqrt(var_scaled) / jnp.where(nonconstant, s, 1)
     # s is NaN where the row holds a NaN (or inf - inf): NaN, not the constant row's 0.
     return centered, jnp.where(nonconstant, jnp.where(rstd > 0, rstd, jnp.nan), s * 0)
@@ -166,3 +155,37 @@ def standardize(
     centered, rstd = centered_statistics(x, axes, epsilon=epsilon, center=center, mask=mask)
     y = centered * rstd
     return y if mask is None else jnp.where(mask, y, 0)
+
+
+def shifted_mean(
+    x: Float[Array, "*shape"], axes: tuple[int, ...], *, mask: Bool[Array, "*shape"] | None = None
+) -> tuple[Array, Array]:
+    """``(mean, rounding)`` over ``axes`` (kept as size-1 axes): ``mean + rounding`` is the
+    mean to about twice float32's precision, so ``(x - mean) - rounding`` is the centred
+    ``x`` as accurately as ``(x - shift) - mean(x - shift)``.
+
+    As in :func:`moments`, the mean is taken after subtracting a shift: the first element
+    without a mask, a first masked mean with one. BatchNorm uses the pair to centre ``x``,
+    and to merge shards' means (Chan et al.) without their rounding.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> mean, rounding = shifted_mean(jnp.array([[1e4, 1e4 + 1.0, 1e4 + 1.0]]), (1,))
+        >>> float(mean[0, 0]), round(float(mean[0, 0]) + float(rounding[0, 0]), 6)
+        (10000.6669921875, 10000.666667)
+    """
+
+    def mean_of(values: Array) -> Array:
+        if mask is None:
+            return jnp.mean(values, axis=axes, keepdims=True)
+        count = jnp.maximum(jnp.sum(mask, axis=axes, keepdims=True, dtype=values.dtype), 1)
+        return jnp.sum(jnp.where(mask, values, 0), axis=axes, keepdims=True) / count
+
+    if mask is None:
+        shift = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))]
+    else:
+        shift = mean_of(x)
+    shift = lax.stop_gradient(shift)  # any shift gives the same mean
+    mean_shifted = mean_of(x - shift)
+    mean = shift + mean_shifted
+    return mean, mean_shifted - (mean - shift)
