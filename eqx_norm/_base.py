@@ -57,7 +57,7 @@ class AffineNorm(eqx.Module):
         *,
         epsilon: float,
         scale_initializer: InitializerLike | None,
-        bias_initializer: InitializerLike,
+        bias_initializer: InitializerLike | None,
         elementwise_affine: bool,
         use_scale: bool,
         use_bias: bool,
@@ -70,6 +70,9 @@ class AffineNorm(eqx.Module):
 
         ``scale_initializer`` initializes the stored ``gamma``, whatever it is; None means
         ones, or zeros under ``zero_centered_scale`` (where the scale is ``1 + gamma``).
+        ``bias_initializer`` None means zeros. An initializer given for a parameter that
+        ``elementwise_affine``/``use_scale``/``use_bias`` switch off is an error, as in
+        haiku: it would be dropped silently.
         """
         self.epsilon = check_epsilon(epsilon)
         self.zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
@@ -78,8 +81,22 @@ class AffineNorm(eqx.Module):
         affine = check_flag(elementwise_affine, "elementwise_affine")
         use_scale = check_flag(use_scale, "use_scale")
         use_bias = check_flag(use_bias, "use_bias")
+        if bias_initializer is ZeroInit:  # TODO: BatchNorm's default; drop once it is None
+            bias_initializer = None
+        for argument, initializer, switch, on in (
+            ("scale_initializer", scale_initializer, "use_scale", use_scale),
+            ("bias_initializer", bias_initializer, "use_bias", use_bias),
+        ):
+            if initializer is not None and not (affine and on):
+                off = switch if affine else "elementwise_affine"
+                raise ValueError(
+                    f"Cannot set `{argument}` if `{off}=False`: the parameter it initializes "
+                    f"does not exist. Drop `{argument}`, or set `{off}=True`."
+                )
         if scale_initializer is None:
             scale_initializer = ZeroInit() if self.zero_centered_scale else OneInit()
+        if bias_initializer is None:
+            bias_initializer = ZeroInit()
         scale_key, bias_key = (None, None) if key is None else _split_key(key)
         self.gamma = self.beta = None
         if affine and use_scale:

@@ -6,6 +6,7 @@ whose message names the argument, what was expected and what was given.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -135,13 +136,49 @@ def check_mask(mask: Any, x_shape: tuple[int, ...], layer: str) -> Array | None:
             f"{layer}: `mask` must be boolean (True = take part in the statistics), got dtype "
             f"{mask.dtype}; use `mask.astype(bool)`."
         )
-    if mask.ndim != len(x_shape) or any(m not in (1, s) for m, s in zip(mask.shape, x_shape)):
+    if not _fits(mask.shape, x_shape):
+        fix = _mask_fix(tuple(mask.shape), tuple(x_shape))
         raise ValueError(
             f"{layer}: `mask` must have the rank of `x` with each axis equal to x's or 1; "
-            f"x has shape {x_shape}, mask has shape {mask.shape}. Add size-1 axes explicitly, "
-            "e.g. `mask[..., None]`."
+            f"x has shape {x_shape}, mask has shape {mask.shape}."
+            + (f" Use `{fix}`, which has the rank of `x`." if fix else "")
         )
     return jnp.broadcast_to(mask, x_shape)
+
+
+def _fits(mask_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> bool:
+    """Whether a mask of ``mask_shape`` broadcasts to ``x_shape`` without new axes."""
+    return len(mask_shape) == len(x_shape) and all(m in (1, s) for m, s in zip(mask_shape, x_shape))
+
+
+def _mask_fix(mask_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> str | None:
+    """An expression that gives ``mask`` the rank of ``x`` (size-1 axes added where it has
+    fewer axes, dropped where it has more), aligned to x's trailing axes first as NumPy
+    broadcasting would; None when no such expression fits."""
+    m, n = len(mask_shape), len(x_shape)
+    if m < n:  # keep the mask's axes at positions `kept` of x, add None elsewhere
+        for kept in reversed(list(itertools.combinations(range(n), m))):
+            if _fits(mask_shape, tuple(x_shape[i] for i in kept)):
+                return _index_expression([":" if i in kept else "None" for i in range(n)])
+    elif m > n:  # drop size-1 axes, the leading ones first
+        for dropped in itertools.combinations(range(m), m - n):
+            kept = tuple(s for i, s in enumerate(mask_shape) if i not in dropped)
+            if all(mask_shape[i] == 1 for i in dropped) and _fits(kept, x_shape):
+                axes = dropped[0] if len(dropped) == 1 else dropped
+                return f"mask.squeeze({axes})"
+    return None
+
+
+def _index_expression(items: list[str]) -> str:
+    """``mask[...]`` for per-axis ``items`` (":" keeps an axis, "None" adds one), shortest
+    form: ``mask[None]``, ``mask[..., None]``, ``mask[None, ..., None]``."""
+    kept = [i for i, item in enumerate(items) if item == ":"]
+    if kept and kept == list(range(kept[0], kept[-1] + 1)):  # one run of kept axes
+        after = items[kept[-1] + 1 :]
+        items = items[: kept[0]] + (["...", *after] if after else [])
+    while items[-1] == ":":
+        items = items[:-1]
+    return f"mask[{', '.join(items)}]"
 
 
 def check_parameter(value: Any, expected: tuple[int, ...], argument: str, layer: str) -> Any:

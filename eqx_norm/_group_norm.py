@@ -6,6 +6,7 @@ Each layer's ``__call__`` is one call of :func:`eqx_norm.functional.group_norm` 
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import equinox as eqx
@@ -14,8 +15,9 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from . import functional
 from ._base import NO_STATE, AffineNorm, with_state
-from ._checks import DTypeLike, check_layout, positive_int
-from .initializers import InitializerLike, ZeroInit
+from ._checks import DTypeLike, check_implementation, check_layout, positive_int
+from .functional import Implementation
+from .initializers import InitializerLike
 
 _CALL_DOC = """Normalize ``x`` of shape ``(*batch, *spatial, C)`` (or ``(*batch, C, *spatial)``).
 
@@ -58,15 +60,17 @@ class GroupNorm(AffineNorm):
     and ``GroupNorm(C, C)`` is :class:`InstanceNorm`.
 
     Args:
-        num_groups: number of channel groups; must divide ``num_channels``.
-        num_channels: number of channels, the size of the channel axis.
+        num_groups: number of channel groups; must divide ``num_channels``. Give exactly
+            one of ``num_groups`` and ``group_size``.
+        num_channels: number of channels, the size of the channel axis (required).
         epsilon: added to the variance for numerical stability, ``>= 0``.
         bias_initializer: initializer of ``beta`` (see :mod:`eqx_norm.initializers`): an
             instance, a class with default arguments, a ``(key, shape, dtype)`` callable,
-            or an array of shape ``(num_channels,)``.
+            or an array of shape ``(num_channels,)``; None (default) means zeros.
         scale_initializer: initializer of the stored ``gamma``, accepted in the same forms;
             None (default) means ones, or zeros with ``zero_centered_scale=True``.
-        elementwise_affine: False switches off both ``gamma`` and ``beta``.
+        elementwise_affine: False switches off both ``gamma`` and ``beta``. An initializer
+            given for a parameter that is switched off is an error.
         spatial_ndim: number of spatial axes of one example (1, 2 or 3 for 1-D signals,
             images, volumes; default 2; 0 for feature vectors ``(*batch, C)``, as
             ``torch.nn.GroupNorm`` on ``(N, C)``).
@@ -78,6 +82,19 @@ class GroupNorm(AffineNorm):
             initialised to zero by default, so that weight decay pulls towards identity.
         param_dtype: storage dtype of ``gamma``/``beta`` (default float32).
         dtype: output dtype (default: the input's).
+        implementation: None (default): the compiled CPU kernel where it serves (CPU,
+            float32/bfloat16, no mask, no ``axis_name``, output in x's dtype), XLA
+            elsewhere; ``"xla"`` or ``"kernel"`` to force one (``"kernel"`` raises where
+            it cannot serve).
+        group_size: number of channels per group (flax's), instead of ``num_groups``;
+            must divide ``num_channels``.
+        axis_name: the name of a mapped axis (``shard_map``, ``pmap`` or ``vmap``) across
+            which the channel axis is split in contiguous blocks, one per shard in axis
+            order (tensor parallelism). ``num_channels`` and ``gamma``/``beta`` are the
+            shard's, ``num_groups`` counts the groups of all channels (``group_size`` is
+            the same either way), and each group's statistics are the whole group's,
+            equal to the unsharded call. Each shard's channels must hold whole groups or
+            lie within one group (checked at call time, when the shard count is known).
         key: PRNG key, needed only by random initializers.
 
     Example:
@@ -89,23 +106,29 @@ class GroupNorm(AffineNorm):
         >>> x_torch_layout = x.transpose(0, 3, 1, 2)  # (N, C, H, W)
         >>> GroupNorm(3, 6, channel_axis=0)(x_torch_layout).shape
         (20, 6, 10, 10)
+        >>> GroupNorm(num_channels=6, group_size=2).num_groups  # flax's way to say it
+        3
 
     References:
         Wu and He, "Group Normalization", ECCV 2018. arXiv:1803.08494.
     """
 
-    num_groups: int = eqx.field(static=True)
+    num_groups: int | None = eqx.field(static=True)
     num_channels: int = eqx.field(static=True)
     spatial_ndim: int = eqx.field(static=True)
     channel_axis: int = eqx.field(static=True)
+    group_size: int | None = eqx.field(static=True)
+    axis_name: Hashable | None = eqx.field(static=True)
+    implementation: Implementation = eqx.field(static=True)
 
     def __init__(
         self,
-        num_groups: int,
-        num_channels: int,
+        num_groups: int | None = None,
+        num_channels: int | None = None,
         epsilon: float = 1e-5,
         *,
-        bias_initializer: InitializerLike = ZeroInit,
+        group_size: int | None = None,
+        bias_initializer: InitializerLike | None = None,
         scale_initializer: InitializerLike | None = None,
         elementwise_affine: bool = True,
         spatial_ndim: int = 2,
@@ -115,16 +138,32 @@ class GroupNorm(AffineNorm):
         zero_centered_scale: bool = False,
         param_dtype: DTypeLike | None = None,
         dtype: DTypeLike | None = None,
+        axis_name: Hashable | None = None,
+        implementation: Implementation = None,
         key: PRNGKeyArray | None = None,
     ):
-        self.num_groups = positive_int(num_groups, "num_groups")
+        num_groups, group_size = functional.check_groups(num_groups, group_size, "GroupNorm")
+        if num_channels is None:
+            raise TypeError("GroupNorm: `num_channels`, the size of the channel axis, is required.")
         num_channels = positive_int(num_channels, "num_channels")
-        if num_channels % self.num_groups:
-            raise ValueError(
-                f"GroupNorm: `num_groups`={self.num_groups} must divide `num_channels`="
-                f"{num_channels} (groups hold equal numbers of channels); choose a "
-                f"divisor of {num_channels}."
-            )
+        self.axis_name = axis_name
+        self.implementation = check_implementation(implementation)
+        if axis_name is None:  # sharded, the groups are counted over all shards' channels
+            if num_groups is not None and num_channels % num_groups:
+                raise ValueError(
+                    f"GroupNorm: `num_groups`={num_groups} must divide `num_channels`="
+                    f"{num_channels} (groups hold equal numbers of channels); choose a "
+                    f"divisor of {num_channels}."
+                )
+            if group_size is not None and num_channels % group_size:
+                raise ValueError(
+                    f"GroupNorm: `group_size`={group_size} must divide `num_channels`="
+                    f"{num_channels} (groups hold equal numbers of channels); choose a "
+                    f"divisor of {num_channels}."
+                )
+            num_groups = num_groups or num_channels // group_size
+            group_size = group_size or num_channels // num_groups
+        self.num_groups, self.group_size = num_groups, group_size
         self.num_channels = num_channels
         self.spatial_ndim, self.channel_axis = check_layout(
             spatial_ndim, channel_axis, "GroupNorm", min_spatial_ndim=0
@@ -158,6 +197,7 @@ class GroupNorm(AffineNorm):
                 self.num_groups,
                 self.gamma,
                 self.beta,
+                group_size=None if self.num_groups is not None else self.group_size,
                 num_channels=self.num_channels,
                 spatial_ndim=self.spatial_ndim,
                 channel_axis=self.channel_axis,
@@ -165,6 +205,8 @@ class GroupNorm(AffineNorm):
                 mask=mask,
                 zero_centered_scale=self.zero_centered_scale,
                 dtype=self.dtype,
+                axis_name=self.axis_name,
+                implementation=self.implementation,
             )
         return with_state(y, state)
 
@@ -189,10 +231,12 @@ class InstanceNorm(AffineNorm):
     Args:
         num_channels: number of channels, the size of the channel axis.
         epsilon: added to the variance for numerical stability, ``>= 0``.
-        bias_initializer: initializer of ``beta``, in any form :class:`GroupNorm` accepts.
+        bias_initializer: initializer of ``beta``, in any form :class:`GroupNorm` accepts;
+            None (default) means zeros.
         scale_initializer: initializer of the stored ``gamma``, in the same forms; None
             (default) means ones, or zeros with ``zero_centered_scale=True``.
-        elementwise_affine: False switches off both ``gamma`` and ``beta``.
+        elementwise_affine: False switches off both ``gamma`` and ``beta``. An initializer
+            given for a parameter that is switched off is an error.
         spatial_ndim: number of spatial axes of one example (default 2).
         channel_axis: position of the channel axis within one example: -1 (default,
             channels-last) or 0 (channels-first).
@@ -201,6 +245,10 @@ class InstanceNorm(AffineNorm):
         zero_centered_scale: scale by ``1 + gamma``, with ``gamma`` initialised to zero.
         param_dtype: storage dtype of ``gamma``/``beta`` (default float32).
         dtype: output dtype (default: the input's).
+        implementation: None (default): the compiled CPU kernel where it serves (CPU,
+            float32/bfloat16, no mask, no ``axis_name``, output in x's dtype), XLA
+            elsewhere; ``"xla"`` or ``"kernel"`` to force one (``"kernel"`` raises where
+            it cannot serve).
         key: PRNG key, needed only by random initializers.
 
     Example:
@@ -219,13 +267,14 @@ class InstanceNorm(AffineNorm):
     num_channels: int = eqx.field(static=True)
     spatial_ndim: int = eqx.field(static=True)
     channel_axis: int = eqx.field(static=True)
+    implementation: Implementation = eqx.field(static=True)
 
     def __init__(
         self,
         num_channels: int,
         epsilon: float = 1e-5,
         *,
-        bias_initializer: InitializerLike = ZeroInit,
+        bias_initializer: InitializerLike | None = None,
         scale_initializer: InitializerLike | None = None,
         elementwise_affine: bool = True,
         spatial_ndim: int = 2,
@@ -235,9 +284,11 @@ class InstanceNorm(AffineNorm):
         zero_centered_scale: bool = False,
         param_dtype: DTypeLike | None = None,
         dtype: DTypeLike | None = None,
+        implementation: Implementation = None,
         key: PRNGKeyArray | None = None,
     ):
         self.num_channels = positive_int(num_channels, "num_channels")
+        self.implementation = check_implementation(implementation)
         self.spatial_ndim, self.channel_axis = check_layout(
             spatial_ndim, channel_axis, "InstanceNorm", min_spatial_ndim=1
         )
@@ -276,6 +327,7 @@ class InstanceNorm(AffineNorm):
                 mask=mask,
                 zero_centered_scale=self.zero_centered_scale,
                 dtype=self.dtype,
+                implementation=self.implementation,
             )
         return with_state(y, state)
 

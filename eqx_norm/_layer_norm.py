@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -13,7 +13,7 @@ from . import functional
 from ._base import NO_STATE, AffineNorm, with_state
 from ._checks import DTypeLike, canonical_shape, check_implementation
 from .functional import Implementation
-from .initializers import InitializerLike, ZeroInit
+from .initializers import InitializerLike
 
 
 class LayerNorm(AffineNorm):
@@ -34,10 +34,11 @@ class LayerNorm(AffineNorm):
         epsilon: added to the variance for numerical stability, ``>= 0``.
         bias_initializer: initializer of ``beta`` (see :mod:`eqx_norm.initializers`): an
             instance, a class with default arguments, a ``(key, shape, dtype)`` callable,
-            or an array of exactly ``normalized_shape``.
+            or an array of exactly ``normalized_shape``; None (default) means zeros.
         scale_initializer: initializer of the stored ``gamma``, accepted in the same forms;
             None (default) means ones, or zeros with ``zero_centered_scale=True``.
-        elementwise_affine: False switches off both ``gamma`` and ``beta``.
+        elementwise_affine: False switches off both ``gamma`` and ``beta``. An initializer
+            given for a parameter that is switched off is an error.
         use_scale: False switches off ``gamma`` alone.
         use_bias: False switches off ``beta`` alone.
         zero_centered_scale: scale by ``1 + gamma`` instead of ``gamma``, with ``gamma``
@@ -49,6 +50,11 @@ class LayerNorm(AffineNorm):
         implementation: None (default): the compiled CPU kernel where it serves (CPU,
             float32/bfloat16, no mask), XLA elsewhere; ``"xla"`` or ``"kernel"`` to force
             one (``"kernel"`` raises where it cannot serve).
+        axis_name: the name of a mapped axis (``shard_map``, ``pmap`` or ``vmap``) across
+            which the normalized axes are split (tensor or sequence parallelism): each
+            shard holds part of every row and the matching part of ``gamma``/``beta``
+            (build the layer with the shard's ``normalized_shape``), and the statistics
+            are the whole row's, equal to the unsharded call. Runs the XLA path.
         key: PRNG key, needed only by random initializers.
 
     Example:
@@ -67,12 +73,13 @@ class LayerNorm(AffineNorm):
 
     normalized_shape: tuple[int, ...] = eqx.field(static=True)
     implementation: Implementation = eqx.field(static=True)
+    axis_name: Hashable | None = eqx.field(static=True)
 
     def __init__(
         self,
         normalized_shape: int | Sequence[int],
         epsilon: float = 1e-5,
-        bias_initializer: InitializerLike = ZeroInit,
+        bias_initializer: InitializerLike | None = None,
         scale_initializer: InitializerLike | None = None,
         elementwise_affine: bool = True,
         *,
@@ -82,10 +89,18 @@ class LayerNorm(AffineNorm):
         param_dtype: DTypeLike | None = None,
         dtype: DTypeLike | None = None,
         implementation: Implementation = None,
+        axis_name: Hashable | None = None,
         key: PRNGKeyArray | None = None,
     ):
         self.normalized_shape = canonical_shape(normalized_shape, "normalized_shape")
         self.implementation = check_implementation(implementation)
+        if axis_name is not None and self.implementation == "kernel":
+            raise ValueError(
+                f"LayerNorm: `axis_name`={axis_name!r} needs the XLA path (the kernel cannot see "
+                "the other shards), but `implementation`='kernel' was given. Pass "
+                "implementation=None or 'xla'."
+            )
+        self.axis_name = axis_name
         self._init_affine(
             self.normalized_shape,
             epsilon=epsilon,
@@ -106,6 +121,7 @@ class LayerNorm(AffineNorm):
         state: Any = NO_STATE,
         *,
         mask: Bool[Array, "*shape"] | None = None,
+        residual: Float[Array, "*shape"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Any:
         """Normalize ``x`` of shape ``(*batch, *normalized_shape)``.
@@ -118,11 +134,16 @@ class LayerNorm(AffineNorm):
             mask: optional boolean array of x's rank (size-1 axes broadcast). False
                 elements take no part in the statistics and their output is ``beta``
                 (0 without ``beta``); a fully masked example gives ``beta``, not NaN.
+            residual: optional floating array of x's shape, the residual stream: the
+                layer normalizes ``h = x + residual`` (added in float32, stored in
+                residual's dtype) and returns ``(y, h)``, a pre-norm block's add and norm
+                in one call. A mask applies to ``y``'s statistics only.
             key: ignored, as in equinox.
 
         Returns:
-            An array of x's shape, in x's dtype (or ``dtype`` if set); ``(y, state)`` when
-            ``state`` is given.
+            An array of x's shape, in x's dtype (or ``dtype`` if set); ``(y, h)`` with
+            ``residual``; either of them paired with ``state`` when it is given:
+            ``((y, h), state)``.
         """
         del key
         with jax.named_scope("eqx_norm.LayerNorm"):
@@ -136,5 +157,7 @@ class LayerNorm(AffineNorm):
                 zero_centered_scale=self.zero_centered_scale,
                 dtype=self.dtype,
                 implementation=self.implementation,
+                residual=residual,
+                axis_name=self.axis_name,
             )
         return with_state(y, state)

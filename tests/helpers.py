@@ -1,6 +1,8 @@
 """Helpers shared by the per-family test files: seeded inputs, layers with non-trivial
 parameters, and jitted gradients of ``sum(cotangent * layer(x))``."""
 
+import inspect
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -17,12 +19,23 @@ def random_trailing_layer(cls, normalized_shape, seed=0, **kwargs):
     the layer has one), so that the affine step is tested too."""
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     keys = jax.random.split(jax.random.key(seed), 2)
-    return cls(
-        normalized_shape,
-        scale_initializer=1.0 + 0.5 * jax.random.normal(keys[0], shape),
-        bias_initializer=0.3 * jax.random.normal(keys[1], shape),
-        **kwargs,
-    )
+    scale = 1.0 + 0.5 * jax.random.normal(keys[0], shape)
+    bias = 0.3 * jax.random.normal(keys[1], shape)
+    return cls(normalized_shape, **existing_initializers(cls, scale, bias, kwargs), **kwargs)
+
+
+def existing_initializers(cls, scale, bias, kwargs):
+    """``scale_initializer``/``bias_initializer`` for the parameters that ``cls(...,
+    **kwargs)`` has: an initializer for a parameter switched off is an error."""
+    defaults = inspect.signature(cls).parameters
+    affine = kwargs.get("elementwise_affine", True)
+    inits = {"scale_initializer": scale, "bias_initializer": bias}
+    switches = {"scale_initializer": "use_scale", "bias_initializer": "use_bias"}
+    return {
+        argument: value
+        for argument, value in inits.items()
+        if affine and kwargs.get(switches[argument], defaults[switches[argument]].default)
+    }
 
 
 def jitted_gradients(layer, x, cotangent):

@@ -179,7 +179,7 @@ GOOD_INITIALIZERS = [
     "array",
     "int array",
     "None",
-]  # "None" is the scale's default; for the bias it is invalid
+]  # "None" is the default
 BAD_INITIALIZERS = [
     "wrong-shape array",
     "complex array",
@@ -194,6 +194,13 @@ BAD_INITIALIZERS = [
     "non-initializer class",
     "Constant class",
 ]
+
+
+def initializer_kind(pick, argument, off):
+    """An initializer kind for ``argument``; for a parameter switched ``off``, the only valid
+    one is the default None, and any other is a contradiction."""
+    kind = pick.kind(argument, GOOD_INITIALIZERS, BAD_INITIALIZERS)
+    return "None" if off and kind in GOOD_INITIALIZERS else kind
 
 
 def names(message, argument):
@@ -346,16 +353,14 @@ def trailing_cases(draw, via_layer):
             ("scale_initializer", "use_scale"),
             ("bias_initializer", "use_bias"),
         ):
-            kind = pick.kind(argument, GOOD_INITIALIZERS, BAD_INITIALIZERS)
-            if kind == "None":  # the default for the scale; not accepted for the bias
-                value, status = (None, OK) if argument == "scale_initializer" else (None, BAD)
-            else:
-                value, status = initializer(kind, shape, key)
+            flags = (("elementwise_affine", affine), (switch, case_flags[switch]))
+            off = any(statuses[f] == OK and not v for f, v in flags)
+            kind = initializer_kind(pick, argument, off)
+            value, status = (None, OK) if kind == "None" else initializer(kind, shape, key)
             if shape_status != OK and status == OK:
                 status = MAYBE  # built for a shape the layer was not given
-            on = statuses["elementwise_affine"] == OK and bool(affine)
-            if not (on and statuses[switch] == OK and bool(case_flags[switch])):
-                status = OK if status != BAD else MAYBE  # ignored when switched off
+            if off and value is not None:
+                status = BAD  # an initializer for a parameter switched off
             inits[argument], statuses[argument] = value, status
         case.update(
             key=key,
@@ -542,15 +547,13 @@ def grouped_cases(draw, via_layer):
         case["affine"], statuses["elementwise_affine"] = pick.pick("elementwise_affine", FLAGS)
         case["param_dtype"], statuses["param_dtype"] = pick.pick("param_dtype", DTYPES)
         for argument in ("scale_initializer", "bias_initializer"):
-            kind = pick.kind(argument, GOOD_INITIALIZERS, BAD_INITIALIZERS)
-            if kind == "None":  # the default for the scale; not accepted for the bias
-                value, status = (None, OK) if argument == "scale_initializer" else (None, BAD)
-            else:
-                value, status = initializer(kind, shape, key)
+            off = statuses["elementwise_affine"] == OK and not case["affine"]
+            kind = initializer_kind(pick, argument, off)
+            value, status = (None, OK) if kind == "None" else initializer(kind, shape, key)
             if statuses["num_channels"] != OK and status == OK:
                 status = MAYBE  # built for x's channels, not for num_channels
-            if not (statuses["elementwise_affine"] == OK and bool(case["affine"])):
-                status = OK if status != BAD else MAYBE  # ignored when switched off
+            if off and value is not None:
+                status = BAD  # an initializer for a parameter switched off
             case[argument], statuses[argument] = value, status
     else:
         if statuses["num_channels"] == MAYBE:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import existing_initializers
 from jax.test_util import check_grads
 
 from eqx_norm import LayerNorm, RMSNorm
@@ -85,13 +86,8 @@ def test_jitted_gradients_match_float64_at_benchmark_sizes(
     dy = jax.random.normal(key_dy, shape).astype(dtype)
     gamma = 1 + 0.5 * jax.random.normal(key_g, normalized)
     beta = 0.5 * jax.random.normal(key_b, normalized)
-    layer = family(
-        normalized,
-        1e-5,
-        scale_initializer=gamma,
-        bias_initializer=beta,
-        implementation=implementation,
-    )
+    inits = existing_initializers(family, gamma, beta, {})
+    layer = family(normalized, 1e-5, **inits, implementation=implementation)
     center = family is LayerNorm
     beta = layer.beta  # RMSNorm has none by default
     y_ref, dx_ref, dgamma_ref, dbeta_ref = reference_vjp(x, gamma, beta, dy, ndim, 1e-5, center)
@@ -125,14 +121,10 @@ SMALL_LAYERS = [
 def test_second_order_finite_differences(family, normalized, epsilon, options, x64):
     key_x, key_g, key_b = jax.random.split(jax.random.key(1), 3)
     x = 1.5 + jax.random.normal(key_x, (3, 4, 5), jnp.float64)
-    layer = family(
-        normalized,
-        epsilon,
-        scale_initializer=1 + 0.3 * jax.random.normal(key_g, normalized, jnp.float64),
-        bias_initializer=0.3 * jax.random.normal(key_b, normalized, jnp.float64),
-        param_dtype=jnp.float64,
-        **options,
-    )
+    gamma = 1 + 0.3 * jax.random.normal(key_g, normalized, jnp.float64)
+    beta = 0.3 * jax.random.normal(key_b, normalized, jnp.float64)
+    inits = existing_initializers(family, gamma, beta, options)
+    layer = family(normalized, epsilon, **inits, param_dtype=jnp.float64, **options)
     names = [n for n in ("gamma", "beta") if getattr(layer, n) is not None]
     params = tuple(getattr(layer, n) for n in names)
 

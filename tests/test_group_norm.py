@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import jitted_gradients, max_relative_error, random_input
+from helpers import existing_initializers, jitted_gradients, max_relative_error, random_input
 
 from eqx_norm import GroupNorm, InstanceNorm
 
@@ -29,15 +29,13 @@ def random_params(num_channels, seed=0):
 
 def random_group_norm(num_groups, num_channels, seed=0, **kwargs):
     """A GroupNorm with non-trivial per-channel gamma and beta."""
-    gamma, beta = random_params(num_channels, seed)
-    return GroupNorm(
-        num_groups, num_channels, scale_initializer=gamma, bias_initializer=beta, **kwargs
-    )
+    inits = existing_initializers(GroupNorm, *random_params(num_channels, seed), kwargs)
+    return GroupNorm(num_groups, num_channels, **inits, **kwargs)
 
 
 def random_instance_norm(num_channels, seed=0, **kwargs):
-    gamma, beta = random_params(num_channels, seed)
-    return InstanceNorm(num_channels, scale_initializer=gamma, bias_initializer=beta, **kwargs)
+    inits = existing_initializers(InstanceNorm, *random_params(num_channels, seed), kwargs)
+    return InstanceNorm(num_channels, **inits, **kwargs)
 
 
 def to_torch(a, dtype=None):

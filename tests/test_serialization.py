@@ -27,14 +27,18 @@ CONFIGS = {  # name: (normalized_shape, LayerNorm keyword arguments)
 
 
 def trained_layer(normalized_shape, seed=0, **kwargs):
-    """A layer whose parameters are not the defaults (as after training)."""
-    return LayerNorm(
-        normalized_shape,
-        scale_initializer=Normal(1.0, 0.5),
-        bias_initializer=Normal(0.0, 0.5),
-        key=jax.random.key(seed),
-        **kwargs,
-    )
+    """A layer whose parameters are not the defaults (as after training); an initializer is
+    passed only for a parameter the layer has (one that is switched off is an error)."""
+    affine = kwargs.get("elementwise_affine", True)
+    inits = {
+        argument: Normal(mean, 0.5)
+        for argument, switch, mean in (
+            ("scale_initializer", "use_scale", 1.0),
+            ("bias_initializer", "use_bias", 0.0),
+        )
+        if affine and kwargs.get(switch, True)
+    }
+    return LayerNorm(normalized_shape, **inits, key=jax.random.key(seed), **kwargs)
 
 
 def assert_bit_identical(got, expected):

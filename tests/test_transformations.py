@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import existing_initializers
 
 from eqx_norm import LayerNorm, Normal
 
@@ -35,13 +36,10 @@ call = eqx.filter_jit(lambda layer, x: layer(x))  # one compilation instead of o
 def make_layer(normalized_shape, dtype=jnp.float32, seed=0, **kwargs):
     """A layer with random non-trivial gamma and beta (where it has them)."""
     k1, k2 = jax.random.split(jax.random.key(seed))
-    return LayerNorm(
-        normalized_shape,
-        scale_initializer=(1.0 + 0.5 * jax.random.normal(k1, normalized_shape)).astype(dtype),
-        bias_initializer=(0.3 * jax.random.normal(k2, normalized_shape)).astype(dtype),
-        param_dtype=dtype,
-        **kwargs,
-    )
+    scale = (1.0 + 0.5 * jax.random.normal(k1, normalized_shape)).astype(dtype)
+    bias = (0.3 * jax.random.normal(k2, normalized_shape)).astype(dtype)
+    inits = existing_initializers(LayerNorm, scale, bias, kwargs)
+    return LayerNorm(normalized_shape, **inits, param_dtype=dtype, **kwargs)
 
 
 def random(shape, seed, dtype=jnp.float32, mean=0.0, std=1.0):
