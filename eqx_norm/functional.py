@@ -15,14 +15,12 @@ import math
 from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float
 
-from . import _xla
-from .kernels import rows as _kernel_rows
+from . import _xla, _xla_batch_norm
 from ._checks import (
     DTypeLike,
     canonical_shape,
@@ -40,9 +38,12 @@ from ._checks import (
     optional_dtype,
     positive_int,
 )
-from ._statistics import compute_dtype, inverse_std, moments
+from ._sharded import normalize_across
+from ._statistics import compute_dtype
+from .kernels import groups as _kernel_groups
+from .kernels import rows as _kernel_rows
 
-__all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"]
+__all__ = ["batch_norm", "dyt", "group_norm", "instance_norm", "layer_norm", "rms_norm"]
 
 Implementation = Literal["xla", "kernel"] | None
 
@@ -58,7 +59,9 @@ def layer_norm(
     zero_centered_scale: bool = False,
     dtype: DTypeLike | None = None,
     implementation: Implementation = None,
-) -> Float[Array, "*shape"]:
+    residual: Float[Array, "*shape"] | None = None,
+    axis_name: Hashable | None = None,
+) -> Float[Array, "*shape"] | tuple[Float[Array, "*shape"], Float[Array, "*shape"]]:
     r"""Layer normalization over the trailing ``normalized_shape`` axes of ``x``.
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
@@ -77,9 +80,21 @@ def layer_norm(
             float32/bfloat16, no mask) and XLA everywhere else; ``"xla"`` always runs the
             pure-JAX path; ``"kernel"`` requires the kernel and raises a ``ValueError``
             saying why where it cannot serve.
+        residual: optional floating array of x's shape, the residual stream. Given, the
+            call returns ``(y, h)``: ``h = x + residual``, added in (at least) float32 and
+            stored in residual's dtype (a float32 ``residual`` beside a bfloat16 ``x`` is
+            flash-attn's ``residual_in_fp32``), and ``y`` the norm of ``h`` as stored, in
+            ``dtype`` (default x's). This equals ``norm(x + residual)`` with both outputs
+            and their gradients; a mask applies to ``y``'s statistics only.
+        axis_name: the name of a mapped axis (``shard_map``, ``pmap`` or ``vmap``) across
+            which the normalized axes are split: each call holds one shard of every row,
+            with the matching shard of ``gamma``/``beta``, and the statistics are the
+            whole row's (each shard's two-pass moments merged, count-weighted, as
+            :func:`batch_norm` merges them), equal to the unsharded call. Runs the XLA
+            path: the kernel cannot see the other shards.
 
     Returns:
-        An array of ``x``'s shape.
+        An array of ``x``'s shape; ``(y, h)`` with ``residual``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -88,6 +103,10 @@ def layer_norm(
         >>> y = layer_norm(x, 10, jnp.ones(10), jnp.zeros(10))
         >>> bool(jnp.allclose(y.mean(-1), 0, atol=1e-6))
         True
+        >>> r = jnp.ones((20, 5, 10))  # the residual stream
+        >>> y, h = layer_norm(x, 10, residual=r)
+        >>> bool(jnp.allclose(h, x + r)), bool(jnp.allclose(y, layer_norm(x + r, 10)))
+        (True, True)
 
     References:
         Ba, Kiros and Hinton, "Layer Normalization", 2016. arXiv:1607.06450.
@@ -104,6 +123,8 @@ def layer_norm(
         dtype=dtype,
         implementation=implementation,
         center=True,
+        residual=residual,
+        axis_name=axis_name,
     )
 
 
@@ -118,7 +139,9 @@ def rms_norm(
     zero_centered_scale: bool = False,
     dtype: DTypeLike | None = None,
     implementation: Implementation = None,
-) -> Float[Array, "*shape"]:
+    residual: Float[Array, "*shape"] | None = None,
+    axis_name: Hashable | None = None,
+) -> Float[Array, "*shape"] | tuple[Float[Array, "*shape"], Float[Array, "*shape"]]:
     r"""Root-mean-square normalization over the trailing ``normalized_shape`` axes of ``x``.
 
     .. math:: y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \gamma \; (+ \beta)
@@ -137,9 +160,21 @@ def rms_norm(
             float32/bfloat16, no mask) and XLA everywhere else; ``"xla"`` always runs the
             pure-JAX path; ``"kernel"`` requires the kernel and raises a ``ValueError``
             saying why where it cannot serve.
+        residual: optional floating array of x's shape, the residual stream. Given, the
+            call returns ``(y, h)``: ``h = x + residual``, added in (at least) float32 and
+            stored in residual's dtype (a float32 ``residual`` beside a bfloat16 ``x`` is
+            flash-attn's ``residual_in_fp32``), and ``y`` the norm of ``h`` as stored, in
+            ``dtype`` (default x's). This equals ``norm(x + residual)`` with both outputs
+            and their gradients; a mask applies to ``y``'s statistics only.
+        axis_name: the name of a mapped axis (``shard_map``, ``pmap`` or ``vmap``) across
+            which the normalized axes are split: each call holds one shard of every row,
+            with the matching shard of ``gamma``/``beta``, and the statistics are the
+            whole row's (each shard's two-pass moments merged, count-weighted, as
+            :func:`batch_norm` merges them), equal to the unsharded call. Runs the XLA
+            path: the kernel cannot see the other shards.
 
     Returns:
-        An array of ``x``'s shape.
+        An array of ``x``'s shape; ``(y, h)`` with ``residual``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -165,22 +200,103 @@ def rms_norm(
         dtype=dtype,
         implementation=implementation,
         center=False,
+        residual=residual,
+        axis_name=axis_name,
     )
+
+
+def dyt(
+    x: Float[Array, "*shape"],
+    normalized_shape: int | Sequence[int],
+    alpha: Float[Array, ""],
+    gamma: Float[Array, "*normalized"] | None = None,
+    beta: Float[Array, "*normalized"] | None = None,
+    *,
+    mask: Bool[Array, "..."] | None = None,
+    dtype: DTypeLike | None = None,
+    residual: Float[Array, "*shape"] | None = None,
+) -> Float[Array, "*shape"] | tuple[Float[Array, "*shape"], Float[Array, "*shape"]]:
+    r"""Dynamic Tanh: an elementwise stand-in for a norm layer, with no statistics.
+
+    .. math:: y = \gamma \tanh(\alpha x) + \beta
+
+    ``alpha`` is one learnable scalar; ``gamma``/``beta`` hold one value per element of the
+    trailing ``normalized_shape``. Computed in at least float32 (bf16/fp16 are upcast).
+
+    Args:
+        x: floating array of shape ``(*batch, *normalized_shape)``; ``batch`` may be empty.
+        normalized_shape: the trailing axes that ``gamma``/``beta`` cover.
+        alpha: the scale inside the tanh, a floating scalar (shape ``()``).
+        gamma: scale of shape ``normalized_shape``, or None for no scale.
+        beta: offset of shape ``normalized_shape``, or None for no offset.
+        mask: optional boolean array of x's rank (axes of size 1 broadcast); where False
+            the output is ``beta`` (0 without beta), as a masked LayerNorm's. There are no
+            statistics for the mask to keep elements out of.
+        dtype: output dtype; default ``x.dtype``.
+        residual: optional floating array of x's shape: returns ``(y, h)`` with ``h = x +
+            residual`` added in float32 and stored in residual's dtype, and ``y`` computed
+            from ``h``, as :func:`layer_norm`'s ``residual``.
+
+    Returns:
+        An array of ``x``'s shape; ``(y, h)`` with ``residual``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from eqx_norm.functional import dyt
+        >>> x = jax.random.normal(jax.random.key(0), (4, 8))
+        >>> y = dyt(x, 8, jnp.asarray(0.5), jnp.ones(8), jnp.zeros(8))
+        >>> bool(jnp.allclose(y, jnp.tanh(0.5 * x)))
+        True
+
+    References:
+        Zhu, Chen, He, LeCun and Liu, "Transformers without Normalization", CVPR 2025.
+        arXiv:2503.10622.
+    """
+    layer = "dyt"
+    shape = canonical_shape(normalized_shape, "normalized_shape")
+    x = check_floating(x, layer)
+    check_trailing_shape(x.shape, shape, layer)
+    residual = _check_residual(residual, x, layer)
+    if alpha is None:
+        raise TypeError(f"{layer}: `alpha` must be a floating scalar array, got None.")
+    alpha = check_parameter(alpha, (), "alpha", layer)
+    gamma = check_parameter(gamma, shape, "gamma", layer)
+    beta = check_parameter(beta, shape, "beta", layer)
+    mask = check_mask(mask, x.shape, layer)
+    out_dtype = optional_dtype(dtype, "dtype") or x.dtype
+    hidden = None
+    if residual is not None:
+        hidden = x = _add_residual(x, residual)
+    compute = compute_dtype(x.dtype)
+    full = (1,) * (x.ndim - len(shape)) + shape  # explicit broadcast against x
+    scale, offset = _affine(gamma, beta, False, compute, full)
+    y = jnp.tanh(alpha.astype(compute) * x.astype(compute))
+    if scale is not None:
+        y = y * scale
+    if offset is not None:
+        y = y + offset
+    if mask is not None:
+        y = jnp.where(mask, y, 0 if offset is None else offset)
+    y = y.astype(out_dtype)
+    return y if residual is None else (y, hidden)
 
 
 def group_norm(
     x: Float[Array, "*shape"],
-    num_groups: int,
+    num_groups: int | None = None,
     gamma: Float[Array, " channels"] | None = None,
     beta: Float[Array, " channels"] | None = None,
     *,
+    group_size: int | None = None,
     num_channels: int | None = None,
-    spatial_ndim: int = 2,
+    spatial_ndim: int | None = 2,
     channel_axis: int = -1,
     epsilon: float = 1e-5,
     mask: Bool[Array, "..."] | None = None,
     zero_centered_scale: bool = False,
     dtype: DTypeLike | None = None,
+    axis_name: Hashable | None = None,
+    implementation: Implementation = None,
 ) -> Float[Array, "*shape"]:
     r"""Group normalization: statistics over space and each group of channels, per example.
 
@@ -192,11 +308,15 @@ def group_norm(
 
     Args:
         x: floating array of shape ``(*batch, *spatial, C)`` (or ``(*batch, C, *spatial)``).
-        num_groups: number of channel groups; must divide ``C``.
+        num_groups: number of channel groups; must divide ``C``. Give exactly one of
+            ``num_groups`` and ``group_size``.
         gamma: per-channel scale of shape ``(C,)``, or None.
         beta: per-channel offset of shape ``(C,)``, or None.
+        group_size: number of channels per group (flax's), instead of ``num_groups``;
+            must divide ``C``.
         num_channels: the expected size of the channel axis (checked), or None.
-        spatial_ndim: number of spatial axes of one example, ``>= 0`` (0: ``(*batch, C)``).
+        spatial_ndim: number of spatial axes of one example, ``>= 0`` (0: ``(*batch, C)``);
+            None: ``x`` is one example of any rank, without batch axes (as in equinox).
         channel_axis: position of the channel axis within one example (-1 or 0).
         epsilon: added to the variance, ``>= 0``.
         mask: optional boolean array of x's rank (axes of size 1 broadcast, e.g.
@@ -204,6 +324,19 @@ def group_norm(
             their output is ``beta`` (0 without beta).
         zero_centered_scale: use ``1 + gamma`` as the scale.
         dtype: output dtype; default ``x.dtype``.
+        axis_name: the name of a mapped axis (``shard_map``, ``pmap`` or ``vmap``) across
+            which the channel axis is split in contiguous blocks, one per shard in axis
+            order: ``x``, ``gamma`` and ``beta`` hold this shard's channels, ``num_groups``
+            counts the groups of all channels (``group_size`` is the same either way),
+            and each group's statistics are merged over the shards that hold part of it,
+            equal to the unsharded call. Each shard's channels must hold whole groups or
+            lie within one group.
+        implementation: None (default) runs the compiled CPU kernel where it serves (CPU,
+            float32/bfloat16, no mask, no ``axis_name``, output in x's dtype) and XLA
+            everywhere else; ``"xla"`` always runs the pure-JAX path; ``"kernel"``
+            requires the kernel and raises a ``ValueError`` saying why where it cannot
+            serve. The kernel's output for one example is bitwise the same whatever else
+            is in the batch.
 
     Returns:
         An array of ``x``'s shape.
@@ -215,6 +348,8 @@ def group_norm(
         >>> y = group_norm(x, 3, jnp.ones(6), jnp.zeros(6))
         >>> bool(jnp.allclose(y[..., :2].mean(), 0, atol=1e-5))
         True
+        >>> bool(jnp.allclose(group_norm(x, group_size=2), group_norm(x, 3)))
+        True
 
     References:
         Wu and He, "Group Normalization", ECCV 2018. arXiv:1803.08494.
@@ -222,7 +357,7 @@ def group_norm(
     return _grouped_norm(
         "group_norm",
         x,
-        positive_int(num_groups, "num_groups"),
+        *check_groups(num_groups, group_size, "group_norm"),
         gamma,
         beta,
         num_channels=None if num_channels is None else positive_int(num_channels, "num_channels"),
@@ -233,7 +368,26 @@ def group_norm(
         mask=mask,
         zero_centered_scale=zero_centered_scale,
         dtype=dtype,
+        axis_name=axis_name,
+        implementation=implementation,
     )
+
+
+def check_groups(num_groups: Any, group_size: Any, owner: str) -> tuple[int | None, int | None]:
+    """``(num_groups, group_size)`` with exactly one of them a positive int, the other None."""
+    if (num_groups is None) == (group_size is None):
+        given = (
+            "neither"
+            if num_groups is None
+            else f"num_groups={num_groups!r} and group_size={group_size!r}"
+        )
+        raise ValueError(
+            f"{owner}: pass exactly one of `num_groups` (the number of groups) and "
+            f"`group_size` (channels per group), got {given}."
+        )
+    if num_groups is not None:
+        return positive_int(num_groups, "num_groups"), None
+    return None, positive_int(group_size, "group_size")
 
 
 def instance_norm(
@@ -242,12 +396,13 @@ def instance_norm(
     beta: Float[Array, " channels"] | None = None,
     *,
     num_channels: int | None = None,
-    spatial_ndim: int = 2,
+    spatial_ndim: int | None = 2,
     channel_axis: int = -1,
     epsilon: float = 1e-5,
     mask: Bool[Array, "..."] | None = None,
     zero_centered_scale: bool = False,
     dtype: DTypeLike | None = None,
+    implementation: Implementation = None,
 ) -> Float[Array, "*shape"]:
     r"""Instance normalization: statistics over space, per example and per channel.
 
@@ -261,13 +416,20 @@ def instance_norm(
         gamma: per-channel scale of shape ``(C,)``, or None.
         beta: per-channel offset of shape ``(C,)``, or None.
         num_channels: the expected size of the channel axis (checked), or None.
-        spatial_ndim: number of spatial axes of one example, ``>= 1``.
+        spatial_ndim: number of spatial axes of one example, ``>= 1``; None: ``x`` is one
+            example of any rank, without batch axes (as in equinox).
         channel_axis: position of the channel axis within one example (-1 or 0).
         epsilon: added to the variance, ``>= 0``.
         mask: optional boolean array of x's rank (axes of size 1 broadcast); False elements
             take no part in the statistics and their output is ``beta`` (0 without beta).
         zero_centered_scale: use ``1 + gamma`` as the scale.
         dtype: output dtype; default ``x.dtype``.
+        implementation: None (default) runs the compiled CPU kernel where it serves (CPU,
+            float32/bfloat16, no mask, no ``axis_name``, output in x's dtype) and XLA
+            everywhere else; ``"xla"`` always runs the pure-JAX path; ``"kernel"``
+            requires the kernel and raises a ``ValueError`` saying why where it cannot
+            serve. The kernel's output for one example is bitwise the same whatever else
+            is in the batch.
 
     Returns:
         An array of ``x``'s shape.
@@ -288,6 +450,7 @@ def instance_norm(
         "instance_norm",
         x,
         None,
+        1,
         gamma,
         beta,
         num_channels=None if num_channels is None else positive_int(num_channels, "num_channels"),
@@ -298,6 +461,7 @@ def instance_norm(
         mask=mask,
         zero_centered_scale=zero_centered_scale,
         dtype=dtype,
+        implementation=implementation,
     )
 
 
@@ -316,6 +480,8 @@ def batch_norm(
     mask: Bool[Array, "..."] | None = None,
     zero_centered_scale: bool = False,
     dtype: DTypeLike | None = None,
+    steps: int | Array | None = None,
+    implementation: Implementation = None,
 ) -> tuple[Float[Array, "*shape"], Float[Array, " channels"], Float[Array, " channels"]]:
     r"""Batch normalization: per-channel statistics over the batch and every spatial axis.
 
@@ -332,15 +498,23 @@ def batch_norm(
     with ``n`` the number of values per channel: the running variance is the unbiased
     (Bessel-corrected) batch variance, as torch and brainpy store it. ``momentum=0.99``
     keeps 99 % of the old value (flax, equinox, brainpy); torch's ``momentum=0.1`` is the
-    weight of the *new* value, so torch's ``momentum`` is ``1 - momentum`` here. The running
-    statistics carry no gradient. Inference (``training=False``): the running statistics
-    normalize, and are returned unchanged.
+    weight of the *new* value, so torch's ``momentum`` is ``1 - momentum`` here. With
+    ``steps`` (the number of updates the running statistics have had, 0 for fresh ones)
+    the update is zero-debiased, as haiku's and equinox's ``mode="batch"`` averages: the
+    weight ``1 - \mu`` becomes ``(1 - \mu) / (1 - \mu^{t})`` at the ``t = steps + 1``-th
+    update, so the running statistics are the ``\mu``-weighted average of the batches seen,
+    with no pull towards their initial values (the first update takes the batch's). The
+    caller keeps ``steps`` and adds 1 after each training call, as :class:`eqx_norm.BatchNorm`
+    does. The running statistics carry no gradient. Inference (``training=False``): the
+    running statistics normalize, and are returned unchanged.
 
     Without ``axis_name``, ``x`` is the whole batch; under ``jit`` with ``x`` sharded over
     devices, XLA reduces across them, so the statistics are the global batch's. With
     ``axis_name`` (inside ``vmap``, ``pmap`` or ``shard_map``), ``x`` is one example or one
-    device's shard and the sums are combined with ``psum`` over that axis, equal to the
-    whole-batch call. Statistics are two-pass in at least float32.
+    device's shard and each shard's count, mean and variance are combined over that axis
+    (Chan et al.), equal to the whole-batch call. Statistics are two-pass in at least
+    float32. Training without a mask or ``axis_name`` has a hand-written derivative (see
+    ``eqx_norm._xla_batch_norm``); forward mode works on every path.
 
     Args:
         x: floating array with channels on ``channel_axis``, e.g. ``(N, H, W, C)``.
@@ -364,6 +538,11 @@ def batch_norm(
             estimates no variance), and with none its running mean too: never NaN.
         zero_centered_scale: use ``1 + gamma`` as the scale.
         dtype: output dtype; default ``x.dtype``.
+        steps: None (default) for the plain moving average above, or an integer scalar,
+            the number of updates the running statistics have had, for the zero-debiased
+            one.
+        implementation: None (default) or ``"xla"``: both run the pure-JAX path; there is
+            no compiled BatchNorm kernel, so ``"kernel"`` is an error.
 
     Returns:
         ``(y, new_mean, new_var)``: an array of x's shape, and the running statistics in
@@ -380,57 +559,33 @@ def batch_norm(
         >>> y, mean, var = batch_norm(x, jnp.zeros(3), jnp.ones(3), training=True)
         >>> bool(jnp.allclose(y.mean(0), 0, atol=1e-5)), bool(jnp.all(mean > 0.04))
         (True, True)
+        >>> _, mean, _ = batch_norm(x, jnp.zeros(3), jnp.ones(3), training=True, steps=0)
+        >>> bool(jnp.allclose(mean, x.mean(0)))  # debiased: the first update is the batch's
+        True
 
     References:
         Ioffe and Szegedy, "Batch Normalization: Accelerating Deep Network Training by
         Reducing Internal Covariate Shift", ICML 2015. arXiv:1502.03167.
     """
-    layer = "batch_norm"
-    x = check_floating(x, layer)
-    training = check_flag(training, "training")
-    momentum = check_momentum(momentum)
-    axis = _batch_channel_axis(channel_axis, x, layer)
-    channels = x.shape[axis]
-    running_mean = _check_running(running_mean, "running_mean", x, axis, layer)
-    running_var = _check_running(running_var, "running_var", x, axis, layer)
-    gamma = check_parameter(gamma, (channels,), "gamma", layer)
-    beta = check_parameter(beta, (channels,), "beta", layer)
-    epsilon = check_epsilon(epsilon)
-    mask = check_mask(mask, x.shape, layer)
-    zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
-    out_dtype = optional_dtype(dtype, "dtype") or x.dtype
-
-    axes = tuple(i for i in range(x.ndim) if i != axis)
-    per_channel = tuple(channels if i == axis else 1 for i in range(x.ndim))
-    x = x.astype(compute_dtype(x.dtype))
-    if training:
-        per_device = math.prod(x.shape[i] for i in axes)
-        values = per_device * (1 if axis_name is None else _axis_size(axis_name, layer))
-        if values < 2:
-            raise ValueError(
-                f"{layer}: training needs at least 2 values per channel to estimate a "
-                f"variance, but x of shape {x.shape} (channel_axis={channel_axis}"
-                f"{'' if axis_name is None else f', axis_name={axis_name!r}'}) gives "
-                f"{values}: the variance of one value is 0. Use a batch of at least 2 "
-                "examples, or training=False to normalize by the running statistics."
-            )
-        mean, var, count = _batch_moments(x, axes, mask, axis_name)
-        new_mean, new_var = _update_running(
-            running_mean, running_var, mean, var, count, momentum, channels
-        )
-    else:
-        mean = running_mean.astype(x.dtype).reshape(per_channel)
-        var = running_var.astype(x.dtype).reshape(per_channel)
-        new_mean, new_var = running_mean, running_var
-    scale, offset = _affine(gamma, beta, zero_centered_scale, x.dtype, per_channel)
-    y = (x - mean) * inverse_std(var, epsilon)
-    if scale is not None:
-        y = y * scale
-    if offset is not None:
-        y = y + offset
-    if mask is not None:
-        y = jnp.where(mask, y, 0 if offset is None else offset)
-    return y.astype(out_dtype), new_mean, new_var
+    return _batch_norm(
+        x,
+        running_mean,
+        running_var,
+        gamma,
+        beta,
+        training=training,
+        momentum=momentum,
+        epsilon=epsilon,
+        channel_axis=channel_axis,
+        axis_name=axis_name,
+        mask=mask,
+        zero_centered_scale=zero_centered_scale,
+        dtype=dtype,
+        steps=steps,
+        implementation=implementation,
+        layer="batch_norm",
+        inference_switch="training=False",
+    )
 
 
 def _affine(
@@ -448,15 +603,26 @@ def _affine(
 
 
 def _use_kernel(
-    implementation: str | None, x: Array, masked: bool, out_dtype: DTypeLike, layer: str
+    implementation: str | None,
+    x: Array,
+    masked: bool,
+    out_dtype: DTypeLike,
+    layer: str,
+    *,
+    residual: Array | None = None,
+    axis_name: Hashable | None = None,
 ) -> bool:
     """Whether the compiled kernel runs this call; ``"kernel"`` where it cannot is an error."""
     if implementation == "xla":
         return False
     if masked:
         reason = "a `mask` is given"
+    elif axis_name is not None:
+        reason = f"`axis_name`={axis_name!r} is given: the kernel cannot see the other shards"
     elif out_dtype != x.dtype:  # the kernel writes x's dtype: a wider output would lose bits
         reason = f"the output dtype {out_dtype} differs from x's dtype {x.dtype}"
+    elif residual is not None:
+        reason = _kernel_rows.residual_unavailable_reason(x, residual)
     else:
         reason = _kernel_rows.unavailable_reason(x)
     if reason is None:
@@ -482,37 +648,123 @@ def _trailing_norm(
     dtype: DTypeLike | None,
     implementation: Implementation,
     center: bool,
-) -> Array:
+    residual: Array | None = None,
+    axis_name: Hashable | None = None,
+) -> Array | tuple[Array, Array]:
     """The body of :func:`layer_norm` and :func:`rms_norm` (``center=False``): checks, then
-    the kernel or XLA on a ``(rows, D)`` view; masked calls run the general XLA path."""
+    the kernel or XLA on a ``(rows, D)`` view; masked calls and ``axis_name`` run the
+    general XLA path. With ``residual``: ``(y, h)``, ``y`` the norm of ``h = x + residual``."""
     shape = canonical_shape(normalized_shape, "normalized_shape")
     x = check_floating(x, layer)
     axes = check_trailing_shape(x.shape, shape, layer)
+    residual = _check_residual(residual, x, layer)
     gamma = check_parameter(gamma, shape, "gamma", layer)
     beta = check_parameter(beta, shape, "beta", layer)
     epsilon = check_epsilon(epsilon)
     mask = check_mask(mask, x.shape, layer)
     zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
     out_dtype = optional_dtype(dtype, "dtype") or x.dtype
+    if axis_name is not None:
+        _axis_size(axis_name, layer)  # a NameError naming axis_name where it is not mapped
     use_kernel = _use_kernel(
-        check_implementation(implementation), x, mask is not None, out_dtype, layer
+        check_implementation(implementation),
+        x,
+        mask is not None,
+        out_dtype,
+        layer,
+        residual=residual,
+        axis_name=axis_name,
     )
-    if mask is not None:
-        scale, offset = _affine(gamma, beta, zero_centered_scale, compute_dtype(x.dtype), shape)
-        y = _xla.normalize(x, axes, scale, offset, epsilon=epsilon, center=center, mask=mask)
-        return y.astype(out_dtype)
+    hidden = None
+    if residual is not None and not use_kernel:  # XLA: the sum, then the norm; XLA fuses
+        hidden = x = _add_residual(x, residual)
+    compute = compute_dtype(x.dtype if residual is None else residual.dtype)
+    if mask is not None or axis_name is not None:
+        full = (1,) * (x.ndim - len(shape)) + shape  # explicit broadcast against x
+        scale, offset = _affine(gamma, beta, zero_centered_scale, compute, full)
+        if axis_name is None:
+            y = _xla.normalize(x, axes, scale, offset, epsilon=epsilon, center=center, mask=mask)
+        else:
+            y = normalize_across(
+                x,
+                axes,
+                scale,
+                offset,
+                epsilon=epsilon,
+                center=center,
+                mask=mask,
+                axis_name=axis_name,
+            )
+        y = y.astype(out_dtype)
+        return y if residual is None else (y, hidden)
     d = math.prod(shape)
-    scale, offset = _affine(gamma, beta, zero_centered_scale, compute_dtype(x.dtype), (d,))
+    scale, offset = _affine(gamma, beta, zero_centered_scale, compute, (d,))
     rows = x.reshape(-1, d)  # (*batch, *normalized) -> (rows, D), a free bitcast
-    run = _kernel_rows.normalize_rows if use_kernel else _xla.normalize_rows
-    y = run(rows, scale, offset, epsilon=epsilon, center=center)
-    return y.astype(out_dtype).reshape(x.shape)
+    if use_kernel and residual is not None:
+        y, hidden = _kernel_add_and_normalize_rows(
+            rows, residual.reshape(-1, d), scale, offset, epsilon=epsilon, center=center
+        )
+        hidden = hidden.reshape(x.shape)
+    else:
+        run = _kernel_rows.normalize_rows if use_kernel else _xla.normalize_rows
+        y = run(rows, scale, offset, epsilon=epsilon, center=center)
+    y = y.astype(out_dtype).reshape(x.shape)
+    return y if residual is None else (y, hidden)
+
+
+def _add_residual(x: Array, residual: Array) -> Array:
+    """``x + residual``, added in at least float32 and stored in residual's dtype."""
+    wide = jnp.promote_types(compute_dtype(x.dtype), compute_dtype(residual.dtype))
+    return (x.astype(wide) + residual.astype(wide)).astype(residual.dtype)
+
+
+def _kernel_add_and_normalize_rows(
+    x: Array,
+    residual: Array,
+    scale: Array | None,
+    offset: Array | None,
+    *,
+    epsilon: float,
+    center: bool,
+) -> tuple[Array, Array]:
+    """``(y, h)`` of ``(rows, D)`` views on the compiled kernel: ``h = x + residual`` (a
+    float32 sum stored in residual's dtype) and ``y`` the norm of ``h``, in x's dtype, in
+    one pass over memory (the backward likewise)."""
+    return _kernel_rows.normalize_rows_residual(
+        x, residual, scale, offset, epsilon=epsilon, center=center
+    )
+
+
+def _check_residual(residual: Any, x: Array, layer: str) -> Array | None:
+    """None, or ``residual`` as a floating array of exactly x's shape."""
+    if residual is None:
+        return None
+    try:
+        residual = jnp.asarray(residual)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{layer}: `residual` must be None or a floating array of x's shape {x.shape}, "
+            f"got {type(residual).__name__} {residual!r:.80}."
+        ) from None
+    if not jnp.issubdtype(residual.dtype, jnp.floating):
+        raise TypeError(
+            f"{layer}: `residual` must be a floating array (the residual stream, e.g. "
+            f"float32), got dtype {residual.dtype}. Cast it first, e.g. "
+            "`residual.astype(jnp.float32)`."
+        )
+    if residual.shape != x.shape:
+        raise ValueError(
+            f"{layer}: `residual` must have x's shape {x.shape} (it is added to x, never "
+            f"broadcast), got shape {residual.shape}."
+        )
+    return residual
 
 
 def _grouped_norm(
     layer: str,
     x: Array,
     num_groups: int | None,
+    group_size: int | None,
     gamma: Array | None,
     beta: Array | None,
     *,
@@ -524,16 +776,26 @@ def _grouped_norm(
     mask: Array | None,
     zero_centered_scale: bool,
     dtype: DTypeLike | None,
+    axis_name: Hashable | None = None,
+    implementation: Implementation = None,
 ) -> Array:
-    """The body of :func:`group_norm` and :func:`instance_norm` (``num_groups=None``: one
-    group per channel); ``num_channels=None`` takes the channel count from ``x``."""
+    """The body of :func:`group_norm` and :func:`instance_norm` (``group_size=1``); exactly
+    one of ``num_groups``/``group_size`` is given; ``num_channels=None`` takes the channel
+    count from ``x``. With ``axis_name`` the channel axis is split across its shards."""
     spatial_ndim, channel_axis = check_layout(
         spatial_ndim, channel_axis, layer, min_spatial_ndim=min_spatial_ndim
     )
     x = check_floating(x, layer)
-    n = spatial_ndim + 1
     described = f"{layer}(spatial_ndim={spatial_ndim}, channel_axis={channel_axis})"
     expected = describe_layout(spatial_ndim, channel_axis, num_channels)
+    if spatial_ndim is None:  # x is one example (equinox's convention), of any rank
+        if x.ndim < 1 + min_spatial_ndim:
+            raise ValueError(
+                f"{described} takes x as one example {expected}, got shape {x.shape}: it "
+                f"needs at least {1 + min_spatial_ndim} axes."
+            )
+        spatial_ndim = x.ndim - 1
+    n = spatial_ndim + 1
     if x.ndim < n:
         raise ValueError(
             f"{described} expects x of shape {expected} with any number of leading batch "
@@ -552,11 +814,30 @@ def _grouped_norm(
             f"{described} expects x of shape {expected}, got shape {x.shape}, whose channel "
             f"axis {axis} has size {channels}, not num_channels={num_channels}.{hint}"
         )
-    groups = channels if num_groups is None else num_groups
-    if channels % groups:
+    shards = 1 if axis_name is None else _axis_size(axis_name, layer)
+    whole = channels * shards  # the channels of all shards
+    across = "" if axis_name is None else f", {whole} across the {shards} shards of {axis_name!r}"
+    if group_size is None:
+        if whole % num_groups:
+            raise ValueError(
+                f"{layer}: num_groups={num_groups} must divide the number of channels, but x "
+                f"of shape {x.shape} has {channels} channels on axis {axis} (layout "
+                f"{expected}){across}."
+            )
+        group_size = whole // num_groups
+    elif whole % group_size:
         raise ValueError(
-            f"{layer}: num_groups={groups} must divide the number of channels, but x of shape "
-            f"{x.shape} has {channels} channels on axis {axis} (layout {expected})."
+            f"{layer}: `group_size`={group_size} must divide the number of channels, but x of "
+            f"shape {x.shape} has {channels} channels on axis {axis} (layout {expected})"
+            f"{across}."
+        )
+    groups = max(channels // group_size, 1)  # this shard's (part of a) group count
+    if axis_name is not None and channels % group_size and group_size % channels:
+        raise ValueError(
+            f"{layer}: with axis_name={axis_name!r}, each shard's {channels} channels must "
+            f"hold whole groups or lie within one group, but groups hold {group_size} "
+            f"channels{across}. Choose a group size that divides {channels} or that "
+            f"{channels} divides."
         )
     gamma = check_parameter(gamma, (channels,), "gamma", layer)
     beta = check_parameter(beta, (channels,), "beta", layer)
@@ -564,27 +845,162 @@ def _grouped_norm(
     mask = check_mask(mask, x.shape, layer)
     zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
     out_dtype = optional_dtype(dtype, "dtype") or x.dtype
+    use_kernel = _use_kernel(
+        check_implementation(implementation),
+        x,
+        mask is not None,
+        out_dtype,
+        layer,
+        axis_name=axis_name,
+    )
+    if use_kernel:  # on a free 3-D view: (N, S, C) channels-last, (N, C, S) channels-first
+        batch = math.prod(x.shape[: x.ndim - n])
+        positions = math.prod(x.shape[i] for i in range(x.ndim - n, x.ndim) if i != axis)
+        last = channel_axis != 0
+        view = (batch, positions, channels) if last else (batch, channels, positions)
+        scale, offset = _affine(gamma, beta, zero_centered_scale, jnp.float32, (channels,))
+        y = _kernel_groups.normalize_groups(
+            x.reshape(view), scale, offset, num_groups=groups, channels_last=last, epsilon=epsilon
+        )
+        return y.reshape(x.shape)
 
     # Split the channel axis into (groups, channels per group); the statistics run over the
     # spatial axes and the channels within a group.
     grouped = (*x.shape[:axis], groups, channels // groups, *x.shape[axis + 1 :])
     spatial = [i for i in range(x.ndim - n, x.ndim) if i != axis]
     axes = tuple(sorted([i + 1 if i > axis else i for i in spatial] + [axis + 1]))
-    per_channel = (groups, channels // groups) + (1,) * (x.ndim - axis - 1)
+    per_channel = (1,) * axis + (groups, channels // groups) + (1,) * (x.ndim - axis - 1)
     scale, offset = _affine(gamma, beta, zero_centered_scale, compute_dtype(x.dtype), per_channel)
-    y = _xla.normalize(
-        x.reshape(grouped),
-        axes,
-        scale,
-        offset,
-        epsilon=epsilon,
-        center=True,
-        mask=None if mask is None else mask.reshape(grouped),
-    )
+    grouped_mask = None if mask is None else mask.reshape(grouped)
+    if axis_name is None:
+        y = _xla.normalize(
+            x.reshape(grouped),
+            axes,
+            scale,
+            offset,
+            epsilon=epsilon,
+            center=True,
+            mask=grouped_mask,
+        )
+    else:  # this shard's groups are groups start, start + 1, ... of whole // group_size
+        start = (lax.axis_index(axis_name) * channels) // group_size
+        y = normalize_across(
+            x.reshape(grouped),
+            axes,
+            scale,
+            offset,
+            epsilon=epsilon,
+            center=True,
+            mask=grouped_mask,
+            axis_name=axis_name,
+            groups=(axis, start, whole // group_size),
+        )
     return y.astype(out_dtype).reshape(x.shape)
 
 
 # ----------------------------------------------------------------------------- batch_norm
+
+
+def _batch_norm(
+    x: Any,
+    running_mean: Any,
+    running_var: Any,
+    gamma: Any,
+    beta: Any,
+    *,
+    training: Any,
+    momentum: Any,
+    epsilon: Any,
+    channel_axis: Any,
+    axis_name: Hashable | None,
+    mask: Any,
+    zero_centered_scale: Any,
+    dtype: Any,
+    steps: Any,
+    implementation: Any,
+    layer: str,
+    inference_switch: str,
+) -> tuple[Array, Array, Array]:
+    """The body of :func:`batch_norm` and of ``BatchNorm.__call__``: errors name ``layer``
+    and, for a batch too small to train on, the caller's switch to inference
+    (``inference_switch``)."""
+    x = check_floating(x, layer)
+    training = check_flag(training, "training")
+    momentum = check_momentum(momentum)
+    check_batch_norm_implementation(implementation, layer)
+    axis = _batch_channel_axis(channel_axis, x, layer)
+    channels = x.shape[axis]
+    running_mean = _check_running(running_mean, "running_mean", x, axis, layer)
+    running_var = _check_running(running_var, "running_var", x, axis, layer)
+    gamma = check_parameter(gamma, (channels,), "gamma", layer)
+    beta = check_parameter(beta, (channels,), "beta", layer)
+    epsilon = check_epsilon(epsilon)
+    mask = check_mask(mask, x.shape, layer)
+    zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
+    out_dtype = optional_dtype(dtype, "dtype") or x.dtype
+    steps = _check_steps(steps, layer)
+
+    axes = tuple(i for i in range(x.ndim) if i != axis)
+    per_channel = tuple(channels if i == axis else 1 for i in range(x.ndim))
+    x = x.astype(compute_dtype(x.dtype))
+    scale, offset = _affine(gamma, beta, zero_centered_scale, x.dtype, per_channel)
+    if training:
+        per_device = math.prod(x.shape[i] for i in axes)
+        values = per_device * (1 if axis_name is None else _axis_size(axis_name, layer))
+        if values < 2:
+            raise ValueError(
+                f"{layer}: training needs at least 2 values per channel to estimate a "
+                f"variance, but x of shape {x.shape} (channel_axis={channel_axis}"
+                f"{'' if axis_name is None else f', axis_name={axis_name!r}'}) gives "
+                f"{values}: the variance of one value is 0. Use a batch of at least 2 "
+                f"examples, or {inference_switch} to normalize by the running statistics."
+            )
+        y, mean, var, count = _xla_batch_norm.train(
+            x, scale, offset, axes=axes, epsilon=epsilon, mask=mask, axis_name=axis_name
+        )
+        new_mean, new_var = _xla_batch_norm.update_running(
+            running_mean, running_var, mean, var, count, momentum=momentum, steps=steps
+        )
+    else:
+        y = _xla_batch_norm.infer(
+            x,
+            running_mean.astype(x.dtype).reshape(per_channel),
+            running_var.astype(x.dtype).reshape(per_channel),
+            scale,
+            offset,
+            epsilon=epsilon,
+            mask=mask,
+        )
+        new_mean, new_var = running_mean, running_var
+    return y.astype(out_dtype), new_mean, new_var
+
+
+def check_batch_norm_implementation(implementation: Any, owner: str) -> str | None:
+    """``implementation`` checked; ``"kernel"`` is an error: no compiled BatchNorm exists."""
+    implementation = check_implementation(implementation)
+    if implementation == "kernel":
+        raise ValueError(
+            f"{owner}: `implementation`='kernel' asks for a compiled kernel, but there is no "
+            "compiled BatchNorm kernel: BatchNorm runs the pure-JAX path, which has its own "
+            "derivative. Pass implementation=None (default) or 'xla'."
+        )
+    return implementation
+
+
+def _check_steps(steps: Any, layer: str) -> Array | None:
+    """None, or ``steps`` as an integer scalar array (the running statistics' update count)."""
+    if steps is None:
+        return None
+    try:
+        value = jnp.asarray(steps)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value.shape != () or not jnp.issubdtype(value.dtype, jnp.integer):
+        raise TypeError(
+            f"{layer}: `steps` must be None or an integer scalar, the number of updates the "
+            f"running statistics have had (0 for fresh ones), got {steps!r:.80}."
+        )
+    return value
 
 
 def _batch_channel_axis(channel_axis: Any, x: Array, layer: str) -> int:
@@ -617,9 +1033,14 @@ def _check_running(value: Any, argument: str, x: Array, axis: int, layer: str) -
             if others
             else ""
         )
+        has = (
+            f"the layer has num_features={shape[0]}"
+            if layer == "BatchNorm"  # the layer's user passed num_features, not the statistics
+            else f"`{argument}` has shape {shape} (num_features={shape[0]})"
+        )
         raise ValueError(
             f"{layer}: x of shape {x.shape} has {channels} channels on axis {axis}, but "
-            f"`{argument}` has shape {shape} (num_features={shape[0]}).{hint}"
+            f"{has}.{hint}"
         )
     return check_parameter(value, (channels,), argument, layer)
 
@@ -634,61 +1055,3 @@ def _axis_size(axis_name: Hashable, layer: str) -> int:
             f"`jax.vmap`/`jax.pmap`/`shard_map` with axis_name={axis_name!r}, or pass "
             "axis_name=None and the whole batch (under `jit`, sharded or not)."
         ) from None
-
-
-def _batch_moments(
-    x: Array, axes: tuple[int, ...], mask: Array | None, axis_name: Hashable | None
-) -> tuple[Array, Array, Array]:
-    """``(mean, var, count)`` per channel (size-1 ``axes`` kept), combined over ``axis_name``.
-
-    Each shard's two-pass moments come from :func:`moments`; across shards, the mean is a
-    count-weighted mean corrected by a second pass over the shards' deviations from it, and
-    the variance adds the spread of the shards' means (Chan et al.), so no shard subtracts
-    large squares.
-
-    Under explicit sharding (``jax.make_mesh``'s default) with a reduced axis sharded,
-    :func:`moments` cannot take its unmasked shift, the first element (JAX does not slice one
-    element out of a sharded axis), so an all-True mask selects its masked path, which
-    shifts by a first mean instead: one more pass over ``x``.
-    """
-    spec = jax.typeof(x).sharding.spec
-    if mask is None and any(i < len(spec) and spec[i] is not None for i in axes):
-        mean, var = moments(x, axes, mask=jnp.ones(x.shape, bool))
-    else:
-        mean, var = moments(x, axes, mask=mask)
-    if mask is None:
-        count = jnp.asarray(math.prod(x.shape[i] for i in axes), x.dtype)
-    else:
-        count = jnp.sum(mask, axis=axes, keepdims=True, dtype=x.dtype)
-    if axis_name is None:
-        return mean, var, count
-    total, weighted = lax.psum((count, count * mean), axis_name)
-    safe = jnp.maximum(total, 1)
-    first = weighted / safe
-    deviation = mean - first
-    shift, spread = lax.psum((count * deviation, count * (var + jnp.square(deviation))), axis_name)
-    shift = shift / safe
-    return first + shift, jnp.maximum(spread / safe - jnp.square(shift), 0), total
-
-
-def _update_running(
-    running_mean: Array,
-    running_var: Array,
-    mean: Array,
-    var: Array,
-    count: Array,
-    momentum: float,
-    channels: int,
-) -> tuple[Array, Array]:
-    """The running statistics moved towards the batch's, the variance Bessel-corrected; a
-    channel with no value keeps both, one with a single value keeps its variance."""
-    count = jnp.broadcast_to(count, mean.shape).reshape(channels)
-    mean = lax.stop_gradient(mean).reshape(channels)
-    unbiased = lax.stop_gradient(var).reshape(channels) * (count / jnp.maximum(count - 1, 1))
-
-    def move(old: Array, batch: Array, valid: Array) -> Array:
-        dtype = jnp.promote_types(old.dtype, batch.dtype)
-        new = momentum * old.astype(dtype) + (1 - momentum) * batch.astype(dtype)
-        return jnp.where(valid, new, old.astype(dtype)).astype(old.dtype)
-
-    return move(running_mean, mean, count >= 1), move(running_var, unbiased, count >= 2)

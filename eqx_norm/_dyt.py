@@ -1,0 +1,177 @@
+"""DyT (Dynamic Tanh): an elementwise drop-in for LayerNorm, with no statistics."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
+
+from . import functional
+from ._base import NO_STATE, _split_key, with_state
+from ._checks import DTypeLike, canonical_shape, check_flag, optional_dtype
+from .initializers import InitializerLike, OneInit, ZeroInit, make_parameter
+
+
+class DyT(eqx.Module):
+    r"""Dynamic Tanh: ``gamma * tanh(alpha * x) + beta``, elementwise, in place of a norm.
+
+    .. math:: y = \gamma \tanh(\alpha x) + \beta
+
+    ``alpha`` is one learnable scalar (a ``()`` array), initialised to ``alpha_init``;
+    ``gamma``/``beta`` hold one value per element of the trailing ``normalized_shape``, as
+    a :class:`LayerNorm`'s. There are no statistics: each element is squashed on its own,
+    so the layer costs one elementwise pass and needs no reduction. Input has shape
+    ``(*batch, *normalized_shape)``; output has x's shape and dtype. Computed in at least
+    float32 (bf16/fp16 inputs are upcast). The call forms are LayerNorm's (``state``,
+    ``mask``, ``residual``, ``key``), so it drops in wherever a LayerNorm stands.
+
+    Args:
+        normalized_shape: int or sequence of ints: the trailing axes ``gamma``/``beta``
+            cover.
+        alpha_init: initial value of ``alpha``, a finite float (the paper's default 0.5;
+            it suggests smaller values for wider or deeper models).
+        scale_initializer: initializer of ``gamma`` (see :mod:`eqx_norm.initializers`):
+            an instance, a class with default arguments, a ``(key, shape, dtype)``
+            callable, or an array of exactly ``normalized_shape``; None (default) means
+            ones.
+        bias_initializer: initializer of ``beta``, accepted in the same forms; None
+            (default) means zeros.
+        elementwise_affine: False switches off both ``gamma`` and ``beta`` (``alpha``
+            stays). An initializer given for a parameter that is switched off is an error.
+        use_scale: False switches off ``gamma`` alone.
+        use_bias: False switches off ``beta`` alone.
+        param_dtype: storage dtype of ``alpha``/``gamma``/``beta`` (default float32).
+        dtype: output dtype (default: the input's).
+        key: PRNG key, needed only by random initializers.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from eqx_norm import DyT
+        >>> x = jax.random.normal(jax.random.key(0), (4, 16, 64))
+        >>> layer = DyT(64)
+        >>> layer.alpha.shape, layer.gamma.shape
+        ((), (64,))
+        >>> bool(jnp.allclose(layer(x), jnp.tanh(0.5 * x)))
+        True
+
+    References:
+        Zhu, Chen, He, LeCun and Liu, "Transformers without Normalization", CVPR 2025.
+        arXiv:2503.10622.
+    """
+
+    alpha: Float[Array, ""]
+    gamma: Float[Array, "..."] | None
+    beta: Float[Array, "..."] | None
+    normalized_shape: tuple[int, ...] = eqx.field(static=True)
+    dtype: np.dtype | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        *,
+        alpha_init: float = 0.5,
+        scale_initializer: InitializerLike | None = None,
+        bias_initializer: InitializerLike | None = None,
+        elementwise_affine: bool = True,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        param_dtype: DTypeLike | None = None,
+        dtype: DTypeLike | None = None,
+        key: PRNGKeyArray | None = None,
+    ):
+        self.normalized_shape = canonical_shape(normalized_shape, "normalized_shape")
+        self.dtype = optional_dtype(dtype, "dtype")
+        param_dtype = optional_dtype(param_dtype, "param_dtype") or np.dtype(np.float32)
+        if isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float, np.number)):
+            raise TypeError(
+                f"DyT: `alpha_init` must be a real number, got {type(alpha_init).__name__} "
+                f"{alpha_init!r:.80}."
+            )
+        if not math.isfinite(alpha_init):
+            raise ValueError(f"DyT: `alpha_init` must be finite, got {alpha_init}.")
+        self.alpha = jnp.asarray(alpha_init, param_dtype)
+        affine = check_flag(elementwise_affine, "elementwise_affine")
+        on = {
+            "scale_initializer": affine and check_flag(use_scale, "use_scale"),
+            "bias_initializer": affine and check_flag(use_bias, "use_bias"),
+        }
+        for argument, initializer, switch in (
+            ("scale_initializer", scale_initializer, "use_scale"),
+            ("bias_initializer", bias_initializer, "use_bias"),
+        ):
+            if initializer is not None and not on[argument]:
+                off = switch if affine else "elementwise_affine"
+                raise ValueError(
+                    f"Cannot set `{argument}` if `{off}=False`: the parameter it initializes "
+                    f"does not exist. Drop `{argument}`, or set `{off}=True`."
+                )
+        scale_key, bias_key = (None, None) if key is None else _split_key(key)
+        self.gamma = self.beta = None
+        if on["scale_initializer"]:
+            self.gamma = make_parameter(
+                OneInit() if scale_initializer is None else scale_initializer,
+                argument="scale_initializer",
+                key=scale_key,
+                shape=self.normalized_shape,
+                dtype=param_dtype,
+            )
+        if on["bias_initializer"]:
+            self.beta = make_parameter(
+                ZeroInit() if bias_initializer is None else bias_initializer,
+                argument="bias_initializer",
+                key=bias_key,
+                shape=self.normalized_shape,
+                dtype=param_dtype,
+            )
+
+    @property
+    def elementwise_affine(self) -> bool:
+        """Whether the layer has ``gamma`` or ``beta``."""
+        return self.gamma is not None or self.beta is not None
+
+    def __call__(
+        self,
+        x: Float[Array, "*shape"],
+        state: Any = NO_STATE,
+        *,
+        mask: Bool[Array, "*shape"] | None = None,
+        residual: Float[Array, "*shape"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        """Apply ``gamma * tanh(alpha * x) + beta`` to ``x`` of shape ``(*batch,
+        *normalized_shape)``.
+
+        Args:
+            x: floating-point input; integer and boolean inputs are an error.
+            state: optional, returned unchanged: ``layer(x, state)`` gives ``(y, state)``,
+                equinox's call form.
+            mask: optional boolean array of x's rank (size-1 axes broadcast); where False
+                the output is ``beta`` (0 without ``beta``), as a masked LayerNorm's.
+            residual: optional floating array of x's shape: the layer is applied to
+                ``h = x + residual`` (added in float32, stored in residual's dtype) and
+                returns ``(y, h)``, as LayerNorm's ``residual``.
+            key: ignored, as in equinox.
+
+        Returns:
+            An array of x's shape, in x's dtype (or ``dtype`` if set); ``(y, h)`` with
+            ``residual``; either paired with ``state`` when it is given.
+        """
+        del key
+        with jax.named_scope("eqx_norm.DyT"):
+            y = functional.dyt(
+                x,
+                self.normalized_shape,
+                self.alpha,
+                self.gamma,
+                self.beta,
+                mask=mask,
+                dtype=self.dtype,
+                residual=residual,
+            )
+        return with_state(y, state)
