@@ -38,9 +38,9 @@ def worker_env(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
 
-def test_two_processes_train_like_one(worker_env, tmp_path, capsys, monkeypatch):
+def test_two_processes_train_like_one(worker_env, tmp_path, capfd, monkeypatch):
     assert launch(["--out", str(tmp_path / "multi.json")], 2, TIMEOUT, module=WORKER) == 0
-    assert "process 0: done" in capsys.readouterr().out  # process 0's output is streamed
+    assert "process 0: done" in capfd.readouterr().out  # process 0's output is streamed
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     command = [sys.executable, "-m", WORKER, "--out", str(tmp_path / "single.json")]
     subprocess.run(command, check=True, timeout=TIMEOUT, capture_output=True)
@@ -68,12 +68,12 @@ def test_two_processes_train_like_one(worker_env, tmp_path, capsys, monkeypatch)
     ],
 )
 def test_failed_process_is_reported_and_the_rest_stopped(
-    worker_env, tmp_path, capsys, how, code, message, tail
+    worker_env, tmp_path, capfd, how, code, message, tail
 ):
     start = time.monotonic()
     argv = ["--out", str(tmp_path / "out.json"), "--fail-process", "1", "--fail-how", how]
     status = launch(argv, 2, TIMEOUT, module=WORKER)
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert status == code, err
     assert f"process 1 of 2 (python -m {WORKER}) {message}; stopped the others." in err
     assert "Last lines of process 1's stderr:" in err and tail in err
