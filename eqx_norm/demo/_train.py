@@ -20,10 +20,10 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from tqdm import tqdm
 
-from .. import LayerNorm, RMSNorm
+from .. import DyT, LayerNorm, RMSNorm
 
 # The normalizations the demo compares, by their --norms name. Adding one is one line here.
-NORMS: dict[str, Callable[[int], eqx.Module]] = {"layer": LayerNorm, "rms": RMSNorm}
+NORMS: dict[str, Callable[[int], eqx.Module]] = {"layer": LayerNorm, "rms": RMSNorm, "dyt": DyT}
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {"relu": jax.nn.relu, "tanh": jnp.tanh}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 INITS = ("default", "he")
