@@ -61,7 +61,7 @@ def _plain(center, epsilon=EPS):
     def fn(x, s, o):
         mean = jnp.mean(x, axis=1, keepdims=True) if center else 0.0
         var = jnp.mean(jnp.square(x - mean), axis=1, keepdims=True)
-        return (x - mean) / jnp.sqrt(var + epsilon) * s + o
+        return (x - mean) / jnp.sqrt(var + epsilon) * s[None, :] + o[None, :]
 
     return fn
 
@@ -209,7 +209,9 @@ def test_scale_and_offset_none():
             jnp.sin(_cpu_kernel.normalize_rows(x, None, None, epsilon=EPS, center=True))
         )
     )(x)
-    want = jax.grad(lambda x: jnp.sum(jnp.sin(_plain(True)(x, 1.0, 0.0))))(x)
+    want = jax.grad(
+        lambda x: jnp.sum(jnp.sin(_plain(True)(x, jnp.ones(x.shape[1]), jnp.zeros(x.shape[1]))))
+    )(x)
     np.testing.assert_allclose(gx, want, rtol=1e-4, atol=1e-5)
 
 
@@ -288,7 +290,9 @@ def test_jacfwd_jacrev_hessian(small, center):
     x, scale, offset, _ = small
 
     def loss(fn):
-        return lambda x, s, o: jnp.sum(jnp.sin(fn(x, s, o)) * jnp.arange(1.0, 7.0, dtype=x.dtype))
+        return lambda x, s, o: jnp.sum(
+            jnp.sin(fn(x, s, o)) * jnp.arange(1.0, 7.0, dtype=x.dtype)[None, :]
+        )
 
     kernel, plain = loss(_kernel(center)), loss(_plain(center))
     with jax.enable_x64(True):
@@ -455,7 +459,7 @@ def kernel(x, s, o):
 def plain(x, s, o):
     mean = jnp.mean(x, axis=1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=1, keepdims=True)
-    return (x - mean) / jnp.sqrt(var + 1e-5) * s + o
+    return (x - mean) / jnp.sqrt(var + 1e-5) * s[None, :] + o[None, :]
 
 def fwd_bwd(fn):
     def f(x, s, o, ct):

@@ -20,85 +20,11 @@
 // Portability: plain C++17 loops written for the auto-vectorizer; on x86-64 with GCC the
 // hot loops are also cloned for x86-64-v3/v4 and picked at load time (target_clones).
 
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <condition_variable>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <mutex>
-#include <optional>
-#include <string>
-#include <vector>
-
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define EQX_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define EQX_CLONES
-#endif
-#define EQX_INLINE inline __attribute__((always_inline))
+#include "common.h"
 
 namespace {
 
-// ---------------------------------------------------------------------------------------
-// Element types: load to float32, store from float32 (round to nearest even).
-
-struct F32 {
-  using T = float;
-  static EQX_INLINE float load(T v) { return v; }
-  static EQX_INLINE T store(float v) { return v; }
-};
-
-struct BF16 {
-  using T = uint16_t;
-  static EQX_INLINE float load(T v) {
-    uint32_t bits = static_cast<uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-  }
-  static EQX_INLINE T store(float f) {
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
-    uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    uint32_t quiet_nan = (bits >> 16) | 0x40u;
-    bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-    return static_cast<T>(nan ? quiet_nan : rounded);
-  }
-};
-
-#ifdef __FLT16_MAX__
-struct F16 {
-  using T = uint16_t;
-  static EQX_INLINE float load(T v) {
-    _Float16 h;
-    std::memcpy(&h, &v, 2);
-    return static_cast<float>(h);
-  }
-  static EQX_INLINE T store(float f) {
-    _Float16 h = static_cast<_Float16>(f);
-    T v;
-    std::memcpy(&v, &h, 2);
-    return v;
-  }
-};
-#endif
-
-// ---------------------------------------------------------------------------------------
-// Fixed-order sums: lane l takes the elements i with i % kLanes == l, lanes combine as a tree.
-
-constexpr int64_t kLanes = 16;
-
-EQX_INLINE float combine(float* acc) {
-  for (int64_t width = kLanes / 2; width > 0; width /= 2)
-    for (int64_t l = 0; l < width; ++l) acc[l] += acc[l + width];
-  return acc[0];
-}
+using namespace eqx;  // element types, lane sums, parallel_for, check_dims (common.h)
 
 // sum of f(i) for i in [0, n), in the fixed lane order, block by block: each block of
 // kBlock elements in 16 float lanes, the block sums added in double, so that the rounding
@@ -121,63 +47,6 @@ EQX_INLINE float lane_sum(int64_t n, F f) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Work sharing on XLA's pool: run body(i) for i in [0, n), the caller taking indices too.
-
-struct Shared {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t n = 0;
-  std::mutex mutex;
-  std::condition_variable finished;
-};
-
-template <class Body>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, const Body& body) {
-  if (n <= 0) return;
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  if (helpers <= 0) {
-    for (int64_t i = 0; i < n; ++i) body(i);
-    return;
-  }
-  auto shared = std::make_shared<Shared>();
-  shared->n = n;
-  const Body* body_ptr = &body;
-  // A helper that starts after all indices are taken touches only `shared` (kept alive by
-  // its own reference), never `body`, which lives until every taken index is done.
-  auto work = [shared, body_ptr]() {
-    for (;;) {
-      int64_t i = shared->next.fetch_add(1);
-      if (i >= shared->n) return;
-      (*body_ptr)(i);
-      if (shared->done.fetch_add(1) + 1 == shared->n) {
-        std::lock_guard<std::mutex> lock(shared->mutex);
-        shared->finished.notify_all();
-      }
-    }
-  };
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));
-  work();
-  std::unique_lock<std::mutex> lock(shared->mutex);
-  shared->finished.wait(lock, [&] { return shared->done.load() == shared->n; });
-}
-
-// ---------------------------------------------------------------------------------------
-// Buffer checks: an error naming the buffer, its dimensions and the expected ones.
-
-std::optional<ffi::Error> check_dims(const char* name, ffi::Span<const int64_t> dims,
-                                     std::initializer_list<int64_t> expected) {
-  bool same = dims.size() == expected.size() && std::equal(expected.begin(), expected.end(),
-                                                           dims.begin());
-  if (same) return std::nullopt;
-  std::string message = std::string(name) + " has dimensions (";
-  for (size_t i = 0; i < dims.size(); ++i) message += (i ? ", " : "") + std::to_string(dims[i]);
-  message += "), expected (";
-  size_t i = 0;
-  for (int64_t e : expected) message += (i++ ? ", " : "") + std::to_string(e);
-  return ffi::Error::InvalidArgument(message + ")");
-}
-
-// ---------------------------------------------------------------------------------------
 // Forward.
 
 struct ForwardArgs {
@@ -194,14 +63,6 @@ struct ForwardArgs {
   bool center;
 };
 
-EQX_INLINE float rsqrt_or_zero(float variance, float epsilon) {
-  // An infinite variance (the squares overflowed) gives NaN, not rsqrt(inf) = 0, which would
-  // silently return `offset`; so does a NaN one.
-  if (!(variance < INFINITY)) return NAN;  // inf or NaN (a NaN input must not read as 0)
-  float v = variance + epsilon;
-  // epsilon == 0 and a constant row: 0, so that the row gives exactly `offset`, not NaN.
-  return v > 0.0f ? 1.0f / std::sqrt(v) : 0.0f;
-}
 
 // epsilon == 0 and a variance of 0 or inf: rsqrt(mean(c(i)^2)) recomputed as
 // rsqrt(mean((c(i) / s)^2)) / s with s = max |c(i)|, so that squares that under- or overflowed
