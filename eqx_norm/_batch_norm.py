@@ -25,7 +25,8 @@ from ._checks import (
     positive_int,
 )
 from ._statistics import compute_dtype
-from .initializers import InitializerLike, ZeroInit
+from .functional import Implementation, check_batch_norm_implementation
+from .initializers import InitializerLike
 
 
 class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
@@ -44,16 +45,23 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
     The running statistics live in an :class:`equinox.nn.State`, so the layer stays
     immutable: build with ``eqx.nn.make_with_state`` and call as ``y, state = bn(x, state)``
     (it is an :class:`equinox.nn.StatefulLayer`, so :class:`equinox.nn.Sequential` threads
-    the state). The running mean starts at 0 and the running variance at 1; each training
-    step sets
+    the state). The running mean starts at 0 and the running variance at 1, and the state
+    counts the training steps, ``t``. Each training step sets
 
-    .. math:: m' = \mu\, m + (1 - \mu)\, \mathrm{E}_c[x], \qquad
-        v' = \mu\, v + (1 - \mu) \tfrac{n}{n - 1} \mathrm{Var}_c[x],
+    .. math:: m' = (1 - w_t)\, m + w_t\, \mathrm{E}_c[x], \qquad
+        v' = (1 - w_t)\, v + w_t \tfrac{n}{n - 1} \mathrm{Var}_c[x], \qquad
+        w_t = \frac{1 - \mu}{1 - \mu^t},
 
     with ``n`` values per channel: the running variance is the unbiased batch variance, as
-    torch and brainpy store it. ``momentum=0.99`` keeps 99 % of the old value (flax,
-    equinox, brainpy); torch's ``momentum=0.1`` weights the new value, so
-    ``torch.nn.BatchNorm2d(C, momentum=0.1)`` matches ``momentum=0.9`` here.
+    torch and brainpy store it. The weight ``w_t`` zero-debiases the moving average (as
+    haiku and equinox's ``mode="batch"`` do): the first step takes the batch's statistics,
+    and after ``t`` steps the running statistics are the ``momentum``-weighted average of
+    the ``t`` batches, so inference after a short run is not pulled towards the initial
+    0 and 1. After many steps ``w_t`` is ``1 - momentum``, torch's and flax's update;
+    ``debias=False`` uses ``1 - momentum`` from the first step, as they do.
+    ``momentum=0.99`` keeps 99 % of the old value (flax, equinox, brainpy); torch's
+    ``momentum=0.1`` weights the new value, so ``torch.nn.BatchNorm2d(C, momentum=0.1)``
+    matches ``momentum=0.9, debias=False`` here.
 
     Layout: ``channel_axis`` is an axis of ``x`` as the layer receives it, batch included:
     -1 (default) for channels-last ``(N, *spatial, C)``, 1 for torch's ``(N, C,
@@ -72,11 +80,17 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
             ``vmap``/``pmap`` axis (or a tuple of names) that holds the batch.
         inference: False (default) trains; True normalizes by the running statistics and
             leaves them unchanged. Toggle with :func:`equinox.nn.inference_mode`.
+        debias: True (default) zero-debiases the running statistics as above; False moves
+            them by ``1 - momentum`` from the first step (torch, flax).
+        implementation: None (default) or ``"xla"``: both run the pure-JAX path, which has
+            a hand-written derivative; there is no compiled BatchNorm kernel, so
+            ``"kernel"`` is an error.
         scale_initializer: initializer of the stored ``gamma`` (see
             :mod:`eqx_norm.initializers`): an instance, a class, a ``(key, shape, dtype)``
             callable or an array of shape ``(num_features,)``; None (default) means ones,
             or zeros with ``zero_centered_scale=True``.
-        bias_initializer: initializer of ``beta``, in the same forms.
+        bias_initializer: initializer of ``beta``, in the same forms; None (default)
+            means zeros.
         elementwise_affine: False switches off both ``gamma`` and ``beta``.
         use_scale: False switches off ``gamma`` alone.
         use_bias: False switches off ``beta`` alone.
@@ -94,6 +108,9 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
         >>> y, state = bn(x, state)  # training: batch statistics, running ones updated
         >>> bool(jnp.allclose(y.mean(axis=(0, 1, 2)), 0, atol=1e-4))
         True
+        >>> mean, var = state.get(bn.state_index)  # debiased: the first step's is the batch's
+        >>> bool(jnp.allclose(mean, x.mean(axis=(0, 1, 2)), atol=1e-5))
+        True
         >>> y_eval, _ = eqx.nn.inference_mode(bn)(x, state)  # running statistics
         >>> torch_layout = BatchNorm(3, channel_axis=1)  # (N, C, H, W)
 
@@ -103,11 +120,14 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
     """
 
     state_index: eqx.nn.StateIndex
+    steps_index: eqx.nn.StateIndex
     inference: bool
     num_features: int = eqx.field(static=True)
     momentum: float = eqx.field(static=True)
     channel_axis: int = eqx.field(static=True)
     axis_name: Hashable | None = eqx.field(static=True)
+    debias: bool = eqx.field(static=True)
+    implementation: Implementation = eqx.field(static=True)
 
     def __init__(
         self,
@@ -118,8 +138,10 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
         channel_axis: int = -1,
         axis_name: Hashable | None = None,
         inference: bool = False,
+        debias: bool = True,
+        implementation: Implementation = None,
         scale_initializer: InitializerLike | None = None,
-        bias_initializer: InitializerLike = ZeroInit,
+        bias_initializer: InitializerLike | None = None,
         elementwise_affine: bool = True,
         use_scale: bool = True,
         use_bias: bool = True,
@@ -140,6 +162,8 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
             ) from None
         self.axis_name = axis_name
         self.inference = check_flag(inference, "inference")
+        self.debias = check_flag(debias, "debias")
+        self.implementation = check_batch_norm_implementation(implementation, "BatchNorm")
         self._init_affine(
             (self.num_features,),
             epsilon=epsilon,
@@ -160,6 +184,8 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
                 jnp.ones((self.num_features,), stats_dtype),
             )
         )
+        # The number of training steps taken: the debiased update's weight depends on it.
+        self.steps_index = eqx.nn.StateIndex(jnp.zeros((), jnp.int32))
 
     def __call__(
         self,
@@ -195,8 +221,9 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
             )
         inference = self.inference if inference is None else check_flag(inference, "inference")
         old_mean, old_var = state.get(self.state_index)
+        steps = state.get(self.steps_index)
         with jax.named_scope("eqx_norm.BatchNorm"):
-            y, running_mean, running_var = functional.batch_norm(
+            y, running_mean, running_var = functional._batch_norm(
                 x,
                 old_mean,
                 old_var,
@@ -210,15 +237,48 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
                 mask=mask,
                 zero_centered_scale=self.zero_centered_scale,
                 dtype=self.dtype,
+                steps=steps if self.debias else None,
+                implementation=self.implementation,
+                layer="BatchNorm",
+                inference_switch=(
+                    "inference=True (the layer's switch: `bn(x, state, inference=True)`, or "
+                    "`eqx.nn.inference_mode(model)`)"
+                ),
             )
         if not inference:
-            mesh = jax.typeof(x).sharding.mesh
-            if jax.typeof(running_mean).sharding.mesh != jax.typeof(old_mean).sharding.mesh:
-                raise ValueError(
-                    f"BatchNorm: x is sharded over a mesh of explicit axes {mesh.axis_names}, "
-                    "but the state is not on that mesh, so the updated running statistics "
-                    "cannot take the place of the old ones. Put the state on the mesh, "
-                    "replicated: `state = jax.device_put(state, NamedSharding(mesh, P()))`."
-                )
+            _check_state_placement(x, old_mean, running_mean)
+            # saturating: the weight is 1 - momentum long before 2**31 steps
+            steps = steps + (steps < jnp.iinfo(jnp.int32).max).astype(steps.dtype)
             state = state.set(self.state_index, (running_mean, running_var))
+            state = state.set(self.steps_index, steps)
         return y, state
+
+
+def _check_state_placement(x: Array, old: Array, new: Array) -> None:
+    """An error, with advice that fits the transformation, when the updated running
+    statistics cannot replace the old ones in the state: a different mesh."""
+    old_mesh, new_mesh = jax.typeof(old).sharding.mesh, jax.typeof(new).sharding.mesh
+    if old_mesh == new_mesh:
+        return
+    mesh = jax.typeof(x).sharding.mesh
+    manual = [
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types)
+        if kind == jax.sharding.AxisType.Manual
+    ]
+    if manual:  # inside jax.pmap or shard_map, with the state closed over
+        raise ValueError(
+            f"BatchNorm: inside `jax.pmap`/`shard_map` (mapped axes {tuple(manual)}), the "
+            "state was closed over instead of passed in, so the updated running statistics "
+            "cannot replace it. Pass the state as an argument, unmapped, and return it: "
+            "`jax.pmap(lambda x, state: bn(x, state), axis_name=..., in_axes=(0, None), "
+            "out_axes=(0, None))(x, state)` (for shard_map, in_specs/out_specs P() for the "
+            "state), with the layer's axis_name set to the mapped axis so that every device "
+            "holds the same running statistics."
+        )
+    raise ValueError(
+        f"BatchNorm: x is sharded over a mesh of explicit axes {mesh.axis_names}, but the "
+        "state is not on that mesh, so the updated running statistics cannot take the place "
+        "of the old ones. Put the state on the mesh, replicated: "
+        "`state = jax.device_put(state, NamedSharding(mesh, P()))`."
+    )

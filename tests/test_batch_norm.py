@@ -14,6 +14,7 @@ magnitude (dx sums n products); bf16 outputs at their unit roundoff 2^-8; inputs
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,17 +75,22 @@ def random_input(shape, seed=1, mean=3.0, std=2.0, dtype=jnp.float32):
 
 def variant(layer, **changes):
     """``layer`` rebuilt with other configuration (``axis_name``, ``channel_axis``...), the
-    same ``gamma``/``beta`` and the same entry in the state."""
+    same ``gamma``/``beta`` and the same entries in the state."""
     config = dict(
         epsilon=layer.epsilon,
         momentum=layer.momentum,
         channel_axis=layer.channel_axis,
         axis_name=layer.axis_name,
+        debias=layer.debias,
         scale_initializer=layer.gamma,
         bias_initializer=layer.beta,
     )
     rebuilt = BatchNorm(layer.num_features, **{**config, **changes})
-    return eqx.tree_at(lambda m: m.state_index, rebuilt, layer.state_index)
+    return eqx.tree_at(
+        lambda m: (m.state_index, m.steps_index),
+        rebuilt,
+        (layer.state_index, layer.steps_index),
+    )
 
 
 def gradients(layer, x, state, dy, call=lambda layer, x, state: layer(x, state)):
@@ -106,6 +112,18 @@ def clone(state):
 def running(layer, state):
     """The running ``(mean, var)`` held in ``state``."""
     return state.get(layer.state_index)
+
+
+def debiased_average(batch_values, momentum, initial):
+    """Float64 zero-debiased moving average of ``batch_values`` (a list, oldest first):
+    ``sum_k momentum**(t - k) (1 - momentum) b_k / (1 - momentum**t)``, written from
+    ``initial`` and torch's plain moving average ``m_t = momentum**t initial + sum ...``
+    so the two conventions are tied to one formula."""
+    t = len(batch_values)
+    plain = momentum**t * np.asarray(initial, np.float64)
+    for k, value in enumerate(batch_values, start=1):
+        plain = plain + momentum ** (t - k) * (1 - momentum) * np.asarray(value, np.float64)
+    return (plain - momentum**t * np.asarray(initial, np.float64)) / (1 - momentum**t)
 
 
 def as64(a):
@@ -139,7 +157,12 @@ def test_matches_torch(case, layout, momentum):
     # torch's layout is channel_axis=1; channels-last is the default, on moved inputs
     channel_axis = 1 if layout == "channels-first" else -1
     move = (lambda a: a) if layout == "channels-first" else (lambda a: np.moveaxis(a, 1, -1))
-    bn, state = build(channels, channel_axis=channel_axis, momentum=momentum)
+    # torch's plain moving average is debias=False; the default debiased one is checked
+    # against the batches' float64 statistics below
+    bn, state = build(channels, channel_axis=channel_axis, momentum=momentum, debias=False)
+    debiased = variant(bn, debias=True)
+    debiased_state = clone(state)
+    batch_means, batch_vars = [], []
     module = module_class(channels, eps=1e-5, momentum=1 - momentum).double()
     with torch.no_grad():
         module.weight.copy_(torch.from_numpy(as64(bn.gamma)))
@@ -153,7 +176,12 @@ def test_matches_torch(case, layout, momentum):
         xt = torch.from_numpy(as64(x_first)).requires_grad_(True)
         yt = module(xt)
         y, state = step(bn, x, state)
+        y_debiased, debiased_state = step(debiased, x, debiased_state)
         np.testing.assert_allclose(as64(y), move(yt.detach().numpy()), rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(y_debiased, y)  # training: the batch statistics
+        _, batch_mean, batch_var, count = reference_batch_norm(x, channel_axis=channel_axis)
+        batch_means.append(batch_mean)
+        batch_vars.append(batch_var * count / (count - 1))
         if i == 0:
             dy_first = np.asarray(random_input(shape, seed=10, mean=0.0, std=1.0))
             yt.backward(torch.from_numpy(as64(dy_first)))
@@ -167,6 +195,10 @@ def test_matches_torch(case, layout, momentum):
     # is the unbiased one, so a biased store would be off by a factor n / (n - 1)
     assert_close_relative(mean, module.running_mean.numpy(), 1e-5)
     assert_close_relative(var, module.running_var.numpy(), 1e-5)
+    mean, var = running(debiased, debiased_state)
+    assert int(debiased_state.get(debiased.steps_index)) == 5
+    assert_close_relative(mean, debiased_average(batch_means, momentum, np.zeros(channels)), 1e-5)
+    assert_close_relative(var, debiased_average(batch_vars, momentum, np.ones(channels)), 1e-5)
 
     module.eval()
     x_first = np.asarray(random_input(shape, seed=20))
@@ -203,14 +235,17 @@ def vmapped(layer, **kwargs):
 
 @pytest.mark.slow
 def test_matches_equinox_batch_mode():
-    # equinox's mode="batch": training normalizes by the batch statistics, as ours does; its
-    # running variance is the *biased* batch variance (ours and torch's are unbiased), so
-    # the state is compared through the batch variance it implies
+    # equinox's mode="batch": training normalizes by the batch statistics, as ours does, and
+    # it debiases its averages at inference by dividing by 1 - momentum**t: its mean is our
+    # debiased running mean. Its hidden variance is the *biased* batch variance's average
+    # (ours and torch's are unbiased) starting at 1, so the state is compared through the
+    # batch variances it implies
     shape, momentum = (8, 5, 6, 6), 0.9
     n = shape[0] * shape[2] * shape[3]
     ours, our_state, theirs, their_state = equinox_pair(shape[1], "batch", momentum)
     ours_per_example = variant(ours, axis_name="batch", channel_axis=0)
     per_example_state = our_state
+    unbiased_vars = []
     for i in range(3):
         x = random_input(shape, seed=i, mean=2.0 + i)
         y_theirs, new_their_state = eqx.filter_jit(vmapped(theirs))(x, their_state)
@@ -221,10 +256,11 @@ def test_matches_equinox_batch_mode():
         _, old_var = their_state.get(theirs.batch_state_index)
         new_mean, new_var = new_their_state.get(theirs.batch_state_index)
         batch_var = (as64(new_var) - momentum * as64(old_var)) / (1 - momentum)
-        _, our_old_var = running(ours, our_state)
+        unbiased_vars.append(batch_var * n / (n - 1))
         our_mean, our_var = running(ours, new_our_state)
-        np.testing.assert_allclose(our_mean, new_mean, rtol=1e-6, atol=1e-6)
-        expected_var = momentum * as64(our_old_var) + (1 - momentum) * batch_var * n / (n - 1)
+        their_debiased_mean = as64(new_mean) / (1 - momentum ** (i + 1))
+        np.testing.assert_allclose(our_mean, their_debiased_mean, rtol=1e-5, atol=1e-6)
+        expected_var = debiased_average(unbiased_vars, momentum, np.ones(shape[1]))
         np.testing.assert_allclose(our_var, expected_var, rtol=1e-5)
         for a, b in zip(running(ours, per_example_state), running(ours, new_our_state)):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
@@ -330,23 +366,44 @@ def test_inference_returns_running_statistics_unchanged():
 # ----------------------------------------------------------------------------- accuracy
 
 
-def test_large_offsets():
-    # mean 1e4, std 1: E[x^2] - E[x]^2 in float32 would lose every digit; two-pass keeps
-    # the error at float32's rounding of the mean (spacing 1e-3 at 1e4)
-    shape = (32, 8, 8, 4)
+@pytest.mark.parametrize("channel_axis", [-1, 1])
+def test_large_offsets(channel_axis):
+    # mean 1e4, std 1: E[x^2] - E[x]^2 in float32 would lose every digit. Two-pass, with x
+    # centred by the mean and its rounding error (float32's spacing at 1e4 is 1e-3, so the
+    # mean alone rounds by up to 5e-4), the output is within 1e-5 of float64 and so are the
+    # gradients (relative to their largest value): on the default path, with a mask and
+    # across an axis_name (the shards' moments merged without E[x^2])
+    shape = (32, 8, 8, 4) if channel_axis == -1 else (32, 4, 8, 8)
     x = random_input(shape, mean=1e4, std=1.0)
-    bn, state = build(4)
+    dy = random_input(shape, seed=5, mean=0.0, std=1.0)
+    bn, state = build(4, channel_axis=channel_axis)
     initial = clone(state)
     y, state = eqx.filter_jit(bn)(x, state)
-    expected, batch_mean, batch_var, count = reference_batch_norm(x, bn.gamma, bn.beta)
-    np.testing.assert_allclose(y, expected, rtol=0, atol=2e-3)
-    mean, var = running(bn, state)
-    np.testing.assert_allclose(mean, 0.01 * batch_mean, rtol=1e-5)
-    np.testing.assert_allclose(var, 0.99 + 0.01 * batch_var * count / (count - 1), rtol=1e-5)
-    # the same across an axis_name: the shards' moments are combined without E[x^2]
-    per_example = variant(bn, axis_name="batch")
+    expected, batch_mean, batch_var, count = reference_batch_norm(
+        x, bn.gamma, bn.beta, channel_axis=channel_axis
+    )
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5)
+    mean, var = running(bn, state)  # debiased: after one step, the batch's
+    np.testing.assert_allclose(mean, batch_mean, rtol=1e-7)
+    np.testing.assert_allclose(var, batch_var * count / (count - 1), rtol=1e-5)
+    # float64 gradients through torch
+    module = torch.nn.BatchNorm2d(4, eps=1e-5).double()
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(as64(bn.gamma)))
+        module.bias.copy_(torch.from_numpy(as64(bn.beta)))
+    move = (lambda a: np.moveaxis(a, -1, 1)) if channel_axis == -1 else (lambda a: a)
+    back = (lambda a: np.moveaxis(a, 1, -1)) if channel_axis == -1 else (lambda a: a)
+    xt = torch.from_numpy(move(as64(x))).requires_grad_(True)
+    module(xt).backward(torch.from_numpy(move(as64(dy))))
+    torch_grads = (back(xt.grad.numpy()), module.weight.grad.numpy(), module.bias.grad.numpy())
+    for got, want in zip(eqx.filter_jit(gradients)(bn, x, initial, dy), torch_grads):
+        assert_close_relative(got, want, 1e-5)
+    # a mask and an axis_name run the general path: as accurate
+    y_masked, _ = eqx.filter_jit(bn)(x, initial, mask=jnp.ones(x.shape, bool))
+    np.testing.assert_allclose(y_masked, expected, rtol=0, atol=1e-5)
+    per_example = variant(bn, axis_name="batch", channel_axis=channel_axis % 4 - 1)
     y_vmap, _ = eqx.filter_jit(vmapped(per_example))(x, initial)
-    np.testing.assert_allclose(y_vmap, expected, rtol=0, atol=2e-3)
+    np.testing.assert_allclose(y_vmap, expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -362,7 +419,7 @@ def test_half_precision_input_float32_statistics(dtype):
     np.testing.assert_allclose(as64(y), expected, rtol=roundoff, atol=1e-5)
     mean, var = running(bn, state)
     assert mean.dtype == var.dtype == jnp.float32
-    np.testing.assert_allclose(mean, 0.01 * batch_mean, rtol=1e-6)
+    np.testing.assert_allclose(mean, batch_mean, rtol=1e-6)  # debiased: the batch's
 
 
 def test_param_dtype_and_output_dtype():
@@ -557,12 +614,24 @@ def test_affine_options():
 
 
 def test_batch_of_one_is_an_error():
+    # each caller is told the switch it has: the layer's `inference=True`, the function's
+    # `training=False`
     bn, state = eqx.nn.make_with_state(BatchNorm)(3)
-    with pytest.raises(
-        ValueError,
-        match=r"batch_norm: training needs at least 2 values per channel.*gives 1: the variance of one value is 0.*training=False",
-    ):
+    with pytest.raises(ValueError) as layer_error:
         bn(jnp.ones((1, 3)), state)
+    assert re.fullmatch(
+        r"BatchNorm: training needs at least 2 values per channel to estimate a variance, but "
+        r"x of shape \(1, 3\) \(channel_axis=-1\) gives 1: the variance of one value is 0\. "
+        r"Use a batch of at least 2 examples, or inference=True \(the layer's switch: "
+        r"`bn\(x, state, inference=True\)`, or `eqx\.nn\.inference_mode\(model\)`\) to "
+        r"normalize by the running statistics\.",
+        str(layer_error.value),
+    ), layer_error.value
+    with pytest.raises(ValueError) as function_error:
+        batch_norm(jnp.ones((1, 3)), jnp.zeros(3), jnp.ones(3), training=True)
+    message = str(function_error.value)
+    assert message.startswith("batch_norm: training needs at least 2 values per channel")
+    assert "or training=False to normalize" in message and "inference" not in message
     y, _ = bn(jnp.ones((1, 3)), state, inference=True)  # inference needs no batch statistics
     np.testing.assert_allclose(y, np.ones((1, 3)) / np.sqrt(1 + 1e-5), rtol=1e-6)
     y, _ = bn(random_input((1, 4, 4, 3)), clone(state))  # one example, 16 values per channel: fine
@@ -585,9 +654,8 @@ def test_errors_name_the_argument():
         (
             lambda: bn(jnp.ones((8, 3, 5, 5)), state),
             ValueError,
-            r"batch_norm: x of shape \(8, 3, 5, 5\) has 5 channels on axis 3, but "
-            r"`running_mean` has shape \(3,\) \(num_features=3\)\. If the channels are on "
-            r"axis 1 .* pass channel_axis=1",
+            r"BatchNorm: x of shape \(8, 3, 5, 5\) has 5 channels on axis 3, but the layer "
+            r"has num_features=3\. If the channels are on axis 1 .* pass channel_axis=1",
         ),
         # GroupNorm's spelling (channel_axis=0 within an example) on a batch
         (
@@ -598,7 +666,7 @@ def test_errors_name_the_argument():
         (
             lambda: bn(jnp.ones((8, 3), jnp.int32), state),
             TypeError,
-            r"batch_norm expects a floating-point input `x`, got dtype int32\. Normalizing "
+            r"BatchNorm expects a floating-point input `x`, got dtype int32\. Normalizing "
             r"integers would truncate",
         ),
         (
@@ -645,7 +713,7 @@ def test_errors_name_the_argument():
         (
             lambda: call_new(BatchNorm, 3, channel_axis=4, x=jnp.ones((8, 3))),
             ValueError,
-            r"batch_norm: `channel_axis`=4 is not an axis of x of shape \(8, 3\) \(rank 2\)",
+            r"BatchNorm: `channel_axis`=4 is not an axis of x of shape \(8, 3\) \(rank 2\)",
         ),
         (
             lambda: bn(jnp.ones((8, 3))),
@@ -655,12 +723,12 @@ def test_errors_name_the_argument():
         (
             lambda: bn(jnp.ones((8, 3)), state, mask=jnp.ones((8,), bool)),
             ValueError,
-            r"batch_norm: `mask` must have the rank of `x`",
+            r"BatchNorm: `mask` must have the rank of `x`",
         ),
         (
             lambda: variant(bn, axis_name="batch")(jnp.ones((8, 3)), state),
             NameError,
-            r"batch_norm: axis_name='batch' is not a mapped axis here\. Call it inside "
+            r"BatchNorm: axis_name='batch' is not a mapped axis here\. Call it inside "
             r"`jax\.vmap`",
         ),
         (
@@ -684,6 +752,46 @@ def test_errors_name_the_argument():
             ),
             ValueError,
             r"batch_norm: `gamma` must have shape \(3,\), got \(4,\)",
+        ),
+        (  # the function's user passed the statistics: the message names them
+            lambda: batch_norm(jnp.ones((4, 5)), jnp.zeros(3), jnp.ones(3), training=True),
+            ValueError,
+            r"batch_norm: x of shape \(4, 5\) has 5 channels on axis 1, but `running_mean` "
+            r"has shape \(3,\) \(num_features=3\)\.$",
+        ),
+        (
+            lambda: BatchNorm(3, implementation="kernel"),
+            ValueError,
+            r"BatchNorm: `implementation`='kernel' asks for a compiled kernel, but there is no "
+            r"compiled BatchNorm kernel.*Pass implementation=None \(default\) or 'xla'",
+        ),
+        (
+            lambda: batch_norm(
+                jnp.ones((4, 3)), jnp.zeros(3), jnp.ones(3), training=True, implementation="kernel"
+            ),
+            ValueError,
+            r"batch_norm: `implementation`='kernel' asks for a compiled kernel",
+        ),
+        (
+            lambda: BatchNorm(3, implementation="triton"),
+            ValueError,
+            r"`implementation` must be None .*\"xla\" or \"kernel\", got 'triton'",
+        ),
+        (lambda: BatchNorm(3, debias=1), TypeError, r"`debias` must be True or False, got 1"),
+        (
+            lambda: batch_norm(
+                jnp.ones((4, 3)), jnp.zeros(3), jnp.ones(3), training=True, steps=1.0
+            ),
+            TypeError,
+            r"batch_norm: `steps` must be None or an integer scalar, the number of updates the "
+            r"running statistics have had \(0 for fresh ones\), got 1\.0",
+        ),
+        (
+            lambda: batch_norm(
+                jnp.ones((4, 3)), jnp.zeros(3), jnp.ones(3), training=True, steps=jnp.zeros(3, int)
+            ),
+            TypeError,
+            r"batch_norm: `steps` must be None or an integer scalar",
         ),
     ]
     for call, error, message in cases:
