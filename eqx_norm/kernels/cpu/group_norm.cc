@@ -155,9 +155,10 @@ EQX_INLINE void forward_group_first(const ForwardArgs& a, int64_t u) {
 
 // Channels-last scratch: per-channel vectors of one example.
 struct Scratch {
-  std::vector<float> shift, mean, acc, mul;
-  std::vector<double> total;
-  explicit Scratch(int64_t c) : shift(c), mean(c), acc(c), mul(c), total(c) {}
+  std::vector<float> shift, mean, acc, acc2, mul, mv, mvx;
+  std::vector<double> total, total2;
+  explicit Scratch(int64_t c)
+      : shift(c), mean(c), acc(c), acc2(c), mul(c), mv(c), mvx(c), total(c), total2(c) {}
 };
 
 // Per-channel sums over all positions of f(s, c) (float within blocks of kPositions
@@ -176,6 +177,34 @@ EQX_INLINE void channel_sums(const Layout& l, Scratch& sc, F f) {
       for (int64_t ch = 0; ch < c; ++ch) acc[ch] += f(s, ch);
     }
     for (int64_t ch = 0; ch < c; ++ch) total[ch] += acc[ch];
+  }
+}
+
+// Two such sums in one pass, of f(s, c) into sc.total and h(s, c) into sc.total2.
+template <class F, class H>
+EQX_INLINE void channel_sums2(const Layout& l, Scratch& sc, F f, H h) {
+  const int64_t c = l.c;
+  float* acc = sc.acc.data();
+  float* acc2 = sc.acc2.data();
+  double* total = sc.total.data();
+  double* total2 = sc.total2.data();
+  std::fill(total, total + c, 0.0);
+  std::fill(total2, total2 + c, 0.0);
+  for (int64_t s0 = 0; s0 < l.s; s0 += kPositions) {
+    std::fill(acc, acc + c, 0.0f);
+    std::fill(acc2, acc2 + c, 0.0f);
+    const int64_t s1 = std::min(l.s, s0 + kPositions);
+    for (int64_t s = s0; s < s1; ++s) {
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch) {
+        acc[ch] += f(s, ch);
+        acc2[ch] += h(s, ch);
+      }
+    }
+    for (int64_t ch = 0; ch < c; ++ch) {
+      total[ch] += acc[ch];
+      total2[ch] += acc2[ch];
+    }
   }
 }
 
@@ -398,15 +427,18 @@ EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch&
   }
   double* s_ct = a.sum_ct + n * c;
   double* s_ctx = a.sum_ct_xh + n * c;
-  channel_sums(l, sc, [&](int64_t s, int64_t ch) { return S::load(ct[s * c + ch]); });
+  channel_sums2(
+      l, sc, [&](int64_t s, int64_t ch) { return S::load(ct[s * c + ch]); },
+      [&](int64_t s, int64_t ch) {
+        return S::load(ct[s * c + ch]) *
+               (((S::load(x[s * c + ch]) - shift[ch]) - mean[ch]) * rs[ch]);
+      });
   std::copy(sc.total.begin(), sc.total.end(), s_ct);
-  channel_sums(l, sc, [&](int64_t s, int64_t ch) {
-    return S::load(ct[s * c + ch]) * (((S::load(x[s * c + ch]) - shift[ch]) - mean[ch]) * rs[ch]);
-  });
-  std::copy(sc.total.begin(), sc.total.end(), s_ctx);
+  std::copy(sc.total2.begin(), sc.total2.end(), s_ctx);
   if (!a.want_dx) return;
-  // per channel: mean(v) and mean(v * xhat) of its group, into shift-free scratch
-  std::vector<float> mv(c), mvx(c);
+  // per channel: mean(v) and mean(v * xhat) of its group
+  float* mv = sc.mv.data();
+  float* mvx = sc.mvx.data();
   for (int64_t g = 0; g < l.g; ++g) {
     double sv = 0.0, svx = 0.0;
     for (int64_t k = 0; k < l.k; ++k) {
@@ -422,8 +454,8 @@ EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch&
   }
   T* dx = static_cast<T*>(a.dx) + n * l.example_size();
   const float* scale = a.scale;
-  const float* pmv = mv.data();
-  const float* pmvx = mvx.data();
+  const float* pmv = mv;
+  const float* pmvx = mvx;
   for (int64_t s = 0; s < l.s; ++s) {
     const T* xr = x + s * c;
     const T* gr = ct + s * c;
