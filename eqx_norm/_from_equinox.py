@@ -10,6 +10,7 @@ import jax
 from ._group_norm import GroupNorm
 from ._layer_norm import LayerNorm
 from ._rms_norm import RMSNorm
+from .functional import Implementation
 
 T = TypeVar("T")
 
@@ -30,7 +31,7 @@ def _affine(layer: Any) -> dict[str, Any]:
     }
 
 
-def _convert(layer: Any, spatial_ndim: int) -> Any:
+def _convert(layer: Any, spatial_ndim: int, implementation: Implementation) -> Any:
     if isinstance(layer, eqx.nn.LayerNorm | eqx.nn.RMSNorm):
         if layer.shape is None:
             raise ValueError(
@@ -38,7 +39,7 @@ def _convert(layer: Any, spatial_ndim: int) -> Any:
                 "normalized shape to convert; build it with an explicit `shape`."
             )
         cls = LayerNorm if isinstance(layer, eqx.nn.LayerNorm) else RMSNorm
-        return cls(layer.shape, layer.eps, **_affine(layer))
+        return cls(layer.shape, layer.eps, **_affine(layer), implementation=implementation)
     if layer.channels is None:
         raise ValueError(
             "from_equinox: an eqx.nn.GroupNorm built with channels=None takes its channel "
@@ -52,10 +53,11 @@ def _convert(layer: Any, spatial_ndim: int) -> Any:
         **_affine(layer),
         spatial_ndim=spatial_ndim,
         channel_axis=0,
+        implementation=implementation,
     )
 
 
-def from_equinox(tree: T, *, spatial_ndim: int = 2) -> T:
+def from_equinox(tree: T, *, spatial_ndim: int = 2, implementation: Implementation = None) -> T:
     """``tree`` with every ``eqx.nn.LayerNorm``/``RMSNorm``/``GroupNorm`` replaced by ours.
 
     Each replacement has the same weights (same arrays and dtype), epsilon and switches, and
@@ -71,6 +73,8 @@ def from_equinox(tree: T, *, spatial_ndim: int = 2) -> T:
         tree: any pytree holding equinox modules, e.g. a model.
         spatial_ndim: the number of spatial axes of the inputs of converted GroupNorms
             (default 2, images ``(C, H, W)``).
+        implementation: the converted layers' ``implementation`` (None, the default: the
+            compiled CPU kernel where it serves; ``"xla"`` or ``"kernel"`` to force one).
 
     Returns:
         The same pytree with the layers replaced.
@@ -85,7 +89,9 @@ def from_equinox(tree: T, *, spatial_ndim: int = 2) -> T:
         'LayerNorm'
     """
     return jax.tree_util.tree_map(
-        lambda leaf: _convert(leaf, spatial_ndim) if isinstance(leaf, _CONVERTED) else leaf,
+        lambda leaf: (
+            _convert(leaf, spatial_ndim, implementation) if isinstance(leaf, _CONVERTED) else leaf
+        ),
         tree,
         is_leaf=lambda node: isinstance(node, _CONVERTED),
     )
