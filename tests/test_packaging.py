@@ -5,7 +5,7 @@
 * ``py.typed`` marks the package as typed (PEP 561), so type checkers read its annotations;
 * the wheel (slow: it compiles the kernel) is tagged ``py3-none-<platform>`` (the kernel
   library links no libpython, so one wheel serves every CPython 3) and holds ``py.typed``
-  and the library under ``eqx_norm/kernels/cpu/``, without the C++ sources.
+  and the library under ``eqx_norm/kernels/cpu/``, without the C++ sources and headers.
 """
 
 import importlib.metadata
@@ -52,7 +52,7 @@ def test_wheel(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "eqx_norm/py.typed" in names
     assert any(re.fullmatch(r"eqx_norm/kernels/cpu/[^/]*eqx_norm_cpu[^/]*", n) for n in names)
-    assert not [n for n in names if n.endswith(".cc")]
+    assert not [n for n in names if n.endswith((".cc", ".h"))]
     assert (
         "Tag: py3-none-"
         in zipfile.ZipFile(wheel).read(f"eqx_norm-{version}.dist-info/WHEEL").decode()
