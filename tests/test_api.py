@@ -100,9 +100,9 @@ def test_zero_centered_scale_stores_what_the_initializer_gives(name, initializer
     np.testing.assert_array_equal(ones.gamma, np.ones(8))
     np.testing.assert_array_equal(default.gamma, np.zeros(8))
     np.testing.assert_allclose(default(x), plain(x), atol=1e-6)
-    beta = 0 if plain.beta is None else plain.beta
+    beta = 0 if plain.beta is None else np.asarray(plain.beta)
     # (1 + 1) * x_hat + beta = 2 * (y - beta) + beta, to float32 rounding of unit values
-    np.testing.assert_allclose(ones(x), 2 * (plain(x) - beta) + beta, atol=1e-5)
+    np.testing.assert_allclose(ones(x), 2 * (np.asarray(plain(x)) - beta) + beta, atol=1e-5)
 
 
 # ------------------------------------------------------------------ equinox's call form
@@ -141,7 +141,9 @@ def test_layers_sit_in_equinox_sequential_beside_a_stateful_layer():
     h = np.asarray(reference.layer_norm(h, 1, model.layers[1].gamma, model.layers[1].beta))
     h = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5)  # BatchNorm in training, batch statistics
     h = reference.rms_norm(h, 1, model.layers[3].gamma)
-    expected = h @ np.asarray(model.layers[4].weight, np.float64).T + model.layers[4].bias
+    expected = h @ np.asarray(model.layers[4].weight, np.float64).T + np.asarray(
+        model.layers[4].bias
+    )
     np.testing.assert_allclose(y, expected, atol=1e-4)  # float32 through 4 layers
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
 
@@ -348,7 +350,7 @@ def test_layer_call_reaches_the_implementation_in_three_calls(monkeypatch):
     ids=["mask", "wider-output"],
 )
 def test_kernel_where_it_cannot_serve_is_a_clear_error_and_none_falls_back(x, kwargs, why):
-    x = x + jnp.arange(8, dtype=x.dtype)  # not constant rows
+    x = x + jnp.arange(8, dtype=x.dtype)[None, :]  # not constant rows
     with pytest.raises(ValueError, match=rf"implementation='kernel' cannot serve .*{why}"):
         functional.layer_norm(x, 8, **kwargs, implementation="kernel")
     np.testing.assert_array_equal(
