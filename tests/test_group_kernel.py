@@ -1,0 +1,638 @@
+"""The compiled GroupNorm/InstanceNorm kernel (eqx_norm.kernels.groups), both layouts.
+
+Oracles: the float64 NumPy reference (tests/reference.py) for y, float64 JAX autodiff of a
+plain two-pass formula for dx/dgamma/dbeta, torch.nn.GroupNorm/InstanceNorm2d, finite
+differences in float64 (XLA path), and the XLA path itself for the transformations.
+Tolerances: float32 about 1e-5 relative (y absolute 1e-5 for O(1) outputs); bfloat16 one
+rounding of the output, 2^-8 relative, on the reference taken from the bf16 input.
+Batch invariance is bitwise: an example's y and dx do not depend on the batch.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import eqx_norm
+from eqx_norm import functional
+from eqx_norm.kernels import _library
+from eqx_norm.kernels import groups as _groups
+
+from reference import group_norm as ref_group_norm
+
+pytestmark = pytest.mark.skipif(_library.load()[0] is not None, reason=str(_library.load()[0]))
+
+EPS = 1e-5
+LAYOUTS = {"last": -1, "first": 0}
+
+
+def _shape(layout, n, hw, c):
+    return (n, *hw, c) if layout == "last" else (n, c, *hw)
+
+
+def _inputs(shape, channels, *, mean=0.0, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(mean + rng.standard_normal(shape), jnp.float32).astype(dtype)
+    gamma = jnp.asarray(1 + 0.3 * rng.standard_normal(channels), jnp.float32)
+    beta = jnp.asarray(0.3 * rng.standard_normal(channels), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+    return x, gamma, beta, ct
+
+
+def _layer(groups, channels, layout, gamma, beta, **kwargs):
+    return eqx_norm.GroupNorm(
+        groups,
+        channels,
+        EPS,
+        scale_initializer=gamma,
+        bias_initializer=beta,
+        channel_axis=LAYOUTS[layout],
+        **kwargs,
+    )
+
+
+def _grads(layer, x, ct):
+    """``(y, dx, dgamma, dbeta)`` of ``sum(ct * layer(x))``, jitted."""
+    params, static = eqx.partition(layer, eqx.is_inexact_array)
+
+    @jax.jit
+    def run(x, params):
+        y, vjp = jax.vjp(lambda x, p: eqx.combine(p, static)(x), x, params)
+        dx, dp = vjp(ct)
+        return y, dx, dp.gamma, dp.beta
+
+    return run(x, params)
+
+
+def _plain64(x, groups, layout, gamma, beta):
+    """Plain two-pass GroupNorm in float64 jnp: the oracle for derivatives."""
+    if layout == "last":
+        x = jnp.moveaxis(x, -1, 1)
+    n, c = x.shape[:2]
+    xg = x.reshape(n, groups, -1)
+    mean = jnp.mean(xg, axis=2, keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=2, keepdims=True)
+    y = ((xg - mean) / jnp.sqrt(var + EPS)).reshape(x.shape)
+    bshape = (1, c) + (1,) * (x.ndim - 2)
+    y = y * gamma.reshape(bshape) + beta.reshape(bshape)
+    return jnp.moveaxis(y, 1, -1) if layout == "last" else y
+
+
+def _grads64(x, groups, layout, gamma, beta, ct):
+    with jax.enable_x64(True):
+        args = [
+            jnp.asarray(np.asarray(a.astype(jnp.float32), np.float64)) for a in (x, gamma, beta)
+        ]
+        fn = lambda x, g, b: _plain64(x, groups, layout, g, b)  # noqa: E731
+        _, vjp = jax.vjp(fn, *args)
+        return [
+            np.asarray(g) for g in vjp(jnp.asarray(np.asarray(ct.astype(jnp.float32), np.float64)))
+        ]
+
+
+def _max_rel(got, want):
+    want = np.asarray(want, np.float64)
+    return np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+
+
+def _reference_y(x, groups, layout, gamma, beta):
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    return ref_group_norm(
+        x64, groups, 2, np.asarray(gamma), np.asarray(beta), EPS, channel_axis=LAYOUTS[layout]
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Values and gradients against float64 and torch.
+
+
+SMALL = [((3, (5, 7)), 12, 3), ((2, (4, 4)), 8, 8), ((1, (1, 3)), 4, 1), ((4, (6, 6)), 64, 32)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dims, channels, groups", SMALL)
+def test_float32_against_float64(layout, dims, channels, groups):
+    n, hw = dims
+    shape = _shape(layout, n, hw, channels)
+    x, gamma, beta, ct = _inputs(shape, channels, mean=3.0)
+    y, dx, dgamma, dbeta = _grads(_layer(groups, channels, layout, gamma, beta), x, ct)
+    np.testing.assert_allclose(y, _reference_y(x, groups, layout, gamma, beta), atol=1e-5)
+    want = _grads64(x, groups, layout, gamma, beta, ct)
+    for name, got, w in zip(("dx", "dgamma", "dbeta"), (dx, dgamma, dbeta), want):
+        assert _max_rel(got, w) < 2e-5, name
+
+
+REAL = [
+    ("last", (32, (28, 28)), 256, 32),
+    ("first", (32, (28, 28)), 256, 32),
+    ("last", (32, (28, 28)), 64, 64),  # InstanceNorm
+    ("first", (32, (28, 28)), 64, 64),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout, dims, channels, groups", REAL)
+def test_real_sizes_against_float64(layout, dims, channels, groups):
+    shape = _shape(layout, dims[0], dims[1], channels)
+    x, gamma, beta, ct = _inputs(shape, channels, mean=1.0)
+    y, dx, dgamma, dbeta = _grads(_layer(groups, channels, layout, gamma, beta), x, ct)
+    np.testing.assert_allclose(y, _reference_y(x, groups, layout, gamma, beta), atol=1e-5)
+    want = _grads64(x, groups, layout, gamma, beta, ct)
+    # dgamma/dbeta sum 25,088 terms per channel: float32 partial sums, double across
+    for name, got, w in zip(("dx", "dgamma", "dbeta"), (dx, dgamma, dbeta), want):
+        assert _max_rel(got, w) < 2e-5, name
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bfloat16_is_one_rounding_of_the_float32_answer(layout):
+    channels, groups = 32, 8
+    shape = _shape(layout, 4, (6, 6), channels)
+    x, gamma, beta, ct = _inputs(shape, channels, mean=2.0, dtype=jnp.bfloat16)
+    y, dx, dgamma, dbeta = _grads(_layer(groups, channels, layout, gamma, beta), x, ct)
+    assert y.dtype == dx.dtype == jnp.bfloat16 and dgamma.dtype == jnp.float32
+    want = _reference_y(x, groups, layout, gamma, beta)  # from the bf16 input itself
+    # the statistics are float32, then one bf16 rounding: 2^-8 of the value
+    err = np.abs(np.asarray(y, np.float64) - want) - 2.0**-8 * np.abs(want)
+    assert err.max() <= 1e-5
+    want_grads = _grads64(x, groups, layout, gamma, beta, ct)
+    assert _max_rel(dx, want_grads[0]) < 2.0**-7  # one rounding of dx (plus bf16 ct is exact)
+    for got, w in zip((dgamma, dbeta), want_grads[1:]):
+        assert _max_rel(got, w) < 1e-5  # float32 sums of the exact bf16 values
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("channels, groups", [(256, 32), (64, 64)])
+def test_matches_torch(layout, channels, groups):
+    torch = pytest.importorskip("torch")
+    shape = _shape(layout, 8, (14, 14), channels)
+    x, gamma, beta, ct = _inputs(shape, channels, mean=1.0)
+    y, dx, dgamma, dbeta = _grads(_layer(groups, channels, layout, gamma, beta), x, ct)
+    if groups == channels:
+        module = torch.nn.InstanceNorm2d(channels, eps=EPS, affine=True)
+    else:
+        module = torch.nn.GroupNorm(groups, channels, eps=EPS)
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(np.asarray(gamma)))
+        module.bias.copy_(torch.from_numpy(np.asarray(beta)))
+    to_nchw = (lambda a: np.moveaxis(np.asarray(a), -1, 1)) if layout == "last" else np.asarray
+    xt = torch.from_numpy(np.ascontiguousarray(to_nchw(x))).requires_grad_(True)
+    yt = module(xt)
+    yt.backward(torch.from_numpy(np.ascontiguousarray(to_nchw(ct))))
+    np.testing.assert_allclose(to_nchw(y), yt.detach().numpy(), atol=2e-5)
+    assert _max_rel(to_nchw(dx), xt.grad.numpy()) < 2e-5
+    assert _max_rel(dgamma, module.weight.grad.numpy()) < 2e-5
+    assert _max_rel(dbeta, module.bias.grad.numpy()) < 2e-5
+
+
+# ----------------------------------------------------------------------------------------
+# Numeric edges.
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("channels, groups", [(64, 8), (16, 16)])
+def test_mean_1e4_is_accurate(layout, channels, groups):
+    shape = _shape(layout, 4, (12, 12), channels)
+    x, gamma, beta, _ = _inputs(shape, channels, mean=1e4)
+    y = _layer(groups, channels, layout, gamma, beta)(x)
+    # against float64 of the same float32 input: the kernel's own error only
+    np.testing.assert_allclose(y, _reference_y(x, groups, layout, gamma, beta), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("epsilon", [EPS, 0.0])
+def test_constant_group_gives_exactly_beta(layout, epsilon):
+    channels, groups = 16, 4
+    shape = _shape(layout, 3, (5, 5), channels)
+    x, gamma, beta, _ = _inputs(shape, channels)
+    x = np.array(x)
+    group = slice(4, 8)  # group 1 of example 1 is constant
+    if layout == "last":
+        x[1, :, :, group] = 1e4 + 0.5
+    else:
+        x[1, group] = 1e4 + 0.5
+    layer = eqx_norm.GroupNorm(
+        groups,
+        channels,
+        epsilon,
+        scale_initializer=gamma,
+        bias_initializer=beta,
+        channel_axis=LAYOUTS[layout],
+        implementation="kernel",
+    )
+    y = np.asarray(layer(jnp.asarray(x)))
+    got = y[1, :, :, group] if layout == "last" else np.moveaxis(y[1, group], 0, -1)
+    np.testing.assert_array_equal(got, np.broadcast_to(np.asarray(beta)[group], got.shape))
+    assert np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nan_stays_in_its_group(layout):
+    channels, groups = 16, 4
+    shape = _shape(layout, 3, (5, 5), channels)
+    x, gamma, beta, ct = _inputs(shape, channels)
+    x = np.array(x)
+    if layout == "last":
+        x[1, 2, 3, 5] = np.nan  # example 1, channel 5: group 1
+    else:
+        x[1, 5, 2, 3] = np.nan
+    y, dx, _, _ = _grads(_layer(groups, channels, layout, gamma, beta), jnp.asarray(x), ct)
+    for a in (np.asarray(y), np.asarray(dx)):
+        cl = a if layout == "last" else np.moveaxis(a, 1, -1)
+        bad = np.isnan(cl).reshape(3, -1, groups, channels // groups).any(axis=(1, 3))
+        expected = np.zeros((3, groups), bool)
+        expected[1, 1] = True
+        np.testing.assert_array_equal(bad, expected)
+        assert np.isnan(cl[1, ..., 4:8]).all()
+
+
+# ----------------------------------------------------------------------------------------
+# Batch invariance and determinism.
+
+
+def _example_results(layer, xs, ct, jit):
+    """y and dx of example 0 of each batch in ``xs``."""
+    out = []
+    for x in xs:
+
+        def loss(x):
+            return jnp.sum(layer(x) * ct[: x.shape[0]])
+
+        fn = jax.jit(jax.value_and_grad(lambda x: (loss(x), layer(x)), has_aux=True))
+        if not jit:
+            fn = jax.value_and_grad(lambda x: (loss(x), layer(x)), has_aux=True)
+        (_, y), dx = fn(x)
+        out.append((np.asarray(y[0]), np.asarray(dx[0])))
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("channels, groups", [(64, 8), (32, 32)])
+@pytest.mark.parametrize("jit", [False, True])
+def test_batch_invariance(layout, channels, groups, jit):
+    """The same example alone, in a batch of 7 and in a batch of 40: bitwise the same y
+    and dx (the kernel's work units are single examples or groups)."""
+    shape = _shape(layout, 40, (12, 12), channels)
+    x, gamma, beta, ct = _inputs(shape, channels, mean=2.0)
+    layer = _layer(groups, channels, layout, gamma, beta)
+    results = _example_results(layer, (x[:1], x[:7], x), ct, jit)
+    for y, dx in results[1:]:
+        np.testing.assert_array_equal(y, results[0][0])
+        np.testing.assert_array_equal(dx, results[0][1])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_vmap_of_the_layer_equals_the_batched_call_bitwise(layout):
+    channels, groups = 32, 4
+    shape = _shape(layout, 9, (8, 8), channels)
+    x, gamma, beta, ct = _inputs(shape, channels, mean=-1.0)
+    layer = _layer(groups, channels, layout, gamma, beta)
+    np.testing.assert_array_equal(jax.vmap(layer)(x), layer(x))
+    np.testing.assert_array_equal(
+        jax.jit(lambda x: jax.vmap(layer)(x))(x), jax.jit(lambda x: layer(x))(x)
+    )
+
+    def loss(fn):
+        return jax.grad(lambda x: jnp.sum(fn(x) * ct))(x)
+
+    np.testing.assert_array_equal(loss(jax.vmap(layer)), loss(layer))
+
+
+def test_instance_norm_layer_runs_the_kernel_and_is_batch_invariant():
+    x, gamma, beta, _ = _inputs((40, 10, 10, 24), 24, mean=5.0)
+    layer = eqx_norm.InstanceNorm(24, scale_initializer=gamma, bias_initializer=beta)
+    assert "eqx_norm_groups_forward" in jax.jit(lambda x: layer(x)).lower(x).as_text()
+    np.testing.assert_array_equal(layer(x[:1])[0], layer(x)[0])
+    xla = eqx_norm.InstanceNorm(
+        24, scale_initializer=gamma, bias_initializer=beta, implementation="xla"
+    )
+    np.testing.assert_allclose(layer(x), xla(x), atol=1e-5)
+
+
+_ONE_THREAD = """
+import os, sys
+os.sched_setaffinity(0, {0})  # one core: XLA sizes its intra-op pool to one thread
+import jax, jax.numpy as jnp, numpy as np
+from eqx_norm.kernels import groups
+rng = np.random.default_rng(0)
+out = {}
+for last, shape, g in [(True, (16, 400, 64), 8), (False, (16, 64, 400), 8), (True, (2, 9000, 4), 4)]:
+    x = jnp.asarray(3 + rng.standard_normal(shape), jnp.float32)
+    c = shape[2] if last else shape[1]
+    s = jnp.asarray(1 + 0.1 * rng.standard_normal(c), jnp.float32)
+    o = jnp.zeros(c, jnp.float32)
+    ct = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    fn = lambda x, s, o: groups.normalize_groups(
+        x, s, o, num_groups=g, channels_last=last, epsilon=1e-5)
+    y, vjp = jax.vjp(fn, x, s, o)
+    for i, a in enumerate([y, *vjp(ct)]):
+        out[f"{last}-{shape}-{i}"] = np.asarray(a)
+np.savez(sys.argv[1], **out)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_bitwise_independent_of_the_thread_count(tmp_path):
+    one = tmp_path / "one.npz"
+    subprocess.run([sys.executable, "-c", _ONE_THREAD, str(one)], check=True, timeout=300)
+    both = tmp_path / "both.npz"
+    script = _ONE_THREAD.replace("os.sched_setaffinity(0, {0})", "")
+    subprocess.run([sys.executable, "-c", script, str(both)], check=True, timeout=300)
+    a, b = np.load(one), np.load(both)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# ----------------------------------------------------------------------------------------
+# Dispatch.
+
+
+def test_default_runs_the_kernel_xla_never_and_kernel_requires_it():
+    x = jnp.ones((2, 4, 4, 8))
+    text = lambda fn: jax.jit(fn).lower(x).as_text()  # noqa: E731
+    assert "eqx_norm_groups_forward" in text(lambda x: functional.group_norm(x, 2))
+    assert "eqx_norm_groups_forward" in text(
+        lambda x: functional.instance_norm(x, channel_axis=0, spatial_ndim=2)
+    )
+    assert "custom_call" not in text(lambda x: functional.group_norm(x, 2, implementation="xla"))
+    # served elsewhere: a mask, a wider output dtype
+    masked = lambda x: functional.group_norm(x, 2, mask=jnp.ones((2, 4, 4, 1), bool))  # noqa: E731
+    assert "custom_call" not in text(masked)
+    with pytest.raises(
+        ValueError, match="implementation='kernel' cannot serve this call: a `mask`"
+    ):
+        functional.group_norm(x, 2, mask=jnp.ones((2, 4, 4, 1), bool), implementation="kernel")
+    with pytest.raises(ValueError, match="output dtype float64 differs"):
+        with jax.enable_x64(True):
+            functional.group_norm(x, 2, dtype=jnp.float64, implementation="kernel")
+
+
+def test_group_norm_takes_implementation():
+    layer = eqx_norm.GroupNorm(2, 8, implementation="xla")
+    assert layer.implementation == "xla"
+    assert eqx_norm.InstanceNorm(8, implementation="kernel").implementation == "kernel"
+    with pytest.raises(ValueError, match="`implementation` must be None"):
+        eqx_norm.GroupNorm(2, 8, implementation="fast")
+    model = eqx_norm.from_equinox([eqx.nn.GroupNorm(2, 8)], implementation="xla")
+    assert model[0].implementation == "xla"
+
+
+def test_zero_size_and_feature_vectors():
+    # (N, C) feature vectors (spatial_ndim=0) and an empty batch
+    x, gamma, beta, _ = _inputs((6, 8), 8)
+    got = functional.group_norm(x, 2, gamma, beta, spatial_ndim=0, implementation="kernel")
+    want = functional.group_norm(x, 2, gamma, beta, spatial_ndim=0, implementation="xla")
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    empty = functional.group_norm(jnp.ones((0, 3, 3, 8)), 2, implementation="kernel")
+    assert empty.shape == (0, 3, 3, 8)
+
+
+# ----------------------------------------------------------------------------------------
+# Transformations.
+
+
+def _small(layout="last"):
+    shape = _shape(layout, 2, (3, 3), 4)
+    return _inputs(shape, 4, mean=1.0)
+
+
+def _fn(layout, implementation="kernel"):
+    def fn(x, gamma, beta):
+        return functional.group_norm(
+            x, 2, gamma, beta, channel_axis=LAYOUTS[layout], implementation=implementation
+        )
+
+    return fn
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_jvp_and_hessian_match_the_xla_path(layout):
+    x, gamma, beta, ct = _small(layout)
+    tangents = tuple(jnp.ones_like(a) * 0.1 for a in (x, gamma, beta))
+    got = jax.jvp(_fn(layout), (x, gamma, beta), tangents)
+    want = jax.jvp(_fn(layout, "xla"), (x, gamma, beta), tangents)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+    def loss(impl):
+        return lambda x: jnp.sum(_fn(layout, impl)(x, gamma, beta) ** 3 * ct)
+
+    np.testing.assert_allclose(
+        jax.hessian(loss("kernel"))(x), jax.hessian(loss("xla"))(x), rtol=1e-3, atol=1e-3
+    )
+    np.testing.assert_allclose(
+        jax.jacfwd(_fn(layout))(x, gamma, beta),
+        jax.jacrev(_fn(layout, "xla"))(x, gamma, beta),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_xla_path_gradient_matches_finite_differences(x64):
+    x, gamma, beta, _ = _small()
+    args = [jnp.asarray(np.asarray(a), jnp.float64) for a in (x, gamma, beta)]
+    check_grads(_fn("last", "xla"), args, order=2, modes=("fwd", "rev"), eps=1e-4)
+
+
+def test_kernel_gradient_matches_the_xla_path_and_vmap_per_example_scale():
+    x, gamma, beta, ct = _small()
+
+    def loss(impl):
+        return lambda x, g, b: jnp.sum(_fn("last", impl)(x, g, b) * ct)
+
+    for g, w in zip(jax.grad(loss("kernel"), (0, 1, 2))(x, gamma, beta),
+                    jax.grad(loss("xla"), (0, 1, 2))(x, gamma, beta)):  # fmt: skip
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    # vmap over x with per-example gamma: the jnp formula serves the batched call
+    gammas = jnp.stack([gamma, 2 * gamma, -gamma])
+    xs = jnp.stack([x, x + 1, 2 * x])
+    got = jax.vmap(_fn("last"), in_axes=(0, 0, None))(xs, gammas, beta)
+    want = jax.vmap(_fn("last", "xla"), in_axes=(0, 0, None))(xs, gammas, beta)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # per-example parameter gradients under vmap (the backward's `groups` attribute)
+    per = jax.vmap(jax.grad(loss("kernel"), (1, 2)), in_axes=(0, None, None))(xs, gamma, beta)
+    ref = jax.vmap(jax.grad(loss("xla"), (1, 2)), in_axes=(0, None, None))(xs, gamma, beta)
+    for g, w in zip(per, ref):
+        assert g.shape == (3, 4)
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_only_gradient_asks_for_no_dx():
+    x, gamma, beta, ct = _small("first")
+
+    def loss(g, b):
+        return jnp.sum(_fn("first")(x, g, b) * ct)
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(gamma, beta))
+    assert "want_dx=False" in jaxpr and "want_dx=True" not in jaxpr
+    got = jax.grad(loss, argnums=(0, 1))(gamma, beta)
+    want = jax.grad(lambda g, b: jnp.sum(_fn("first", "xla")(x, g, b) * ct), (0, 1))(gamma, beta)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_export_holds_no_custom_call_and_runs():
+    x, gamma, beta, ct = _small()
+
+    def fn(x, g, b):
+        y, vjp = jax.vjp(_fn("last"), x, g, b)
+        return y, vjp(ct)
+
+    exported = jax.export.export(jax.jit(fn))(x, gamma, beta)
+    assert "stablehlo.custom_call" not in exported.mlir_module()
+    for g, w in zip(
+        jax.tree.leaves(exported.call(x, gamma, beta)), jax.tree.leaves(fn(x, gamma, beta))
+    ):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+_MULTI_DEVICE = """
+import json, os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from eqx_norm import functional
+rng = np.random.default_rng(0)
+x = jnp.asarray(2 + rng.standard_normal((16, 6, 6, 8)), jnp.float32)
+g = jnp.asarray(1 + 0.1 * rng.standard_normal(8), jnp.float32)
+ct = jnp.asarray(rng.standard_normal((16, 6, 6, 8)), jnp.float32)
+def fwd_bwd(impl):
+    def f(x, g, ct):
+        y, vjp = jax.vjp(lambda x, g: functional.group_norm(x, 4, g, implementation=impl), x, g)
+        return (y, *vjp(ct))
+    return f
+want = jax.jit(fwd_bwd("xla"))(x, g, ct)
+mesh = jax.make_mesh((8,), ("b",))
+batch, rep = NamedSharding(mesh, P("b")), NamedSharding(mesh, P())
+f = jax.jit(fwd_bwd(None), in_shardings=(batch, rep, batch))
+hlo = f.lower(x, g, ct).compile().as_text()
+got = f(x, g, ct)
+err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want))
+print(json.dumps({"err": err, "kernel": "eqx_norm_groups_forward" in hlo}))
+"""
+
+
+@pytest.mark.slow
+def test_batch_sharded_jit_is_correct():
+    """Under a batch-sharded jit the kernel runs unpartitioned (XLA gathers its operands):
+    the results are the single-device ones."""
+    run = subprocess.run(
+        [sys.executable, "-c", _MULTI_DEVICE], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["kernel"] and out["err"] < 1e-4, out
+
+
+# ----------------------------------------------------------------------------------------
+# Memory safety: the registered targets check every buffer, whoever calls them.
+
+
+def _ffi(target, outs, *args, **attrs):
+    return jax.jit(lambda *a: jax.ffi.ffi_call(target, outs)(*a, **attrs))(*args)
+
+
+_F32 = jnp.float32
+# channels-last x (N=2, S=6, C=8), G=4
+_GOOD_FORWARD = dict(
+    x=(2, 6, 8), scale=(8,), offset=(8,), y=(2, 6, 8), mean_shift=(2, 4), rstd=(2, 4)
+)
+_FORWARD_ATTRS = dict(epsilon=np.float32(EPS), num_groups=np.int64(4), channels_last=True)
+
+
+@pytest.mark.parametrize(
+    "buffer, shape",
+    [("scale", (6,)), ("offset", (16,)), ("y", (2, 8, 6)), ("mean_shift", (2, 8)), ("rstd", (4,))],
+)
+def test_forward_target_rejects_a_wrong_buffer_shape(buffer, shape):
+    shapes = {**_GOOD_FORWARD, buffer: shape}
+    args = [jnp.ones(shapes[n], _F32) for n in ("x", "scale", "offset")]
+    outs = [jax.ShapeDtypeStruct(shapes[n], _F32) for n in ("y", "mean_shift", "rstd")]
+    with pytest.raises(Exception, match=rf"{buffer} has dimensions"):
+        jax.block_until_ready(_ffi("eqx_norm_groups_forward", outs, *args, **_FORWARD_ATTRS))
+    good = [jnp.ones(_GOOD_FORWARD[n], _F32) for n in ("x", "scale", "offset")]
+    good_outs = [jax.ShapeDtypeStruct(_GOOD_FORWARD[n], _F32) for n in ("y", "mean_shift", "rstd")]
+    y = _ffi("eqx_norm_groups_forward", good_outs, *good, **_FORWARD_ATTRS)
+    assert y[0].shape == (2, 6, 8)  # the same call with the right shapes runs
+
+
+def test_forward_target_rejects_groups_that_do_not_divide_the_channels():
+    args = [jnp.ones(_GOOD_FORWARD[n], _F32) for n in ("x", "scale", "offset")]
+    outs = [jax.ShapeDtypeStruct(s, _F32) for s in ((2, 6, 8), (2, 3), (2, 3))]
+    attrs = {**_FORWARD_ATTRS, "num_groups": np.int64(3)}
+    with pytest.raises(Exception, match="num_groups must be >= 1 and divide the channels"):
+        jax.block_until_ready(_ffi("eqx_norm_groups_forward", outs, *args, **attrs))
+
+
+_GOOD_BACKWARD = dict(
+    x=(2, 8, 6),
+    scale=(8,),
+    mean_shift=(2, 4),
+    rstd=(2, 4),
+    ct=(2, 8, 6),
+    dx=(2, 8, 6),
+    dscale=(2, 8),
+    doffset=(2, 8),
+)  # fmt: skip  (channels-first, groups=2: per-example sums)
+_BACKWARD_ATTRS = dict(
+    num_groups=np.int64(4), channels_last=False, groups=np.int64(2), want_dx=True
+)
+
+
+@pytest.mark.parametrize(
+    "buffer, shape",
+    [
+        ("scale", (6,)),
+        ("mean_shift", (2, 2)),
+        ("rstd", (8,)),
+        ("ct", (2, 6, 8)),
+        ("dx", (1, 8, 6)),
+        ("dscale", (1, 8)),
+        ("doffset", (2, 6)),
+    ],
+)
+def test_backward_target_rejects_a_wrong_buffer_shape(buffer, shape):
+    shapes = {**_GOOD_BACKWARD, buffer: shape}
+    args = [jnp.ones(shapes[n], _F32) for n in ("x", "scale", "mean_shift", "rstd", "ct")]
+    outs = [jax.ShapeDtypeStruct(shapes[n], _F32) for n in ("dx", "dscale", "doffset")]
+    with pytest.raises(Exception, match=rf"{buffer} has dimensions"):
+        jax.block_until_ready(_ffi("eqx_norm_groups_backward", outs, *args, **_BACKWARD_ATTRS))
+
+
+def test_backward_target_rejects_bad_groups_and_a_dx_when_none_is_wanted():
+    args = [jnp.ones(_GOOD_BACKWARD[n], _F32) for n in ("x", "scale", "mean_shift", "rstd", "ct")]
+    outs = [jax.ShapeDtypeStruct(s, _F32) for s in ((2, 8, 6), (3, 8), (3, 8))]
+    attrs = {**_BACKWARD_ATTRS, "groups": np.int64(3)}
+    with pytest.raises(Exception, match="groups must be >= 1 and divide the number of examples"):
+        jax.block_until_ready(_ffi("eqx_norm_groups_backward", outs, *args, **attrs))
+    outs = [jax.ShapeDtypeStruct(s, _F32) for s in ((2, 8, 6), (2, 8), (2, 8))]
+    attrs = {**_BACKWARD_ATTRS, "want_dx": False}
+    with pytest.raises(Exception, match="dx must be empty when want_dx is false"):
+        jax.block_until_ready(_ffi("eqx_norm_groups_backward", outs, *args, **attrs))
+
+
+def test_jnp_formula_agrees_with_the_kernel():
+    """The reference the lowering falls back on (jax.export, other platforms) gives the
+    kernel's statistics and outputs."""
+    for last, shape in ((True, (3, 20, 12)), (False, (3, 12, 20))):
+        x, gamma, beta, ct = _inputs(shape, 12, mean=50.0)
+        params = dict(epsilon=EPS, num_groups=3, channels_last=last)
+        got = _groups._forward_call(x, gamma, beta, **params)
+        want = _groups._jnp_forward(x, gamma, beta, **params)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+        bparams = dict(num_groups=3, channels_last=last, groups=3, want_dx=True)
+        got = _groups._backward_call(x, gamma, want[1], want[2], ct, **bparams)
+        ref = _groups._jnp_backward(x, gamma, want[1], want[2], ct, **bparams)
+        for g, w in zip(got, ref):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
