@@ -180,8 +180,8 @@ def test_matches_torch(layout, channels, groups):
     else:
         module = torch.nn.GroupNorm(groups, channels, eps=EPS)
     with torch.no_grad():
-        module.weight.copy_(torch.from_numpy(np.asarray(gamma)))
-        module.bias.copy_(torch.from_numpy(np.asarray(beta)))
+        module.weight.copy_(torch.from_numpy(np.array(gamma)))
+        module.bias.copy_(torch.from_numpy(np.array(beta)))
     to_nchw = (lambda a: np.moveaxis(np.asarray(a), -1, 1)) if layout == "last" else np.asarray
     xt = torch.from_numpy(np.ascontiguousarray(to_nchw(x))).requires_grad_(True)
     yt = module(xt)
@@ -279,7 +279,8 @@ def _example_results(layer, xs, ct, jit):
 def test_batch_invariance(layout, channels, groups, jit):
     """The same example alone, in a batch of 7 and in a batch of 40: bitwise the same y
     and dx (the kernel's work units are single examples or groups)."""
-    shape = _shape(layout, 40, (12, 12), channels)
+    # (28, 28) images: at this size the XLA path differs in the last bit (it fails here)
+    shape = _shape(layout, 40, (28, 28), channels)
     x, gamma, beta, ct = _inputs(shape, channels, mean=2.0)
     layer = _layer(groups, channels, layout, gamma, beta)
     results = _example_results(layer, (x[:1], x[:7], x), ct, jit)
