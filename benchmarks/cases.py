@@ -1,7 +1,14 @@
 """The benchmark cases and the implementations timed on each.
 
-eqx_norm's LayerNorm and RMSNorm appear twice: with the default implementation (the
-compiled CPU kernel when it is built) and with ``implementation="xla"`` (pure JAX).
+eqx_norm's layers appear twice: with the default implementation (the compiled CPU kernel
+when it is built) and with ``implementation="xla"`` (pure JAX).
+
+GroupNorm and InstanceNorm run in both layouts. Channels-first ``(N, C, H, W)`` is torch's
+contiguous layout. For a channels-last case every library gets the same ``(N, H, W, C)``
+array: torch as the ``(N, C, H, W)`` view of it (``permute``, torch's ``channels_last``
+memory format, what a torch user with that data runs), equinox (which takes one
+channels-first example) with a transpose in and out, flax as it is. torch's time on its
+own layout is the channels-first case of the same size.
 
 Every JAX implementation is a pure ``apply(x, params) -> y`` with its parameters as a
 pytree, so that forward and forward+backward (gradients with respect to x and every
@@ -36,11 +43,16 @@ class Case:
     """One benchmark input: ``shape`` normalized over its last ``ndim`` axes."""
 
     name: str
-    family: str  # "layer_norm", "rms_norm" or "group_norm"
+    family: str  # "layer_norm", "rms_norm", "group_norm" or "instance_norm"
     shape: tuple[int, ...]
     ndim: int
     dtype: str = "float32"
-    groups: int = 0  # group_norm only: channels-first (N, C, H, W)
+    groups: int = 0  # group_norm / instance_norm (groups == channels)
+    channels_last: bool = False  # group_norm / instance_norm: (N, H, W, C), else (N, C, H, W)
+
+    @property
+    def channels(self) -> int:
+        return self.shape[-1] if self.channels_last else self.shape[1]
 
     @property
     def normalized(self) -> tuple[int, ...]:
@@ -55,6 +67,23 @@ FULL_CASES = (
     Case("(32, 64)", "layer_norm", (32, 64), 1),
     Case("RMSNorm (8192, 1024)", "rms_norm", (8192, 1024), 1),
     Case("GroupNorm (32, 256, 28, 28) G=32", "group_norm", (32, 256, 28, 28), 3, groups=32),
+    Case(
+        "GroupNorm (32, 28, 28, 256) G=32 channels-last",
+        "group_norm",
+        (32, 28, 28, 256),
+        3,
+        groups=32,
+        channels_last=True,
+    ),
+    Case("InstanceNorm (32, 64, 28, 28)", "instance_norm", (32, 64, 28, 28), 3, groups=64),
+    Case(
+        "InstanceNorm (32, 28, 28, 64) channels-last",
+        "instance_norm",
+        (32, 28, 28, 64),
+        3,
+        groups=64,
+        channels_last=True,
+    ),
 )
 QUICK_CASES = (
     Case("(256, 128)", "layer_norm", (256, 128), 1),
@@ -62,6 +91,15 @@ QUICK_CASES = (
     Case("(4, 16, 128) bf16", "layer_norm", (4, 16, 128), 1, "bfloat16"),
     Case("RMSNorm (64, 128)", "rms_norm", (64, 128), 1),
     Case("GroupNorm (4, 16, 6, 6) G=4", "group_norm", (4, 16, 6, 6), 3, groups=4),
+    Case(
+        "GroupNorm (4, 6, 6, 16) G=4 channels-last",
+        "group_norm",
+        (4, 6, 6, 16),
+        3,
+        groups=4,
+        channels_last=True,
+    ),
+    Case("InstanceNorm (4, 8, 6, 6)", "instance_norm", (4, 8, 6, 6), 3, groups=8),
 )
 
 
@@ -102,13 +140,18 @@ def _jnp_two_pass(case: Case, center: bool) -> Callable:
     def apply(x, params):
         gamma, beta = params
         xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        if case.family == "group_norm":
+        grouped = case.family in ("group_norm", "instance_norm")
+        axes = tuple(range(xf.ndim - case.ndim, xf.ndim))
+        if grouped and case.channels_last:  # (N, S, G, C / G) over S and C / G
+            xf = xf.reshape(x.shape[0], -1, case.groups, case.channels // case.groups)
+            axes = (1, 3)
+        elif grouped:
             xf = xf.reshape(x.shape[0], case.groups, -1)
-        axes = tuple(range(xf.ndim - (1 if case.family == "group_norm" else case.ndim), xf.ndim))
+            axes = (2,)
         mean = jnp.mean(xf, axis=axes, keepdims=True) if center else 0.0
         var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + EPSILON)
-        if case.family == "group_norm":
+        if grouped:
             y = y.reshape(x.shape)
         y = y * gamma
         if beta is not None:
@@ -122,15 +165,18 @@ def implementations(case: Case) -> tuple[list[JaxImpl], list[TorchImpl]]:
     """The JAX implementations (eqx_norm first) and torch's, with identical parameters."""
     rng = np.random.default_rng(1)
     ns = case.normalized
-    pshape = (case.shape[1],) if case.family == "group_norm" else ns
+    grouped = case.family in ("group_norm", "instance_norm")
+    pshape = (case.channels,) if grouped else ns
     gamma = (1 + 0.1 * rng.standard_normal(pshape)).astype(np.float32)
     beta = (0.1 * rng.standard_normal(pshape)).astype(np.float32)
     tdt = torch.bfloat16 if case.dtype == "bfloat16" else torch.float32
     batch_axes = len(case.shape) - case.ndim
     jax_impls: list[JaxImpl] = []
     torch_impls: list[TorchImpl] = []
-    # group_norm's parameters broadcast over (C, H, W) in the jnp reference
-    ref_shape = (case.shape[1], 1, 1) if case.family == "group_norm" else ns
+    # grouped norms' parameters broadcast over (C, H, W) or (H, W, C) in the jnp reference
+    ref_shape = ns
+    if grouped:
+        ref_shape = (case.channels,) if case.channels_last else (case.channels, 1, 1)
     ref_params = (jnp.asarray(gamma).reshape(ref_shape), jnp.asarray(beta).reshape(ref_shape))
     if case.family == "layer_norm":
         ours = eqx_norm.LayerNorm(ns, EPSILON, scale_initializer=gamma, bias_initializer=beta)
@@ -174,27 +220,75 @@ def implementations(case: Case) -> tuple[list[JaxImpl], list[TorchImpl]]:
         tm = torch.nn.RMSNorm(ns, eps=EPSILON)
         beta = None
     else:
-        channels = case.shape[1]
-        ours = eqx_norm.GroupNorm(
-            case.groups,
-            channels,
-            EPSILON,
-            scale_initializer=gamma,
-            bias_initializer=beta,
-            channel_axis=0,
-            spatial_ndim=case.ndim - 1,
-        )
+        channels = case.channels
+        layout = dict(channel_axis=-1 if case.channels_last else 0, spatial_ndim=case.ndim - 1)
+        affine = dict(scale_initializer=gamma, bias_initializer=beta)
+        if case.family == "instance_norm":
+            ours, xla = (
+                eqx_norm.InstanceNorm(channels, EPSILON, **affine, **layout, implementation=i)
+                for i in (None, "xla")
+            )
+        else:
+            ours, xla = (
+                eqx_norm.GroupNorm(
+                    case.groups, channels, EPSILON, **affine, **layout, implementation=i
+                )
+                for i in (None, "xla")
+            )
+        # equinox has no InstanceNorm: GroupNorm with one group per channel
         peer = eqx.nn.GroupNorm(case.groups, channels, eps=EPSILON)
         peer = eqx.tree_at(lambda m: (m.weight, m.bias), peer, (jnp.asarray(gamma), beta))
+        if case.channels_last:  # equinox takes one (C, *spatial) example: transpose in, out
+            peer_apply, peer_params = _eqx(peer)
+            one = lambda x, p: jnp.moveaxis(peer_apply(jnp.moveaxis(x, -1, 0), p), 0, -1)  # noqa: E731
+            peer_impl = JaxImpl("equinox (vmap)", jax.vmap(one, in_axes=(0, None)), peer_params)
+        else:
+            peer_impl = JaxImpl("equinox (vmap)", *_eqx(peer, batch_axes))
         jax_impls += [
             JaxImpl("eqx_norm", *_eqx(ours)),
-            JaxImpl("equinox (vmap)", *_eqx(peer, batch_axes)),
+            JaxImpl(XLA_NAME, *_eqx(xla)),
+            peer_impl,
             JaxImpl("jnp two-pass", _jnp_two_pass(case, True), ref_params),
         ]
-        tm = torch.nn.GroupNorm(case.groups, channels, eps=EPSILON)
+        if case.channels_last:  # flax.nnx normalizes channels-last inputs
+            if case.family == "instance_norm":
+                fl = nnx.InstanceNorm(channels, epsilon=EPSILON, rngs=nnx.Rngs(0))
+            else:
+                fl = nnx.GroupNorm(channels, case.groups, epsilon=EPSILON, rngs=nnx.Rngs(0))
+            fl.scale.value = jnp.asarray(gamma)
+            fl.bias.value = jnp.asarray(beta)
+            jax_impls.insert(3, JaxImpl("flax.nnx", *_nnx(fl)))
+        if case.family == "instance_norm":
+            tm = torch.nn.InstanceNorm2d(channels, eps=EPSILON, affine=True)
+        else:
+            tm = torch.nn.GroupNorm(case.groups, channels, eps=EPSILON)
     with torch.no_grad():
         tm.weight.copy_(torch.from_numpy(gamma))
         if beta is not None:
             tm.bias.copy_(torch.from_numpy(beta))
-    torch_impls.append(TorchImpl("torch", tm.to(tdt)))
+    tm = tm.to(tdt)
+    if case.channels_last:
+        tm = _ChannelsLast(tm)
+    torch_impls.append(TorchImpl("torch", tm))
     return jax_impls, torch_impls
+
+
+class _ChannelsLast(torch.nn.Module):
+    """A torch norm over ``(N, C, H, W)`` applied to ``(N, H, W, C)`` data as its
+    ``permute`` view (torch's ``channels_last`` memory format), output back as ``(N, H, W,
+    C)``; ``weight``/``bias`` are the wrapped module's."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    @property
+    def weight(self) -> torch.nn.Parameter:
+        return self.module.weight
+
+    @property
+    def bias(self) -> torch.nn.Parameter:
+        return self.module.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
