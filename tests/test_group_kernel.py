@@ -504,35 +504,55 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from eqx_norm import functional
 rng = np.random.default_rng(0)
-x = jnp.asarray(2 + rng.standard_normal((16, 6, 6, 8)), jnp.float32)
-g = jnp.asarray(1 + 0.1 * rng.standard_normal(8), jnp.float32)
-ct = jnp.asarray(rng.standard_normal((16, 6, 6, 8)), jnp.float32)
-def fwd_bwd(impl):
-    def f(x, g, ct):
-        y, vjp = jax.vjp(lambda x, g: functional.group_norm(x, 4, g, implementation=impl), x, g)
-        return (y, *vjp(ct))
-    return f
-want = jax.jit(fwd_bwd("xla"))(x, g, ct)
 mesh = jax.make_mesh((8,), ("b",))
 batch, rep = NamedSharding(mesh, P("b")), NamedSharding(mesh, P())
-f = jax.jit(fwd_bwd(None), in_shardings=(batch, rep, batch))
-hlo = f.lower(x, g, ct).compile().as_text()
-got = f(x, g, ct)
-err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want))
-print(json.dumps({"err": err, "kernel": "eqx_norm_groups_forward" in hlo}))
+out = {}
+for ca, shape in ((-1, (16, 6, 6, 8)), (0, (16, 8, 6, 6))):
+    x = jnp.asarray(2 + rng.standard_normal(shape), jnp.float32)
+    g = jnp.asarray(1 + 0.1 * rng.standard_normal(8), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    def fwd_bwd(impl):
+        def f(x, g, ct):
+            norm = lambda x, g: functional.group_norm(
+                x, 4, g, channel_axis=ca, implementation=impl)
+            y, vjp = jax.vjp(norm, x, g)
+            return (y, *vjp(ct))
+        return f
+    want = jax.jit(fwd_bwd("xla"))(x, g, ct)
+    def err(got):
+        return max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want))
+    f = jax.jit(fwd_bwd(None), in_shardings=(batch, rep, batch))
+    hlo = f.lower(x, g, ct).compile().as_text()
+    got = f(x, g, ct)
+    sm = jax.jit(jax.shard_map(fwd_bwd(None), mesh=mesh, in_specs=(P("b"), P(), P("b")),
+                               out_specs=(P("b"), P("b"), P())))
+    pm = jax.pmap(fwd_bwd(None), in_axes=(0, None, 0))
+    y, dx, dg = pm(x.reshape(8, 2, *shape[1:]), g, ct.reshape(8, 2, *shape[1:]))
+    out[str(ca)] = {
+        "jit": err(got), "y_spec": str(got[0].sharding.spec),
+        "kernel": "eqx_norm_groups_forward" in hlo and "eqx_norm_groups_backward" in hlo,
+        "all_gather": "all-gather" in hlo,
+        "shard_map": err(sm(jax.device_put(x, batch), g, jax.device_put(ct, batch))),
+        "pmap": err((y.reshape(shape), dx.reshape(shape), dg.sum(0))),
+    }
+print(json.dumps(out))
 """
 
 
 @pytest.mark.slow
-def test_batch_sharded_jit_is_correct():
-    """Under a batch-sharded jit the kernel runs unpartitioned (XLA gathers its operands):
-    the results are the single-device ones."""
+def test_several_devices():
+    """Batch-sharded jit (partitioned over N: no all-gather), shard_map and pmap give the
+    single-device results, in both layouts."""
     run = subprocess.run(
         [sys.executable, "-c", _MULTI_DEVICE], capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr[-2000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["kernel"] and out["err"] < 1e-4, out
+    for layout in out.values():
+        assert layout["kernel"] and not layout["all_gather"], out
+        assert layout["y_spec"] == "P('b',)", out
+        # float32 sums over 16 or 2 examples' 288 values, in different orders
+        assert max(layout["jit"], layout["shard_map"], layout["pmap"]) < 1e-4, out
 
 
 # ----------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ The binding is built like :mod:`eqx_norm.kernels.rows` (and shares its rule buil
   formulas below, so ``jvp``, ``jacfwd`` and ``hessian`` work;
 * ``vmap`` with shared parameters folds its axis into ``N`` (the backward then sums
   ``dscale``/``doffset`` per example); a per-example scale runs the ``jnp`` formula;
-* under a multi-device ``jit`` the kernel call is not partitioned: XLA gathers its operands
-  and every device runs the whole batch (correct, not faster than one device);
+* under a multi-device ``jit`` the kernels go through ``custom_partitioning`` over ``N``
+  (rows.py's rule on a flat ``(N, S * C)`` view): each device normalizes its own examples,
+  the backward ``psum``\ s ``dscale``/``doffset``; no all-gather of ``x``;
 * ``jax.export`` and other platforms lower the ``jnp`` formulas: no custom call.
 
 The kernel's results for one example do not depend on the rest of the batch or on the
@@ -31,7 +32,15 @@ from jaxtyping import Array, Float
 
 from .._statistics import centered_statistics
 from . import _jax_hooks as hooks
-from .rows import _abstract, _batch_rule, _is_zero, _jvp_of, _kernel_or_reference, _rows_unfold
+from .rows import (
+    _abstract,
+    _batch_rule,
+    _is_zero,
+    _jvp_of,
+    _kernel_or_reference,
+    _partitioned,
+    _rows_unfold,
+)
 
 __all__ = ["normalize_groups"]
 
@@ -193,6 +202,64 @@ def _backward_call(x, scale, mean_shift, rstd, ct, *, num_groups, channels_last,
     )
 
 
+# Under a multi-device jit: partitioned over N by rows.py's rule, on the flat (N, S * C)
+# view ("m": split by rows, "r": replicated); the statistics (N, G) are split by rows too.
+
+
+def _unflat(x2, channels, channels_last):
+    n = x2.shape[0]
+    return x2.reshape((n, -1, channels) if channels_last else (n, channels, -1))
+
+
+def _forward_flat(x2, scale, offset, *, epsilon, num_groups, channels_last):
+    x = _unflat(x2, scale.shape[0], channels_last)
+    params = dict(epsilon=epsilon, num_groups=num_groups, channels_last=channels_last)
+    y, mean_shift, rstd = _forward_call(x, scale, offset, **params)
+    return y.reshape(x2.shape), mean_shift, rstd
+
+
+def _backward_flat(x2, scale, mean_shift, rstd, ct2, *, num_groups, channels_last):
+    x = _unflat(x2, scale.shape[0], channels_last)
+    ct = _unflat(ct2, scale.shape[0], channels_last)
+    params = dict(num_groups=num_groups, channels_last=channels_last, groups=1, want_dx=True)
+    dx, dscale, doffset = _backward_call(x, scale, mean_shift, rstd, ct, **params)
+    return dx.reshape(x2.shape), dscale[0], doffset[0]
+
+
+_forward_flat_partitioned = _partitioned(
+    _forward_flat,
+    "mrr",
+    "mmm",
+    ("epsilon", "num_groups", "channels_last"),
+    "r d, c, c -> r d, r g, r g",
+)
+_backward_flat_partitioned = _partitioned(
+    _backward_flat,
+    "mrmmm",
+    "mrr",
+    ("num_groups", "channels_last"),
+    "r d, c, r g, r g, r d -> r d, c, c",
+    psum_outputs=(1, 2),
+)
+
+
+def _forward_partitioned(x, scale, offset, **params):
+    y, mean_shift, rstd = _forward_flat_partitioned(
+        x.reshape(x.shape[0], -1), scale, offset, **params
+    )
+    return y.reshape(x.shape), mean_shift, rstd
+
+
+def _backward_partitioned(x, scale, mean_shift, rstd, ct, *, groups, want_dx, **params):
+    """The example-partitioned backward (``groups == 1``; it always writes dx)."""
+    flat = (x.shape[0], -1)
+    dx, dscale, doffset = _backward_flat_partitioned(
+        x.reshape(flat), scale, mean_shift, rstd, ct.reshape(flat), **params
+    )
+    dx = dx.reshape(x.shape)
+    return (dx if want_dx else dx[:0]), dscale[None], doffset[None]
+
+
 # ----------------------------------------------------------------------------------------
 # The primitives.
 
@@ -211,8 +278,9 @@ _forward_p = hooks.define_primitive(
         ]
     ),
     reference=_jnp_forward,
-    # not partitioned under a multi-device jit: XLA gathers the operands
-    lowering=_kernel_or_reference(_forward_call, None, _jnp_forward),
+    lowering=_kernel_or_reference(
+        _forward_call, lambda **p: functools.partial(_forward_partitioned, **p), _jnp_forward
+    ),
     jvp=lambda *a, **p: _jvp_of(_jnp_forward, _forward_p)(*a, **p),
     batch=_batch_rule(
         lambda: _forward_p, _jnp_forward, (0,), (1, 2), lambda p, n: (p, _rows_unfold)
@@ -242,7 +310,11 @@ _backward_p = hooks.define_primitive(
         ]
     ),
     reference=_jnp_backward,
-    lowering=_kernel_or_reference(_backward_call, None, _jnp_backward),
+    lowering=_kernel_or_reference(
+        _backward_call,
+        lambda **p: functools.partial(_backward_partitioned, **p),
+        _jnp_backward,
+    ),
     jvp=lambda *a, **p: _jvp_of(_jnp_backward, _backward_p)(*a, **p),
     batch=_batch_rule(lambda: _backward_p, _jnp_backward, (0, 2, 3, 4), (1,), _backward_fold),
 )
