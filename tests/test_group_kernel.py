@@ -182,7 +182,7 @@ def test_matches_torch(layout, channels, groups):
     with torch.no_grad():
         module.weight.copy_(torch.from_numpy(np.array(gamma)))
         module.bias.copy_(torch.from_numpy(np.array(beta)))
-    to_nchw = (lambda a: np.moveaxis(np.asarray(a), -1, 1)) if layout == "last" else np.asarray
+    to_nchw = (lambda a: np.moveaxis(np.array(a), -1, 1)) if layout == "last" else np.array
     xt = torch.from_numpy(np.ascontiguousarray(to_nchw(x))).requires_grad_(True)
     yt = module(xt)
     yt.backward(torch.from_numpy(np.ascontiguousarray(to_nchw(ct))))
