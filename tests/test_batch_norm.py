@@ -363,6 +363,185 @@ def test_inference_returns_running_statistics_unchanged():
     np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- debiasing
+
+
+def test_debiased_running_statistics():
+    # with steps, the running statistics are the momentum-weighted average of the batches
+    # seen, with no pull towards their initial 0 and 1 (float64 formula: debiased_average)
+    momentum, channels = 0.9, 3
+    mean, var = jnp.zeros(channels), jnp.ones(channels)
+    batch_means, batch_vars = [], []
+    for step in range(4):
+        x = random_input((10, 4, channels), seed=step, mean=2.0 * step, std=1.0 + step)
+        _, batch_mean, batch_var, count = reference_batch_norm(x)
+        batch_means.append(batch_mean)
+        batch_vars.append(batch_var * count / (count - 1))
+        _, mean, var = batch_norm(x, mean, var, training=True, momentum=momentum, steps=step)
+        if step == 0:  # the first update takes the batch's statistics
+            np.testing.assert_allclose(mean, batch_mean, rtol=1e-6)
+            np.testing.assert_allclose(var, batch_vars[0], rtol=1e-5)
+        np.testing.assert_allclose(mean, debiased_average(batch_means, momentum, 0), rtol=1e-5)
+        np.testing.assert_allclose(var, debiased_average(batch_vars, momentum, 1), rtol=1e-5)
+    # momentum 1 with steps: the plain average of every batch (its limit); 0: the last batch
+    x = random_input((10, channels), seed=9)
+    _, batch_mean, _, _ = reference_batch_norm(x)
+    start = jnp.full(channels, 2.0)
+    _, mean, _ = batch_norm(x, start, jnp.ones(channels), training=True, momentum=1.0, steps=3)
+    np.testing.assert_allclose(mean, (3 * 2.0 + batch_mean) / 4, rtol=1e-6)
+    _, mean, _ = batch_norm(x, start, jnp.ones(channels), training=True, momentum=0.0, steps=3)
+    np.testing.assert_allclose(mean, batch_mean, rtol=1e-6)
+    # a momentum near 1: the weight's denominator 1 - momentum**t is computed without
+    # cancellation (-expm1), so the first step is still the batch's to float32 precision
+    _, mean, _ = batch_norm(x, start, jnp.ones(channels), training=True, momentum=0.9999, steps=0)
+    np.testing.assert_allclose(mean, batch_mean, rtol=1e-5)
+
+
+def test_layer_counts_steps_and_debias_switch():
+    x = random_input((16, 3))
+    _, batch_mean, batch_var, count = reference_batch_norm(x)
+    bn, state = eqx.nn.make_with_state(BatchNorm)(3)
+    assert bn.debias and int(state.get(bn.steps_index)) == 0
+    _, state = eqx.filter_jit(bn)(x, state)
+    _, state = bn(x, state, inference=True)  # inference takes no step
+    assert int(state.get(bn.steps_index)) == 1
+    mean, var = running(bn, state)
+    np.testing.assert_allclose(mean, batch_mean, rtol=1e-6)
+    np.testing.assert_allclose(var, batch_var * count / (count - 1), rtol=1e-5)
+    plain, plain_state = eqx.nn.make_with_state(BatchNorm)(3, debias=False)
+    _, plain_state = plain(x, plain_state)
+    mean, var = running(plain, plain_state)  # torch's and flax's: 1 % of the way
+    np.testing.assert_allclose(mean, 0.01 * batch_mean, rtol=1e-5)
+    np.testing.assert_allclose(var, 0.99 + 0.01 * batch_var * count / (count - 1), rtol=1e-5)
+    assert int(plain_state.get(plain.steps_index)) == 1
+    # a step whose mask keeps nothing leaves the statistics; the counter still moves
+    _, masked_state = bn(x, clone(state), mask=jnp.zeros(x.shape, bool))
+    for a, b in zip(running(bn, masked_state), running(bn, state)):
+        np.testing.assert_array_equal(a, b)
+    assert int(masked_state.get(bn.steps_index)) == 2
+
+
+# ----------------------------------------------------------------------------- derivative
+
+
+def plain_batch_norm(x, gamma, beta, channel_axis, epsilon=1e-5):
+    """The formula with plain autodiff, for float64 oracles of every transformation."""
+    axes = tuple(i for i in range(x.ndim) if i != channel_axis % x.ndim)
+    shape = tuple(1 if i in axes else -1 for i in range(x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    var = jnp.square(x - mean).mean(axis=axes, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + epsilon) * gamma.reshape(shape) + beta.reshape(shape)
+
+
+@pytest.mark.parametrize("channel_axis", [-1, 1])
+def test_transformations_of_the_training_forward(channel_axis):
+    # the hand-written derivative (a custom_jvp) against plain autodiff of the formula in
+    # float64: grad, jvp, jacfwd, jacrev, hessian, vmap over batches, jit, jax.export
+    shape = (5, 4, 3) if channel_axis == -1 else (5, 3, 4)
+    x = random_input(shape)
+    gamma, beta = random_params(3)
+    cotangent = random_input(shape, seed=4, mean=0.0, std=1.0)
+
+    def ours(x, gamma, beta):
+        zeros, ones = jnp.zeros(3), jnp.ones(3)
+        return batch_norm(x, zeros, ones, gamma, beta, training=True, channel_axis=channel_axis)[0]
+
+    def reference(x, gamma, beta):
+        return plain_batch_norm(x, gamma, beta, channel_axis)
+
+    def loss(f):  # a cubic, so that second derivatives are not trivially zero
+        def cubic(x, gamma, beta):
+            y = f(x, gamma, beta)
+            return jnp.sum(y**3 * cotangent.astype(y.dtype))
+
+        return cubic
+
+    tangents = (cotangent, 0.3 * gamma, 0.5 * beta)
+    transforms = {
+        "grad": lambda f: jax.grad(loss(f), argnums=(0, 1, 2)),
+        "jvp": lambda f: (
+            lambda *p: jax.jvp(f, p, tuple(t.astype(q.dtype) for t, q in zip(tangents, p)))
+        ),
+        "jacfwd": lambda f: jax.jacfwd(f, argnums=(0, 1, 2)),
+        "jacrev": lambda f: jax.jacrev(f, argnums=(0, 1, 2)),
+        "hessian": lambda f: jax.hessian(loss(f), argnums=(0, 1)),
+    }
+    with jax.enable_x64(True):
+        params64 = tuple(jnp.asarray(as64(p)) for p in (x, gamma, beta))
+        expected = {name: t(reference)(*params64) for name, t in transforms.items()}
+        expected = {name: [as64(a) for a in jax.tree.leaves(v)] for name, v in expected.items()}
+    for name, transform in transforms.items():
+        got = jax.tree.leaves(jax.jit(transform(ours))(x, gamma, beta))
+        assert len(got) == len(expected[name]), name
+        for a, b in zip(got, expected[name]):
+            assert_close_relative(a, b, 1e-5)
+    # vmap over whole batches: each batch's own statistics
+    xs = jnp.stack([x, 2.0 * x - 1.0, random_input(shape, seed=8)])
+    grads = jax.vmap(jax.grad(loss(ours)), in_axes=(0, None, None))(xs, gamma, beta)
+    for i in range(3):
+        np.testing.assert_allclose(
+            jax.vmap(ours, (0, None, None))(xs, gamma, beta)[i],
+            ours(xs[i], gamma, beta),
+            rtol=0,
+            atol=1e-6,
+        )
+        assert_close_relative(grads[i], jax.grad(loss(ours))(xs[i], gamma, beta), 1e-6)
+    # jax.export of the gradient: lowered to StableHLO and called
+    exported = jax.export.export(jax.jit(transforms["grad"](ours)))(x, gamma, beta)
+    for a, b in zip(exported.call(x, gamma, beta), expected["grad"]):
+        assert_close_relative(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4096, 64), (64, 128, 96)])
+def test_jitted_gradient_of_x_alone(shape):
+    # XLA:CPU's fused reductions crashed or miscompiled other norms' gradients of x alone
+    # at such shapes: jitted and eager gradients here both match float64, with weights that
+    # vary along the batch (a weight constant over a channel's values has gradient ~ 0)
+    x = random_input(shape, mean=0.0, std=1.0)
+    weights = random_input((*shape[:-1], 1), seed=2)
+    channels = shape[-1]
+
+    def loss(x):
+        y = batch_norm(x, jnp.zeros(channels), jnp.ones(channels), training=True)[0]
+        return jnp.sum(jnp.square(y) * weights)
+
+    with jax.enable_x64(True):
+        ones64, zeros64 = jnp.ones(channels, jnp.float64), jnp.zeros(channels, jnp.float64)
+        expected = jax.grad(
+            lambda x: jnp.sum(jnp.square(plain_batch_norm(x, ones64, zeros64, -1)) * as64(weights))
+        )(jnp.asarray(as64(x)))
+    assert_close_relative(jax.jit(jax.grad(loss))(x), expected, 1e-5)
+    assert_close_relative(jax.grad(loss)(x), expected, 1e-5)
+
+
+def test_constant_channels_give_beta_and_implementation_switch():
+    x = jnp.ones((8, 4, 3)) * jnp.array([1e4, -3.0, 0.0])[None, None]
+    for implementation in (None, "xla"):
+        bn, state = build(3, implementation=implementation)
+        assert bn.implementation == implementation
+        y, _ = eqx.filter_jit(bn)(x, state)
+        np.testing.assert_array_equal(y, np.broadcast_to(bn.beta, x.shape))
+    dx = gradients(bn, x, state, random_input(x.shape, seed=3))[0]
+    assert np.isfinite(dx).all()
+
+
+def test_pmap_with_a_closed_over_state_is_told_to_pass_it():
+    # one device is enough for pmap's mapped axis; the advice is pmap's, not the explicit
+    # mesh's, and following it works
+    bn, state = eqx.nn.make_with_state(BatchNorm)(3, axis_name="devices")
+    x = random_input((1, 8, 3))
+    with pytest.raises(ValueError, match=r"inside `jax\.pmap`/`shard_map`.*closed over") as info:
+        jax.pmap(lambda x: bn(x, state), axis_name="devices")(x)
+    assert "NamedSharding" not in str(info.value)
+    y, new_state = jax.pmap(
+        lambda x, state: bn(x, state), axis_name="devices", in_axes=(0, None), out_axes=(0, None)
+    )(x, state)
+    y_whole, whole_state = eqx.nn.make_with_state(BatchNorm)(3)[0](x[0], state)
+    np.testing.assert_allclose(y[0], y_whole, rtol=0, atol=1e-5)
+    for a, b in zip(running(bn, new_state), running(bn, whole_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- accuracy
 
 
@@ -913,7 +1092,8 @@ class DigitsCNN(eqx.Module):
     """Two 3x3 convolutions, each followed by BatchNorm and ReLU, global mean pool, linear.
 
     The convolutions run on one example at a time (``jax.vmap``); BatchNorm sees the whole
-    batch in torch's layout ``(N, C, H, W)`` and needs no axis_name."""
+    batch in torch's layout ``(N, C, H, W)`` and needs no axis_name. BatchNorm keeps its
+    defaults (momentum 0.99, debiased running statistics)."""
 
     conv1: eqx.nn.Conv2d
     norm1: BatchNorm
@@ -924,9 +1104,9 @@ class DigitsCNN(eqx.Module):
     def __init__(self, key):
         k1, k2, k3 = jax.random.split(key, 3)
         self.conv1 = eqx.nn.Conv2d(1, 16, 3, padding=1, use_bias=False, key=k1)
-        self.norm1 = BatchNorm(16, channel_axis=1, momentum=0.9)
+        self.norm1 = BatchNorm(16, channel_axis=1)
         self.conv2 = eqx.nn.Conv2d(16, 32, 3, stride=2, padding=1, use_bias=False, key=k2)
-        self.norm2 = BatchNorm(32, channel_axis=1, momentum=0.9)
+        self.norm2 = BatchNorm(32, channel_axis=1)
         self.head = eqx.nn.Linear(32, 10, key=k3)
 
     def __call__(self, x, state):
@@ -937,6 +1117,10 @@ class DigitsCNN(eqx.Module):
 
 @pytest.mark.slow
 def test_cnn_on_digits_trains_and_evaluates_in_inference_mode():
+    # 300 steps with the default momentum 0.99: without debiasing the running statistics
+    # still hold 5 % of their initial 0 and 1 (0.99**300) and lag the training, and
+    # inference scored 0.69 against 0.98 in training mode (0.107 in issue 18's run); with
+    # it, inference is as accurate as the batch statistics
     import optax
     from sklearn.datasets import load_digits
 
@@ -962,7 +1146,7 @@ def test_cnn_on_digits_trains_and_evaluates_in_inference_mode():
 
     rng = np.random.default_rng(1)
     losses = []
-    for _ in range(8):  # epochs of 10 batches of 140
+    for _ in range(30):  # epochs of 10 batches of 140: 300 steps
         for batch in np.array_split(rng.permutation(train), 10):
             model, state, opt_state, loss = step(
                 model, state, opt_state, jnp.asarray(images[batch]), jnp.asarray(labels[batch])
@@ -976,5 +1160,11 @@ def test_cnn_on_digits_trains_and_evaluates_in_inference_mode():
     for a, b in zip(jax.tree.leaves(same_state), jax.tree.leaves(state)):
         np.testing.assert_array_equal(a, b)
     accuracy = float(np.mean(np.argmax(logits, axis=1) == labels[test]))
-    print(f"digits CNN: test accuracy {accuracy:.3f}, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    training_logits, _ = eqx.filter_jit(model)(jnp.asarray(images[test]), state)
+    batch_accuracy = float(np.mean(np.argmax(training_logits, axis=1) == labels[test]))
+    print(
+        f"digits CNN, 300 steps: test accuracy {accuracy:.3f} in inference mode, "
+        f"{batch_accuracy:.3f} with batch statistics; loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    )
     assert accuracy >= 0.9, accuracy
+    assert accuracy >= batch_accuracy - 0.03, (accuracy, batch_accuracy)
