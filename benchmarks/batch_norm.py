@@ -1,28 +1,39 @@
-"""Time eqx_norm.BatchNorm (training mode) against torch.nn.BatchNorm2d and eqx.nn.BatchNorm.
+"""Time eqx_norm.BatchNorm (training mode) against torch, equinox, flax.nnx and plain jnp.
 
 Usage::
 
-    python benchmarks/batch_norm.py              # (32, 28, 28, 256) float32, ~1 minute
-    python benchmarks/batch_norm.py --quick      # a small shape: checks the script works
-    python benchmarks/batch_norm.py --fault-free # glibc keeps freed memory (as run.py's
-                                                 # fault-free worker), see below
+    python benchmarks/batch_norm.py --fault-free  # (32, 256, 28, 28) float32, ~1-2 minutes
+    python benchmarks/batch_norm.py               # glibc's default allocator
+    python benchmarks/batch_norm.py --quick       # a small shape: checks the script works
 
-Rows, all in training mode (batch statistics, running statistics updated):
+``--fault-free`` re-runs the script under ``GLIBC_TUNABLES`` (see ``FAULT_FREE``, as
+``run.py``'s fault-free worker) so that freed memory is kept and reused and XLA's fresh
+output buffers do not page-fault on every call: the allocator issue 17's targets are
+measured with.
 
-* ``eqx_norm (N, H, W, C)``: ``BatchNorm(C)`` on the channels-last batch;
+Rows, all in training mode (batch statistics, running statistics updated where the
+implementation keeps them), N=32, C=256, H=W=28:
+
+* ``eqx_norm (N, H, W, C)``: ``BatchNorm(C)`` on the channels-last batch (the default);
 * ``eqx_norm (N, C, H, W)``: ``BatchNorm(C, channel_axis=1)`` on torch's layout;
-* ``torch BatchNorm2d``: ``(N, C, H, W)``, ``torch.set_num_threads(2)``,
-  ``OMP_WAIT_POLICY=PASSIVE``; forward under ``torch.no_grad()``, forward+backward as
-  ``y.backward(dy)``;
-* ``eqx.nn.BatchNorm``: ``mode="batch"``, one ``(C, H, W)`` example at a time under
-  ``jax.vmap(..., axis_name="batch")``, as equinox requires.
+* ``eqx.nn.BatchNorm (vmap)``: ``mode="batch"``, one ``(C, H, W)`` example at a time under
+  ``jax.vmap(..., axis_name="batch")``, as equinox requires;
+* ``flax.nnx.BatchNorm (N, H, W, C)``: ``use_running_average=False``, split/merged into a
+  pure function (the running statistics returned);
+* ``jnp formula (N, H, W, C)`` / ``(N, C, H, W)``: mean, mean of squared deviations,
+  ``rsqrt``, affine, with plain autodiff;
+* ``torch BatchNorm2d (N, C, H, W)``, the reference of every ratio, and ``torch BatchNorm2d
+  channels_last`` (the same module on a ``torch.channels_last`` tensor):
+  ``torch.set_num_threads(2)``, ``OMP_WAIT_POLICY=PASSIVE``; forward under
+  ``torch.no_grad()``, forward+backward as ``y.backward(dy)``.
 
-JAX forward is ``jit(bn)(x, state)``; forward+backward is the jitted ``vjp`` with respect
-to ``x``, ``gamma`` and ``beta``, applied to ``dy``. After a warm-up the rows are
+JAX forward is the jitted call; forward+backward is the jitted ``vjp`` with respect to
+``x`` and the affine parameters, applied to ``dy``. After a warm-up the rows are
 interleaved round by round; each time is the median over rounds (interquartile range
-beside it) and the ratio is against torch. The script then prints the largest error of
-eqx_norm in float32 against float64 torch (output, dx, dgamma, dbeta), at mean 0 and at
-mean 1e4. It asserts nothing about speed.
+beside it) and the ratio is against torch's ``(N, C, H, W)`` row (the inference rows,
+``eqx.nn.inference_mode(bn)``, against torch's ``.eval()`` module). The script then prints
+the largest error of eqx_norm in float32 against float64 torch (output, dx, dgamma, dbeta),
+at mean 0 and at mean 1e4. It asserts nothing about speed.
 """
 
 from __future__ import annotations
@@ -43,10 +54,12 @@ EPSILON = 1e-5
 
 
 def jax_rows(shape):
-    """``{name: (fwd, fwd+bwd)}`` zero-argument timers of the JAX implementations."""
+    """``{name: (fwd, fwd+bwd)}`` zero-argument timers of the JAX implementations; ``shape``
+    is channels-last ``(N, H, W, C)``."""
     import equinox as eqx
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
     import eqx_norm
 
@@ -57,12 +70,15 @@ def jax_rows(shape):
     x_first, dy_first = x_last.transpose(0, 3, 1, 2), dy_last.transpose(0, 3, 1, 2)
 
     def timers(apply, params, state, x, dy):
+        """``apply(x, params, state) -> (y, state)``."""
         fwd = jax.jit(apply)
 
         @jax.jit
         def fwd_bwd(x, params, state, dy):
-            y, vjp, state = jax.vjp(lambda x, p: apply(x, p, state), x, params, has_aux=True)
-            return y, vjp(dy), state
+            # the state goes through vjp as an input (its cotangent is dropped): flax.nnx
+            # refuses to update a BatchStat that comes from an outer trace
+            y, vjp, state = jax.vjp(apply, x, params, state, has_aux=True)
+            return y, vjp(dy)[:2], state
 
         return (
             lambda: jax.block_until_ready(fwd(x, params, state)),
@@ -80,6 +96,14 @@ def jax_rows(shape):
             return eqx.tree_at(lambda m: (m.gamma, m.beta), bn, params)(x, state)
 
         rows[name] = timers(apply, (bn.gamma, bn.beta), state, x, dy)
+        inference = eqx.nn.inference_mode(bn)
+
+        def apply_inference(x, params, state, bn=inference):
+            return eqx.tree_at(lambda m: (m.gamma, m.beta), bn, params)(x, state)
+
+        rows[name.replace("eqx_norm", "eqx_norm inference")] = timers(
+            apply_inference, (bn.gamma, bn.beta), state, x, dy
+        )
 
     bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(c, "batch", eps=EPSILON, mode="batch")
 
@@ -90,28 +114,75 @@ def jax_rows(shape):
     rows["eqx.nn.BatchNorm (vmap)"] = timers(
         apply_equinox, (bn.weight, bn.bias), state, x_first, dy_first
     )
+
+    module = nnx.BatchNorm(c, epsilon=EPSILON, use_running_average=False, rngs=nnx.Rngs(0))
+    graphdef, params, stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+
+    def apply_flax(x, params, stats):
+        model = nnx.merge(graphdef, params, stats)
+        y = model(x)
+        return y, nnx.state(model, nnx.BatchStat)
+
+    rows["flax.nnx.BatchNorm (N, H, W, C)"] = timers(apply_flax, params, stats, x_last, dy_last)
+
+    for name, axes, x, dy in (
+        ("jnp formula (N, H, W, C)", (0, 1, 2), x_last, dy_last),
+        ("jnp formula (N, C, H, W)", (0, 2, 3), x_first, dy_first),
+    ):
+        per_channel = tuple(1 if i in axes else c for i in range(4))
+
+        def apply_jnp(x, params, state, axes=axes, per_channel=per_channel):
+            mean = jnp.mean(x, axis=axes, keepdims=True)
+            var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
+            y = (x - mean) * jax.lax.rsqrt(var + EPSILON)
+            y = y * params[0].reshape(per_channel) + params[1].reshape(per_channel)
+            return y, state
+
+        rows[name] = timers(apply_jnp, (jnp.ones(c), jnp.zeros(c)), None, x, dy)
     return rows, (x_first, dy_first)
 
 
-def torch_row(x_first, dy_first):
+def torch_rows(x_first, dy_first):
+    """``{name: (fwd, fwd+bwd)}`` of torch.nn.BatchNorm2d, NCHW and channels_last memory."""
     import numpy as np
     import torch
 
-    module = torch.nn.BatchNorm2d(x_first.shape[1], eps=EPSILON)
-    xt = torch.from_numpy(np.array(x_first))
-    dyt = torch.from_numpy(np.array(dy_first))
-    xt_grad = xt.clone().requires_grad_(True)
+    rows = {}
+    for name, memory_format in (
+        (TORCH, torch.contiguous_format),
+        ("torch BatchNorm2d channels_last", torch.channels_last),
+    ):
+        module = torch.nn.BatchNorm2d(x_first.shape[1], eps=EPSILON)
+        xt = torch.from_numpy(np.array(x_first)).contiguous(memory_format=memory_format)
+        dyt = torch.from_numpy(np.array(dy_first)).contiguous(memory_format=memory_format)
+        xt_grad = xt.clone().requires_grad_(True)
 
-    def fwd():
+        def fwd(module=module, xt=xt):
+            with torch.no_grad():
+                module(xt)
+
+        def fwd_bwd(module=module, xt_grad=xt_grad, dyt=dyt):
+            xt_grad.grad = None
+            module.zero_grad(set_to_none=True)
+            module(xt_grad).backward(dyt)
+
+        rows[name] = (fwd, fwd_bwd)
+    module = torch.nn.BatchNorm2d(x_first.shape[1], eps=EPSILON).eval()
+    xt = torch.from_numpy(np.array(x_first))
+    xt_grad = xt.clone().requires_grad_(True)
+    dyt = torch.from_numpy(np.array(dy_first))
+
+    def eval_fwd():
         with torch.no_grad():
             module(xt)
 
-    def fwd_bwd():
+    def eval_fwd_bwd():
         xt_grad.grad = None
         module.zero_grad(set_to_none=True)
         module(xt_grad).backward(dyt)
 
-    return fwd, fwd_bwd
+    rows[TORCH_EVAL] = (eval_fwd, eval_fwd_bwd)
+    return rows
 
 
 def time_rows(rows, warmup, rounds):
@@ -130,7 +201,8 @@ def time_rows(rows, warmup, rounds):
 
 
 PASSES = ("fwd", "fwd+bwd")
-TORCH = "torch BatchNorm2d"
+TORCH = "torch BatchNorm2d (N, C, H, W)"
+TORCH_EVAL = "torch BatchNorm2d .eval() (N, C, H, W)"
 
 
 def accuracy(shape, mean):
@@ -201,12 +273,13 @@ def main() -> None:
     shape = (4, 6, 6, 16) if args.quick else (32, 28, 28, 256)
     warmup, rounds = (1, 3) if args.quick else (3, args.rounds)
     rows, (x_first, dy_first) = jax_rows(shape)
-    rows[TORCH] = torch_row(x_first, dy_first)
+    rows.update(torch_rows(x_first, dy_first))
     samples = time_rows(rows, warmup, rounds)
 
     allocator = "fault-free" if os.environ.get("GLIBC_TUNABLES") == FAULT_FREE else "default"
     print(
-        f"BatchNorm, training mode, x {shape} float32 (N, H, W, C); {rounds} interleaved "
+        f"BatchNorm, training mode, x {shape} float32 (N, H, W, C) and its transpose; {rounds} "
+        f"interleaved "
         f"rounds, median ms [p25-p75]; torch threads {TORCH_THREADS}; allocator {allocator}\n"
     )
     print("| implementation | fwd ms | fwd+bwd ms | fwd vs torch | fwd+bwd vs torch |")
@@ -217,7 +290,8 @@ def main() -> None:
         for phase in PASSES:
             p25, p75 = np.percentile(np.asarray(samples[(name, phase)]) * 1e3, [25, 75])
             cells.append(f"{medians[(name, phase)]:.2f} [{p25:.2f}-{p75:.2f}]")
-        ratios = [f"{medians[(name, p)] / medians[(TORCH, p)]:.2f}x" for p in PASSES]
+        reference = TORCH_EVAL if "inference" in name or name == TORCH_EVAL else TORCH
+        ratios = [f"{medians[(name, p)] / medians[(reference, p)]:.2f}x" for p in PASSES]
         print(f"| {name} | {' | '.join(cells)} | {' | '.join(ratios)} |")
 
     print("\nLargest error of eqx_norm (float32) against float64 torch, training mode:")
