@@ -155,10 +155,11 @@ EQX_INLINE void forward_group_first(const ForwardArgs& a, int64_t u) {
 
 // Channels-last scratch: per-channel vectors of one example.
 struct Scratch {
-  std::vector<float> shift, mean, acc, acc2, mul, mv, mvx;
+  std::vector<float> shift, mean, acc, acc2, mul, mv, mvx, block_mean;
   std::vector<double> total, total2;
-  explicit Scratch(int64_t c)
-      : shift(c), mean(c), acc(c), acc2(c), mul(c), mv(c), mvx(c), total(c), total2(c) {}
+  Scratch(int64_t c, int64_t blocks)
+      : shift(c), mean(c), acc(c), acc2(c), mul(c), mv(c), mvx(c), block_mean(blocks * c),
+        total(c), total2(c) {}
 };
 
 // Per-channel sums over all positions of f(s, c) (float within blocks of kPositions
@@ -226,17 +227,56 @@ EQX_INLINE void forward_example_last(const ForwardArgs& a, int64_t n, Scratch& s
   float* mean = sc.mean.data();
   float* mul = sc.mul.data();
   for (int64_t ch = 0; ch < c; ++ch) shift[ch] = S::load(x[(ch / l.k) * l.k]);
-  channel_sums(l, sc, [&](int64_t s, int64_t ch) { return S::load(x[s * c + ch]) - shift[ch]; });
+  // Two passes per block of kPositions positions (the second from L1): the block's sums of
+  // x - shift and its squared deviations from its own mean, per channel; then the group's
+  // mean, and its sum of squares as the blocks' plus the spread of the block means around
+  // the group's mean (Chan et al.): x is read once from memory for the statistics.
+  float* acc = sc.acc.data();
+  float* acc2 = sc.acc2.data();
+  double* total = sc.total.data();
+  double* squares = sc.total2.data();
+  float* block_mean = sc.block_mean.data();
+  std::fill(total, total + c, 0.0);
+  std::fill(squares, squares + c, 0.0);
+  for (int64_t s0 = 0, b = 0; s0 < l.s; s0 += kPositions, ++b) {
+    const int64_t s1 = std::min(l.s, s0 + kPositions);
+    const float inv_count = 1.0f / static_cast<float>(s1 - s0);
+    std::fill(acc, acc + c, 0.0f);
+    std::fill(acc2, acc2 + c, 0.0f);
+    for (int64_t s = s0; s < s1; ++s) {
+      const T* xr = x + s * c;
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch) acc[ch] += S::load(xr[ch]) - shift[ch];
+    }
+    float* bm = block_mean + b * c;
+    for (int64_t ch = 0; ch < c; ++ch) bm[ch] = acc[ch] * inv_count;
+    for (int64_t s = s0; s < s1; ++s) {
+      const T* xr = x + s * c;
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch) {
+        float v = (S::load(xr[ch]) - shift[ch]) - bm[ch];
+        acc2[ch] += v * v;
+      }
+    }
+    for (int64_t ch = 0; ch < c; ++ch) {
+      total[ch] += acc[ch];
+      squares[ch] += acc2[ch];
+    }
+  }
   for (int64_t g = 0; g < l.g; ++g) {
-    const float m = static_cast<float>(group_total(l, sc.total.data(), g)) /
-                    static_cast<float>(m_size);
+    const float m = static_cast<float>(group_total(l, total, g)) / static_cast<float>(m_size);
     for (int64_t k = 0; k < l.k; ++k) mean[g * l.k + k] = m;
     a.mean_shift[n * l.g + g] = m;
   }
-  channel_sums(l, sc, [&](int64_t s, int64_t ch) {
-    float v = (S::load(x[s * c + ch]) - shift[ch]) - mean[ch];
-    return v * v;
-  });
+  for (int64_t s0 = 0, b = 0; s0 < l.s; s0 += kPositions, ++b) {
+    const double count = static_cast<double>(std::min(l.s, s0 + kPositions) - s0);
+    const float* bm = block_mean + b * c;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float d = bm[ch] - mean[ch];
+      squares[ch] += count * static_cast<double>(d * d);
+    }
+  }
+  for (int64_t ch = 0; ch < c; ++ch) total[ch] = squares[ch];  // group_total reads total
   for (int64_t g = 0; g < l.g; ++g) {
     const float var = static_cast<float>(group_total(l, sc.total.data(), g)) /
                       static_cast<float>(m_size);
@@ -263,7 +303,7 @@ EQX_INLINE void forward_example_last(const ForwardArgs& a, int64_t n, Scratch& s
 template <class S>
 EQX_INLINE void forward_units(const ForwardArgs& a, int64_t u0, int64_t u1) {
   if (a.l.last) {
-    Scratch sc(a.l.c);
+    Scratch sc(a.l.c, (a.l.s + kPositions - 1) / kPositions);
     for (int64_t n = u0; n < u1; ++n) forward_example_last<S>(a, n, sc);
   } else {
     for (int64_t u = u0; u < u1; ++u) forward_group_first<S>(a, u);
@@ -471,7 +511,7 @@ EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch&
 template <class S>
 EQX_INLINE void backward_units(const BackwardArgs& a, int64_t u0, int64_t u1) {
   if (a.l.last) {
-    Scratch sc(a.l.c);
+    Scratch sc(a.l.c, (a.l.s + kPositions - 1) / kPositions);
     for (int64_t n = u0; n < u1; ++n) backward_example_last<S>(a, n, sc);
   } else {
     for (int64_t u = u0; u < u1; ++u) backward_group_first<S>(a, u);
