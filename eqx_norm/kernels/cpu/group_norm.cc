@@ -22,8 +22,10 @@
 // tasks by their size only. So y and dx of one example are bitwise the same alone or in any
 // batch, at any thread count. Per-example parameter sums are kept per (n, c) and added over
 // n in index order.
-// Memory: per task a few C-long vectors; the backward keeps two (N, C) double partial sums.
-// A unit is sized to sit in L2 between its passes (three over x forward, two backward).
+// Memory: per task a few C-long vectors (and the block means of one example); the backward
+// keeps two (N, C) double partial sums. Passes over x: forward, three over a contiguous
+// group (L1-resident) channels-first, and channels-last two per block of 64 positions (the
+// second from L1) and one to write y; backward, one for the sums and one to write dx.
 // Safety: every buffer's dimensions and element type are checked first, as layer_norm.cc.
 
 #include "common.h"
