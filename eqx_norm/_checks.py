@@ -201,6 +201,12 @@ def check_parameter(value: Any, expected: tuple[int, ...], argument: str, layer:
     return value
 
 
+def how_to_set(caller: str) -> str:
+    """How ``caller`` changes an argument, in its own vocabulary: a layer (named in
+    CamelCase, ``LayerNorm``) is built with it, a function (``layer_norm``) is passed it."""
+    return "build the layer with" if caller[:1].isupper() else "pass"
+
+
 def check_trailing_shape(
     x_shape: tuple[int, ...], normalized_shape: tuple[int, ...], layer: str
 ) -> tuple[int, ...]:
@@ -208,7 +214,7 @@ def check_trailing_shape(
     k = len(normalized_shape)
     if len(x_shape) < k or tuple(x_shape[len(x_shape) - k :]) != normalized_shape:
         fix = (
-            f" To normalize over the last {k} axes of this input, build the layer with "
+            f" To normalize over the last {k} axes of this input, {how_to_set(layer)} "
             f"normalized_shape={tuple(x_shape[len(x_shape) - k :])}; for channels-first data, "
             "move the normalized axes last with `jnp.moveaxis`."
             if len(x_shape) >= k
@@ -224,27 +230,35 @@ def check_trailing_shape(
 _SPATIAL_NAMES = {0: (), 1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
 
 
-def describe_layout(spatial_ndim: int, channel_axis: int, channels: int | None) -> str:
-    """The expected input shape in words, e.g. ``(*batch, H, W, C=6)``."""
+def describe_layout(spatial_ndim: int | None, channel_axis: int, channels: int | None) -> str:
+    """The expected input shape in words, e.g. ``(*batch, H, W, C=6)``; for
+    ``spatial_ndim=None`` (one example of any rank), ``(*spatial, C=6)``."""
+    channel = "C" if channels is None else f"C={channels}"
+    if spatial_ndim is None:
+        return f"({channel}, *spatial)" if channel_axis == 0 else f"(*spatial, {channel})"
     names = list(_SPATIAL_NAMES.get(spatial_ndim, [f"S{i + 1}" for i in range(spatial_ndim)]))
-    names.insert(channel_axis % (spatial_ndim + 1), "C" if channels is None else f"C={channels}")
+    names.insert(channel_axis % (spatial_ndim + 1), channel)
     return f"(*batch, {', '.join(names)})"
 
 
 def check_layout(
     spatial_ndim: Any, channel_axis: Any, layer: str, *, min_spatial_ndim: int
-) -> tuple[int, int]:
-    """``(spatial_ndim, channel_axis)`` checked: a count of spatial axes, and -1 or 0.
+) -> tuple[int | None, int]:
+    """``(spatial_ndim, channel_axis)`` checked: a count of spatial axes (or None: the input
+    is one example of any rank, equinox's convention), and -1 or 0.
 
     ``min_spatial_ndim`` is 1 for InstanceNorm (each channel of an example without a spatial
     axis is a single element and would normalize to 0) and 0 otherwise.
     """
-    if not is_int(spatial_ndim) or spatial_ndim < min_spatial_ndim:
+    if spatial_ndim is not None and (not is_int(spatial_ndim) or spatial_ndim < min_spatial_ndim):
         kind = "a positive int" if min_spatial_ndim else "a non-negative int"
         why = " (one example needs a spatial axis to normalize over)" if min_spatial_ndim else ""
         error = ValueError if is_int(spatial_ndim) else TypeError
-        raise error(f"{layer}: `spatial_ndim` must be {kind}, got {spatial_ndim!r}{why}.")
-    spatial_ndim = int(spatial_ndim)
+        raise error(
+            f"{layer}: `spatial_ndim` must be {kind}, got {spatial_ndim!r}{why}; or None, "
+            "for an input that is one example of any rank."
+        )
+    spatial_ndim = None if spatial_ndim is None else int(spatial_ndim)
     if not is_int(channel_axis) or channel_axis not in (-1, 0):
         raise (ValueError if is_int(channel_axis) else TypeError)(
             f"{layer}: `channel_axis` must be -1 (channels-last, "

@@ -31,7 +31,7 @@ def _affine(layer: Any) -> dict[str, Any]:
     }
 
 
-def _convert(layer: Any, spatial_ndim: int, implementation: Implementation) -> Any:
+def _convert(layer: Any, spatial_ndim: int | None, implementation: Implementation) -> Any:
     if isinstance(layer, eqx.nn.LayerNorm | eqx.nn.RMSNorm):
         if layer.shape is None:
             raise ValueError(
@@ -57,22 +57,27 @@ def _convert(layer: Any, spatial_ndim: int, implementation: Implementation) -> A
     )
 
 
-def from_equinox(tree: T, *, spatial_ndim: int = 2, implementation: Implementation = None) -> T:
+def from_equinox(
+    tree: T, *, spatial_ndim: int | None = None, implementation: Implementation = None
+) -> T:
     """``tree`` with every ``eqx.nn.LayerNorm``/``RMSNorm``/``GroupNorm`` replaced by ours.
 
     Each replacement has the same weights (same arrays and dtype), epsilon and switches, and
     computes the same function of one example: ``eqx.nn.LayerNorm(shape)`` becomes
     ``LayerNorm(shape)``, ``eqx.nn.RMSNorm(shape)`` becomes ``RMSNorm(shape, use_bias=...)``
     and ``eqx.nn.GroupNorm(groups, channels)``, which takes one channels-first example
-    ``(C, *spatial)``, becomes ``GroupNorm(groups, channels, channel_axis=0,
-    spatial_ndim=spatial_ndim)``. Equinox's single-example convention keeps working (under
-    your ``jax.vmap``, or in ``eqx.nn.Sequential`` with a state), and the new layers also take
-    batches directly. Everything else in ``tree`` is returned as it is.
+    ``(C, *spatial)`` of any rank, becomes ``GroupNorm(groups, channels, channel_axis=0,
+    spatial_ndim=None)``, which takes it the same way. Equinox's single-example convention
+    keeps working (under your ``jax.vmap``, or in ``eqx.nn.Sequential`` with a state), so a
+    model that ran before runs after, with the same outputs and gradients; the converted
+    LayerNorm/RMSNorm also take batches directly, and GroupNorms do with ``spatial_ndim``.
+    Everything else in ``tree`` is returned as it is.
 
     Args:
         tree: any pytree holding equinox modules, e.g. a model.
-        spatial_ndim: the number of spatial axes of the inputs of converted GroupNorms
-            (default 2, images ``(C, H, W)``).
+        spatial_ndim: None (default): each converted GroupNorm takes one example
+            ``(C, *spatial)`` of any rank, as equinox's does; an int: they take batches
+            ``(*batch, C, *spatial)`` with that many spatial axes (e.g. 2 for images).
         implementation: the converted layers' ``implementation`` (None, the default: the
             compiled CPU kernel where it serves; ``"xla"`` or ``"kernel"`` to force one).
 

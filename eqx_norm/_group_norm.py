@@ -53,8 +53,10 @@ class GroupNorm(AffineNorm):
     with ``channel_axis=0`` (torch's ``(N, C, H, W)``). Any number of leading batch axes
     (none included) come before the example, so the input's rank says unambiguously where
     the batch is: ``(*batch, H, W, C)`` for the default ``spatial_ndim=2``. An input with
-    fewer axes, or whose channel axis is not ``num_channels`` long, is an error. Output has
-    the shape and dtype of ``x``; statistics are computed in at least float32.
+    fewer axes, or whose channel axis is not ``num_channels`` long, is an error. With
+    ``spatial_ndim=None`` the whole input is one example of any rank, equinox's convention
+    (what :func:`~eqx_norm.from_equinox` builds). Output has the shape and dtype of ``x``;
+    statistics are computed in at least float32.
 
     ``GroupNorm(1, C)`` is LayerNorm over ``(*spatial, C)`` with per-channel parameters,
     and ``GroupNorm(C, C)`` is :class:`InstanceNorm`.
@@ -73,7 +75,8 @@ class GroupNorm(AffineNorm):
             given for a parameter that is switched off is an error.
         spatial_ndim: number of spatial axes of one example (1, 2 or 3 for 1-D signals,
             images, volumes; default 2; 0 for feature vectors ``(*batch, C)``, as
-            ``torch.nn.GroupNorm`` on ``(N, C)``).
+            ``torch.nn.GroupNorm`` on ``(N, C)``); None: the input is one example of any
+            rank, without batch axes, as ``eqx.nn.GroupNorm`` takes it.
         channel_axis: position of the channel axis within one example: -1 (default,
             channels-last) or 0 (channels-first).
         use_scale: False switches off ``gamma`` alone.
@@ -115,7 +118,7 @@ class GroupNorm(AffineNorm):
 
     num_groups: int | None = eqx.field(static=True)
     num_channels: int = eqx.field(static=True)
-    spatial_ndim: int = eqx.field(static=True)
+    spatial_ndim: int | None = eqx.field(static=True)
     channel_axis: int = eqx.field(static=True)
     group_size: int | None = eqx.field(static=True)
     axis_name: Hashable | None = eqx.field(static=True)
@@ -131,7 +134,7 @@ class GroupNorm(AffineNorm):
         bias_initializer: InitializerLike | None = None,
         scale_initializer: InitializerLike | None = None,
         elementwise_affine: bool = True,
-        spatial_ndim: int = 2,
+        spatial_ndim: int | None = 2,
         channel_axis: int = -1,
         use_scale: bool = True,
         use_bias: bool = True,
@@ -192,15 +195,17 @@ class GroupNorm(AffineNorm):
     ) -> Any:
         del key
         with jax.named_scope("eqx_norm.GroupNorm"):
-            y = functional.group_norm(
+            y = functional._grouped_norm(
+                "GroupNorm",  # errors name the layer and its arguments
                 x,
                 self.num_groups,
+                None if self.num_groups is not None else self.group_size,
                 self.gamma,
                 self.beta,
-                group_size=None if self.num_groups is not None else self.group_size,
                 num_channels=self.num_channels,
                 spatial_ndim=self.spatial_ndim,
                 channel_axis=self.channel_axis,
+                min_spatial_ndim=0,
                 epsilon=self.epsilon,
                 mask=mask,
                 zero_centered_scale=self.zero_centered_scale,
@@ -237,7 +242,8 @@ class InstanceNorm(AffineNorm):
             (default) means ones, or zeros with ``zero_centered_scale=True``.
         elementwise_affine: False switches off both ``gamma`` and ``beta``. An initializer
             given for a parameter that is switched off is an error.
-        spatial_ndim: number of spatial axes of one example (default 2).
+        spatial_ndim: number of spatial axes of one example (default 2); None: the input
+            is one example of any rank, without batch axes.
         channel_axis: position of the channel axis within one example: -1 (default,
             channels-last) or 0 (channels-first).
         use_scale: False switches off ``gamma`` alone.
@@ -265,7 +271,7 @@ class InstanceNorm(AffineNorm):
     """
 
     num_channels: int = eqx.field(static=True)
-    spatial_ndim: int = eqx.field(static=True)
+    spatial_ndim: int | None = eqx.field(static=True)
     channel_axis: int = eqx.field(static=True)
     implementation: Implementation = eqx.field(static=True)
 
@@ -277,7 +283,7 @@ class InstanceNorm(AffineNorm):
         bias_initializer: InitializerLike | None = None,
         scale_initializer: InitializerLike | None = None,
         elementwise_affine: bool = True,
-        spatial_ndim: int = 2,
+        spatial_ndim: int | None = 2,
         channel_axis: int = -1,
         use_scale: bool = True,
         use_bias: bool = True,
@@ -316,13 +322,17 @@ class InstanceNorm(AffineNorm):
     ) -> Any:
         del key
         with jax.named_scope("eqx_norm.InstanceNorm"):
-            y = functional.instance_norm(
+            y = functional._grouped_norm(
+                "InstanceNorm",  # errors name the layer and its arguments
                 x,
+                None,
+                1,
                 self.gamma,
                 self.beta,
                 num_channels=self.num_channels,
                 spatial_ndim=self.spatial_ndim,
                 channel_axis=self.channel_axis,
+                min_spatial_ndim=1,
                 epsilon=self.epsilon,
                 mask=mask,
                 zero_centered_scale=self.zero_centered_scale,

@@ -147,7 +147,8 @@ class LayerNorm(AffineNorm):
         """
         del key
         with jax.named_scope("eqx_norm.LayerNorm"):
-            y = functional.layer_norm(
+            y = functional._trailing_norm(
+                "LayerNorm",  # errors name the layer and its arguments
                 x,
                 self.normalized_shape,
                 self.gamma,
@@ -157,6 +158,7 @@ class LayerNorm(AffineNorm):
                 zero_centered_scale=self.zero_centered_scale,
                 dtype=self.dtype,
                 implementation=self.implementation,
+                center=True,
                 residual=residual,
                 axis_name=self.axis_name,
             )

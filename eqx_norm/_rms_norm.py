@@ -148,7 +148,8 @@ class RMSNorm(AffineNorm):
         """
         del key
         with jax.named_scope("eqx_norm.RMSNorm"):
-            y = functional.rms_norm(
+            y = functional._trailing_norm(
+                "RMSNorm",  # errors name the layer and its arguments
                 x,
                 self.normalized_shape,
                 self.gamma,
@@ -158,6 +159,7 @@ class RMSNorm(AffineNorm):
                 zero_centered_scale=self.zero_centered_scale,
                 dtype=self.dtype,
                 implementation=self.implementation,
+                center=False,
                 residual=residual,
                 axis_name=self.axis_name,
             )

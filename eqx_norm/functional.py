@@ -35,6 +35,7 @@ from ._checks import (
     check_parameter,
     check_trailing_shape,
     describe_layout,
+    how_to_set,
     optional_dtype,
     positive_int,
 )
@@ -809,7 +810,7 @@ def _grouped_norm(
         hint = ""
         if n > 1 and x.shape[other] == num_channels:
             layout, fix = ("channels-last", -1) if channel_axis == 0 else ("channels-first", 0)
-            hint = f" If your data is {layout}, build the layer with channel_axis={fix}."
+            hint = f" If your data is {layout}, {how_to_set(layer)} channel_axis={fix}."
         raise ValueError(
             f"{described} expects x of shape {expected}, got shape {x.shape}, whose channel "
             f"axis {axis} has size {channels}, not num_channels={num_channels}.{hint}"

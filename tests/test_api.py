@@ -317,9 +317,9 @@ def test_importing_the_library_imports_no_demo_and_changes_no_jax_config():
 
 
 def test_layer_call_reaches_the_implementation_in_three_calls(monkeypatch):
-    """LayerNorm.__call__ -> functional.layer_norm -> functional._trailing_norm ->
-    _xla.normalize_rows: counted from the traceback of an error raised inside the
-    implementation."""
+    """LayerNorm.__call__ -> functional._trailing_norm (the body of layer_norm, called with
+    the layer's name for its messages) -> _xla.normalize_rows: counted from the traceback
+    of an error raised inside the implementation."""
     calls = []
 
     def spy(*args, **kwargs):
@@ -331,7 +331,7 @@ def test_layer_call_reaches_the_implementation_in_three_calls(monkeypatch):
     monkeypatch.setattr(_xla, "normalize_rows", spy)
     with pytest.raises(RuntimeError):
         LayerNorm(4, implementation="xla")(jnp.ones((2, 4)))
-    assert calls == [["_trailing_norm", "layer_norm", "__call__"]]
+    assert calls == [["_trailing_norm", "__call__"]]
 
 
 # ------------------------------------------------------------------ implementation switch

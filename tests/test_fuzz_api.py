@@ -486,7 +486,7 @@ def grouped_cases(draw, via_layer):
     statuses = {}
     spatial_ndim, statuses["spatial_ndim"] = pick.pick(
         "spatial_ndim",
-        tagged(*_pairs([1, 2], OK), (0, BAD if instance else OK), *_pairs([-1, 1.0, None], BAD)),
+        tagged(*_pairs([1, 2], OK), (0, BAD if instance else OK), *_pairs([-1, 1.0, "2"], BAD)),
     )
     channel_axis, statuses["channel_axis"] = pick.pick(
         "channel_axis", tagged(*_pairs([-1, 0], OK), *_pairs([1, -2, "a", None, 0.0], BAD))

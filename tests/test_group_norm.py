@@ -365,7 +365,7 @@ def test_bad_construction_is_a_clear_error(build, error, match):
             jnp.zeros((20, 10, 10, 5)),
             {},
             ValueError,
-            r"group_norm\(spatial_ndim=2, channel_axis=-1\) expects x of shape "
+            r"GroupNorm\(spatial_ndim=2, channel_axis=-1\) expects x of shape "
             r"\(\*batch, H, W, C=6\), got shape \(20, 10, 10, 5\), whose channel axis 3 has "
             r"size 5, not num_channels=6\.$",
         ),
@@ -382,7 +382,7 @@ def test_bad_construction_is_a_clear_error(build, error, match):
             jnp.zeros((2, 10, 10, 6)),
             {},
             ValueError,
-            r"instance_norm\(spatial_ndim=2, channel_axis=0\) expects x of shape "
+            r"InstanceNorm\(spatial_ndim=2, channel_axis=0\) expects x of shape "
             r"\(\*batch, C=6, H, W\).*If your data is channels-last, build the layer with "
             r"channel_axis=-1",
         ),
@@ -400,7 +400,7 @@ def test_bad_construction_is_a_clear_error(build, error, match):
             jnp.zeros((4, 4, 6)),
             {},
             ValueError,
-            r"instance_norm\(spatial_ndim=3, channel_axis=-1\) expects x of shape "
+            r"InstanceNorm\(spatial_ndim=3, channel_axis=-1\) expects x of shape "
             r"\(\*batch, D, H, W, C=6\).*fewer than the 4",
         ),
         (
@@ -408,35 +408,35 @@ def test_bad_construction_is_a_clear_error(build, error, match):
             jnp.zeros((2, 4, 4, 6), jnp.int32),
             {},
             TypeError,
-            r"group_norm expects a floating-point input `x`, got dtype int32",
+            r"GroupNorm expects a floating-point input `x`, got dtype int32",
         ),
         (
             InstanceNorm(6),
             jnp.zeros((2, 4, 4, 6), bool),
             {},
             TypeError,
-            r"instance_norm expects a floating-point input `x`, got dtype bool",
+            r"InstanceNorm expects a floating-point input `x`, got dtype bool",
         ),
         (
             GroupNorm(3, 6),
             jnp.zeros((2, 4, 4, 6)),
             {"mask": jnp.ones((2, 4, 4, 1), jnp.float32)},
             TypeError,
-            r"group_norm: `mask` must be boolean",
+            r"GroupNorm: `mask` must be boolean",
         ),
         (
             GroupNorm(3, 6),
             jnp.zeros((2, 4, 4, 6)),
             {"mask": jnp.ones((2, 4, 4), bool)},
             ValueError,
-            r"group_norm: `mask` must have the rank of `x`.*mask\[\.\.\., None\]",
+            r"GroupNorm: `mask` must have the rank of `x`.*mask\[\.\.\., None\]",
         ),
         (
             InstanceNorm(6),
             jnp.zeros((2, 4, 4, 6)),
             {"mask": jnp.ones((2, 4, 4, 3), bool)},
             ValueError,
-            r"instance_norm: `mask` must have the rank of `x`.*mask has shape \(2, 4, 4, 3\)",
+            r"InstanceNorm: `mask` must have the rank of `x`.*mask has shape \(2, 4, 4, 3\)",
         ),
     ],
 )
@@ -462,5 +462,5 @@ def test_feature_vectors_with_spatial_ndim_zero_match_torch():
     np.testing.assert_allclose(
         layer(x), x_hat * np.asarray(layer.gamma) + np.asarray(layer.beta), atol=1e-5
     )
-    with pytest.raises(ValueError, match=r"group_norm\(spatial_ndim=0, channel_axis=-1\) expects"):
+    with pytest.raises(ValueError, match=r"GroupNorm\(spatial_ndim=0, channel_axis=-1\) expects"):
         layer(jnp.zeros((64, 31)))

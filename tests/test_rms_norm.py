@@ -192,17 +192,17 @@ def test_bad_construction_is_a_clear_error(kwargs, error, match):
             jnp.zeros((3, 11)),
             {},
             ValueError,
-            r"rms_norm with normalized_shape=\(10,\) expects an input `x` whose last 1 axes "
+            r"RMSNorm with normalized_shape=\(10,\) expects an input `x` whose last 1 axes "
             r"are \(10,\), got x of shape \(3, 11\)",
         ),
-        (jnp.zeros((3, 10), jnp.int32), {}, TypeError, r"rms_norm expects a floating-point"),
+        (jnp.zeros((3, 10), jnp.int32), {}, TypeError, r"RMSNorm expects a floating-point"),
         (jnp.zeros((3, 10), bool), {}, TypeError, r"got dtype bool"),
         (jnp.zeros((3, 10)), {"mask": jnp.ones((3, 10))}, TypeError, r"`mask` must be boolean"),
         (
             jnp.zeros((3, 10)),
             {"mask": jnp.ones((3, 2), bool)},
             ValueError,
-            r"rms_norm: `mask` must have the rank of `x`.*mask has shape \(3, 2\)",
+            r"RMSNorm: `mask` must have the rank of `x`.*mask has shape \(3, 2\)",
         ),
     ],
 )
