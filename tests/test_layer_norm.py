@@ -178,11 +178,11 @@ def test_jit_vmap_grad_together():
     x = random_input((20, 5, 10))
 
     def per_example(x):
-        return jnp.sum(layer(x) ** 2 * jnp.arange(10.0))
+        return jnp.sum(layer(x) ** 2 * jnp.arange(10.0)[None, :])
 
     batched = jax.jit(jax.vmap(jax.grad(per_example)))(x)
     eager = jnp.stack([jax.grad(per_example)(row) for row in x])
-    whole = jax.grad(lambda x: jnp.sum(layer(x) ** 2 * jnp.arange(10.0)))(x)
+    whole = jax.grad(lambda x: jnp.sum(layer(x) ** 2 * jnp.arange(10.0)[None, None, :]))(x)
     # gradients here reach ~1e2: compare at float32 relative precision with headroom
     np.testing.assert_allclose(batched, eager, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(batched, whole, rtol=1e-5, atol=1e-4)
