@@ -189,7 +189,7 @@ class Block(eqx.Module):
 @pytest.mark.slow
 def test_from_equinox_keeps_a_transformer_block_s_outputs_and_gradients():
     block = Block(jax.random.key(0))
-    converted = from_equinox(block, spatial_ndim=1)
+    converted = from_equinox(block)  # GroupNorm: one example of any rank, as in equinox
     assert type(converted.norm1) is LayerNorm and type(converted.norm2) is RMSNorm
     assert type(converted.group_norm) is GroupNorm
     assert (converted.norm2.beta is None) == (block.norm2.bias is None)  # on in equinox
