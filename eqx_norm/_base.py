@@ -1,7 +1,8 @@
 """What every eqx_norm layer holds: ``gamma``/``beta`` and the config they share.
 
 ``AffineNorm`` only stores fields and builds them in ``__init__``; each layer's
-``__call__`` is one call of its function in :mod:`eqx_norm.functional`.
+``__call__`` is one call of its function's body in :mod:`eqx_norm.functional`, given the
+layer's name so that errors speak of the layer.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """GroupNorm and InstanceNorm: per-example statistics over space and groups of channels.
 
-Each layer's ``__call__`` is one call of :func:`eqx_norm.functional.group_norm` or
-:func:`~eqx_norm.functional.instance_norm` with its fields.
+Each layer's ``__call__`` is one call of the body of :func:`eqx_norm.functional.group_norm`
+(and :func:`~eqx_norm.functional.instance_norm`) with its fields and its name.
 """
 
 from __future__ import annotations

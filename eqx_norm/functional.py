@@ -1,6 +1,7 @@
 """Normalization as pure functions of arrays and configuration: the library's spine.
 
-Every layer's ``__call__`` is one call of its function here with the layer's fields. These
+Every layer's ``__call__`` is one call of its function's body here (``_trailing_norm``,
+``_grouped_norm``) with the layer's fields and name, so errors name the layer. These
 functions are the only places that check arguments and choose an implementation; the
 arithmetic lives in :mod:`eqx_norm._xla` (pure JAX), :mod:`eqx_norm.kernels` (the
 compiled CPU kernel) and the statistics they share, :mod:`eqx_norm._statistics`. Every
