@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqx_norm.kernels import rows as _cpu_kernel
 from eqx_norm.functional import layer_norm, rms_norm
+from eqx_norm.kernels import rows as _cpu_kernel
 
 _REASON = _cpu_kernel.unavailable_reason(jax.ShapeDtypeStruct((1, 8), jnp.float32))
 # the quick loop (-m "not slow") skips this file: threads and 10,000 calls: long; CI runs it
