@@ -84,6 +84,25 @@ EQX_INLINE float combine(float* acc) {
   return acc[0];
 }
 
+// Fixed-order sums of contiguous runs: 16 float lanes within blocks of 4096, blocks in double.
+
+constexpr int64_t kBlock = 4096;
+
+template <class F>
+EQX_INLINE double lane_sum(int64_t n, F f) {
+  double total = 0.0;
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    const int64_t end = std::min(n, begin + kBlock);
+    float acc[kLanes] = {};
+    int64_t i = begin;
+    for (; i + kLanes <= end; i += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) acc[l] += f(i + l);
+    for (int64_t l = 0; i + l < end; ++l) acc[l] += f(i + l);
+    total += combine(acc);
+  }
+  return total;
+}
+
 // rsqrt(variance + epsilon); NaN for an infinite or NaN variance (not rsqrt(inf) = 0, which
 // would silently return `offset`); 0 where variance + epsilon is 0 (a constant group at
 // epsilon 0 gives exactly `offset`).

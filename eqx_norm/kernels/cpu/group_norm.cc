@@ -35,7 +35,9 @@ namespace {
 using eqx::BF16;
 using eqx::check_dims;
 using eqx::F32;
+using eqx::kBlock;
 using eqx::kLanes;
+using eqx::lane_sum;
 using eqx::parallel_for;
 using eqx::rsqrt_or_zero;
 #ifdef __FLT16_MAX__
@@ -50,26 +52,6 @@ struct Layout {
   int64_t group_size() const { return k * s; }
   int64_t example_size() const { return s * c; }
 };
-
-// ---------------------------------------------------------------------------------------
-// Fixed-order sums of contiguous runs: 16 float lanes within blocks of 4096, blocks in double.
-
-constexpr int64_t kBlock = 4096;
-
-template <class F>
-EQX_INLINE double lane_sum(int64_t n, F f) {
-  double total = 0.0;
-  for (int64_t begin = 0; begin < n; begin += kBlock) {
-    const int64_t end = std::min(n, begin + kBlock);
-    float acc[kLanes] = {};
-    int64_t i = begin;
-    for (; i + kLanes <= end; i += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) acc[l] += f(i + l);
-    for (int64_t l = 0; i + l < end; ++l) acc[l] += f(i + l);
-    total += eqx::combine(acc);
-  }
-  return total;
-}
 
 // Two sums at once: (sum f, sum h) over [0, n), same order as lane_sum.
 template <class F>

@@ -26,24 +26,12 @@ namespace {
 
 using namespace eqx;  // element types, lane sums, parallel_for, check_dims (common.h)
 
-// sum of f(i) for i in [0, n), in the fixed lane order, block by block: each block of
-// kBlock elements in 16 float lanes, the block sums added in double, so that the rounding
-// error grows with kBlock / kLanes = 256 terms per lane, not n / 16 (1e6-element rows).
-constexpr int64_t kBlock = 4096;
-
+// sum of f(i) for i in [0, n), in the fixed lane order (common.h's block sums in double,
+// so that the rounding error grows with 4096 / 16 = 256 terms per lane, not n / 16), rounded
+// to float32.
 template <class F>
-EQX_INLINE float lane_sum(int64_t n, F f) {
-  double total = 0.0;
-  for (int64_t begin = 0; begin < n; begin += kBlock) {
-    const int64_t end = std::min(n, begin + kBlock);
-    float acc[kLanes] = {};
-    int64_t i = begin;
-    for (; i + kLanes <= end; i += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) acc[l] += f(i + l);
-    for (int64_t l = 0; i + l < end; ++l) acc[l] += f(i + l);
-    total += combine(acc);
-  }
-  return static_cast<float>(total);
+EQX_INLINE float row_sum(int64_t n, F f) {
+  return static_cast<float>(lane_sum(n, f));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -73,7 +61,7 @@ EQX_INLINE float rescaled_rsqrt(int64_t d, float inv_d, C c) {
   float s = 0.0f;
   for (int64_t i = 0; i < d; ++i) s = std::max(s, std::fabs(c(i)));
   if (!(s > 0.0f)) return 0.0f;
-  float var = lane_sum(d, [&](int64_t i) {
+  float var = row_sum(d, [&](int64_t i) {
                 float v = c(i) / s;
                 return v * v;
               }) *
@@ -113,8 +101,8 @@ EQX_INLINE void forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t ro
     float shift = 0.0f, m = 0.0f, r;
     if (a.center) {
       shift = v(0);
-      m = lane_sum(d, [&](int64_t i) { return v(i) - shift; }) * inv_d;
-      float var = lane_sum(d, [&](int64_t i) {
+      m = row_sum(d, [&](int64_t i) { return v(i) - shift; }) * inv_d;
+      float var = row_sum(d, [&](int64_t i) {
                     float c = (v(i) - shift) - m;
                     return c * c;
                   }) *
@@ -126,7 +114,7 @@ EQX_INLINE void forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t ro
       for (int64_t i = 0; i < d; ++i)
         y[i] = Y::store(((v(i) - shift) - m) * r * scale[i] + offset[i]);
     } else {
-      float ms = lane_sum(d, [&](int64_t i) {
+      float ms = row_sum(d, [&](int64_t i) {
                    float u = v(i);
                    return u * u;
                  }) *
