@@ -140,12 +140,16 @@ def test_gradients_flow_to_all_arguments():
     gamma, beta = params((6,))
 
     def loss(x, g, b):
-        return jnp.sum(F.group_norm(x, 3, g, b, spatial_ndim=1) ** 2 * jnp.arange(6.0)[None, None, :])
+        return jnp.sum(
+            F.group_norm(x, 3, g, b, spatial_ndim=1) ** 2 * jnp.arange(6.0)[None, None, :]
+        )
 
     grads = jax.grad(loss, argnums=(0, 1, 2))(x, gamma, beta)
     # beta's gradient is exactly sum(2 * y * weights) over batch and space: check it
     y = F.group_norm(x, 3, gamma, beta, spatial_ndim=1)
-    np.testing.assert_allclose(grads[2], (2 * y * jnp.arange(6.0)[None, None, :]).sum((0, 1)), rtol=1e-5)
+    np.testing.assert_allclose(
+        grads[2], (2 * y * jnp.arange(6.0)[None, None, :]).sum((0, 1)), rtol=1e-5
+    )
     assert all(np.abs(np.asarray(g)).max() > 0 for g in grads)
 
 
