@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from eqx_norm import BatchNorm, GroupNorm
 from eqx_norm.functional import batch_norm
+
+torch = pytest.importorskip("torch")
 
 TESTS = Path(__file__).resolve().parent
 

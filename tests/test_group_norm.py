@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from helpers import existing_initializers, jitted_gradients, max_relative_error, random_input
 
 from eqx_norm import GroupNorm, InstanceNorm
 
 import reference
+
+torch = pytest.importorskip("torch")
 
 
 def random_params(num_channels, seed=0):

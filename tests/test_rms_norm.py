@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from helpers import random_input, random_trailing_layer
 from jax.test_util import check_grads
 
 from eqx_norm import RMSNorm
 
 import reference
+
+torch = pytest.importorskip("torch")
 
 CASES = [  # (input shape, normalized_shape)
     ((10,), 10),
