@@ -10,7 +10,7 @@ from ._from_equinox import from_equinox as from_equinox
 from ._group_norm import GroupNorm as GroupNorm
 from ._group_norm import InstanceNorm as InstanceNorm
 from ._layer_norm import LayerNorm as LayerNorm
-from ._rms_norm import RMSNorm as RMSNorm
+from ._layer_norm import RMSNorm as RMSNorm
 from .initializers import Constant as Constant
 from .initializers import Initializer as Initializer
 from .initializers import Normal as Normal

@@ -8,8 +8,7 @@ import equinox as eqx
 import jax
 
 from ._group_norm import GroupNorm
-from ._layer_norm import LayerNorm
-from ._rms_norm import RMSNorm
+from ._layer_norm import LayerNorm, RMSNorm
 from .functional import Implementation
 
 T = TypeVar("T")

@@ -1,9 +1,13 @@
-"""LayerNorm: normalization over the trailing axes of each example."""
+"""LayerNorm and RMSNorm: normalization over the trailing axes of each example.
+
+The two differ in one flag, ``center`` (and in their defaults), so they share one
+implementation, :class:`_TrailingNorm`: its ``__init__`` body and ``__call__``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -16,7 +20,86 @@ from .functional import Implementation
 from .initializers import InitializerLike
 
 
-class LayerNorm(AffineNorm):
+class _TrailingNorm(AffineNorm):
+    """The fields, checks and call that LayerNorm and RMSNorm share; ``_center`` differs."""
+
+    normalized_shape: tuple[int, ...] = eqx.field(static=True)
+    implementation: Implementation = eqx.field(static=True)
+    axis_name: Hashable | None = eqx.field(static=True)
+    _name: ClassVar[str]
+    _center: ClassVar[bool]
+
+    def _init_trailing(
+        self,
+        normalized_shape: int | Sequence[int],
+        *,
+        implementation: Implementation,
+        axis_name: Hashable | None,
+        **affine: Any,
+    ) -> None:
+        """Check and set the fields; called once from LayerNorm's and RMSNorm's ``__init__``."""
+        self.normalized_shape = canonical_shape(normalized_shape, "normalized_shape")
+        self.implementation = check_implementation(implementation)
+        if axis_name is not None and self.implementation == "kernel":
+            raise ValueError(
+                f"{self._name}: `axis_name`={axis_name!r} needs the XLA path (the kernel cannot "
+                "see the other shards), but `implementation`='kernel' was given. Pass "
+                "implementation=None or 'xla'."
+            )
+        self.axis_name = axis_name
+        self._init_affine(self.normalized_shape, **affine)
+
+    def __call__(
+        self,
+        x: Float[Array, "*shape"],
+        state: Any = NO_STATE,
+        *,
+        mask: Bool[Array, "*shape"] | None = None,
+        residual: Float[Array, "*shape"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        """Normalize ``x`` of shape ``(*batch, *normalized_shape)``.
+
+        Args:
+            x: floating-point input; integer and boolean inputs are an error.
+            state: optional, returned unchanged: ``layer(x, state)`` gives ``(y, state)``,
+                equinox's call form, so the layer sits in ``eqx.nn.Sequential`` beside
+                stateful layers.
+            mask: optional boolean array of x's rank (size-1 axes broadcast). False
+                elements take no part in the statistics and their output is ``beta``
+                (0 without ``beta``); a fully masked example gives ``beta``, not NaN.
+            residual: optional floating array of x's shape, the residual stream: the
+                layer normalizes ``h = x + residual`` (added in float32, stored in
+                residual's dtype) and returns ``(y, h)``, a pre-norm block's add and norm
+                in one call. A mask applies to ``y``'s statistics only.
+            key: ignored, as in equinox.
+
+        Returns:
+            An array of x's shape, in x's dtype (or ``dtype`` if set); ``(y, h)`` with
+            ``residual``; either of them paired with ``state`` when it is given:
+            ``((y, h), state)``.
+        """
+        del key
+        with jax.named_scope(f"eqx_norm.{self._name}"):
+            y = functional._trailing_norm(
+                self._name,  # errors name the layer and its arguments
+                x,
+                self.normalized_shape,
+                self.gamma,
+                self.beta,
+                epsilon=self.epsilon,
+                mask=mask,
+                zero_centered_scale=self.zero_centered_scale,
+                dtype=self.dtype,
+                implementation=self.implementation,
+                center=self._center,
+                residual=residual,
+                axis_name=self.axis_name,
+            )
+        return with_state(y, state)
+
+
+class LayerNorm(_TrailingNorm):
     r"""Layer normalization over the trailing ``normalized_shape`` axes of each example.
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
@@ -71,9 +154,8 @@ class LayerNorm(AffineNorm):
         Ba, Kiros and Hinton, "Layer Normalization", 2016. arXiv:1607.06450.
     """
 
-    normalized_shape: tuple[int, ...] = eqx.field(static=True)
-    implementation: Implementation = eqx.field(static=True)
-    axis_name: Hashable | None = eqx.field(static=True)
+    _name = "LayerNorm"
+    _center = True
 
     def __init__(
         self,
@@ -92,17 +174,10 @@ class LayerNorm(AffineNorm):
         axis_name: Hashable | None = None,
         key: PRNGKeyArray | None = None,
     ):
-        self.normalized_shape = canonical_shape(normalized_shape, "normalized_shape")
-        self.implementation = check_implementation(implementation)
-        if axis_name is not None and self.implementation == "kernel":
-            raise ValueError(
-                f"LayerNorm: `axis_name`={axis_name!r} needs the XLA path (the kernel cannot see "
-                "the other shards), but `implementation`='kernel' was given. Pass "
-                "implementation=None or 'xla'."
-            )
-        self.axis_name = axis_name
-        self._init_affine(
-            self.normalized_shape,
+        self._init_trailing(
+            normalized_shape,
+            implementation=implementation,
+            axis_name=axis_name,
             epsilon=epsilon,
             scale_initializer=scale_initializer,
             bias_initializer=bias_initializer,
@@ -115,51 +190,95 @@ class LayerNorm(AffineNorm):
             key=key,
         )
 
-    def __call__(
+
+class RMSNorm(_TrailingNorm):
+    r"""Root-mean-square normalization over the trailing ``normalized_shape`` axes.
+
+    .. math:: y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \gamma \; (+ \beta)
+
+    The mean of ``x**2`` is taken over the last ``len(normalized_shape)`` axes; the input
+    is not centred. ``gamma`` (and ``beta``, off by default) hold one value per element of
+    ``normalized_shape``. Input has shape ``(*batch, *normalized_shape)`` with any number
+    of leading axes (none included); output has the shape and dtype of ``x``. Statistics
+    are computed in at least float32. This is ``torch.nn.RMSNorm`` with ``eps=epsilon``.
+
+    Args:
+        normalized_shape: int or sequence of ints: the trailing axes to normalize over.
+        epsilon: added to the mean square for numerical stability, ``>= 0``.
+        scale_initializer: initializer of the stored ``gamma`` (see
+            :mod:`eqx_norm.initializers`): an instance, a class with default arguments, a
+            ``(key, shape, dtype)`` callable, or an array of exactly ``normalized_shape``;
+            None (default) means ones, or zeros with ``zero_centered_scale=True``.
+        bias_initializer: initializer of ``beta``, accepted in the same forms, with
+            ``use_bias=True``; None (default) means zeros.
+        elementwise_affine: False switches off both ``gamma`` and ``beta``. An initializer
+            given for a parameter that is switched off is an error.
+        use_scale: False switches off ``gamma`` alone.
+        use_bias: True adds a learnable offset ``beta`` (default False, as in the paper).
+        zero_centered_scale: scale by ``1 + gamma`` instead of ``gamma``, with ``gamma``
+            initialised to zero by default, so that weight decay pulls towards identity.
+            An explicit ``scale_initializer`` initializes ``gamma`` as given: ``OneInit()``
+            then means a scale of 2.
+        param_dtype: storage dtype of ``gamma``/``beta`` (default float32).
+        dtype: output dtype (default: the input's).
+        implementation: None (default): the compiled CPU kernel where it serves (CPU,
+            float32/bfloat16, no mask), XLA elsewhere; ``"xla"`` or ``"kernel"`` to force
+            one (``"kernel"`` raises where it cannot serve).
+        axis_name: the name of a mapped axis (``shard_map``, ``pmap`` or ``vmap``) across
+            which the normalized axes are split (tensor or sequence parallelism): each
+            shard holds part of every row and the matching part of ``gamma``/``beta``
+            (build the layer with the shard's ``normalized_shape``), and the statistics
+            are the whole row's, equal to the unsharded call. Runs the XLA path.
+        key: PRNG key, needed only by random initializers.
+
+    Example:
+        >>> import jax
+        >>> from eqx_norm import RMSNorm
+        >>> x = jax.random.normal(jax.random.key(0), (4, 16, 64))
+        >>> layer = RMSNorm(64)
+        >>> y = layer(x)
+        >>> y.shape, layer.beta is None
+        ((4, 16, 64), True)
+        >>> bool(abs(float((y**2).mean(-1).max()) - 1) < 1e-3)
+        True
+
+    References:
+        Zhang and Sennrich, "Root Mean Square Layer Normalization", NeurIPS 2019.
+        arXiv:1910.07467.
+    """
+
+    _name = "RMSNorm"
+    _center = False
+
+    def __init__(
         self,
-        x: Float[Array, "*shape"],
-        state: Any = NO_STATE,
+        normalized_shape: int | Sequence[int],
+        epsilon: float = 1e-6,
         *,
-        mask: Bool[Array, "*shape"] | None = None,
-        residual: Float[Array, "*shape"] | None = None,
+        scale_initializer: InitializerLike | None = None,
+        bias_initializer: InitializerLike | None = None,
+        elementwise_affine: bool = True,
+        use_scale: bool = True,
+        use_bias: bool = False,
+        zero_centered_scale: bool = False,
+        param_dtype: DTypeLike | None = None,
+        dtype: DTypeLike | None = None,
+        implementation: Implementation = None,
+        axis_name: Hashable | None = None,
         key: PRNGKeyArray | None = None,
-    ) -> Any:
-        """Normalize ``x`` of shape ``(*batch, *normalized_shape)``.
-
-        Args:
-            x: floating-point input; integer and boolean inputs are an error.
-            state: optional, returned unchanged: ``layer(x, state)`` gives ``(y, state)``,
-                equinox's call form, so the layer sits in ``eqx.nn.Sequential`` beside
-                stateful layers.
-            mask: optional boolean array of x's rank (size-1 axes broadcast). False
-                elements take no part in the statistics and their output is ``beta``
-                (0 without ``beta``); a fully masked example gives ``beta``, not NaN.
-            residual: optional floating array of x's shape, the residual stream: the
-                layer normalizes ``h = x + residual`` (added in float32, stored in
-                residual's dtype) and returns ``(y, h)``, a pre-norm block's add and norm
-                in one call. A mask applies to ``y``'s statistics only.
-            key: ignored, as in equinox.
-
-        Returns:
-            An array of x's shape, in x's dtype (or ``dtype`` if set); ``(y, h)`` with
-            ``residual``; either of them paired with ``state`` when it is given:
-            ``((y, h), state)``.
-        """
-        del key
-        with jax.named_scope("eqx_norm.LayerNorm"):
-            y = functional._trailing_norm(
-                "LayerNorm",  # errors name the layer and its arguments
-                x,
-                self.normalized_shape,
-                self.gamma,
-                self.beta,
-                epsilon=self.epsilon,
-                mask=mask,
-                zero_centered_scale=self.zero_centered_scale,
-                dtype=self.dtype,
-                implementation=self.implementation,
-                center=True,
-                residual=residual,
-                axis_name=self.axis_name,
-            )
-        return with_state(y, state)
+    ):
+        self._init_trailing(
+            normalized_shape,
+            implementation=implementation,
+            axis_name=axis_name,
+            epsilon=epsilon,
+            scale_initializer=scale_initializer,
+            bias_initializer=bias_initializer,
+            elementwise_affine=elementwise_affine,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            zero_centered_scale=zero_centered_scale,
+            param_dtype=param_dtype,
+            dtype=dtype,
+            key=key,
+        )
