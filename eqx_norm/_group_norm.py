@@ -7,7 +7,7 @@ Each layer's ``__call__`` is one call of the body of :func:`eqx_norm.functional.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -38,7 +38,49 @@ _CALL_DOC = """Normalize ``x`` of shape ``(*batch, *spatial, C)`` (or ``(*batch,
         """
 
 
-class GroupNorm(AffineNorm):
+class _GroupedNorm(AffineNorm):
+    """The call and layout checks that GroupNorm and InstanceNorm (one channel per group)
+    share; each subclass gives the call's ``num_groups``, ``group_size`` (exactly one of
+    them) and ``axis_name`` with ``_groups``."""
+
+    _name: ClassVar[str]
+    _min_spatial_ndim: ClassVar[int]
+
+    def __call__(
+        self,
+        x: Float[Array, "*shape"],
+        state: Any = NO_STATE,
+        *,
+        mask: Bool[Array, "*shape"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        del key
+        num_groups, group_size, axis_name = self._groups()
+        with jax.named_scope(f"eqx_norm.{self._name}"):
+            y = functional._grouped_norm(
+                self._name,  # errors name the layer and its arguments
+                x,
+                num_groups,
+                group_size,
+                self.gamma,
+                self.beta,
+                num_channels=self.num_channels,
+                spatial_ndim=self.spatial_ndim,
+                channel_axis=self.channel_axis,
+                min_spatial_ndim=self._min_spatial_ndim,
+                epsilon=self.epsilon,
+                mask=mask,
+                zero_centered_scale=self.zero_centered_scale,
+                dtype=self.dtype,
+                axis_name=axis_name,
+                implementation=self.implementation,
+            )
+        return with_state(y, state)
+
+    __call__.__doc__ = _CALL_DOC
+
+
+class GroupNorm(_GroupedNorm):
     r"""Group normalization: statistics over space and groups of channels, per example.
 
     .. math:: y = \frac{x - \mathrm{E}_g[x]}{\sqrt{\mathrm{Var}_g[x] + \epsilon}} \gamma_c
@@ -116,6 +158,9 @@ class GroupNorm(AffineNorm):
         Wu and He, "Group Normalization", ECCV 2018. arXiv:1803.08494.
     """
 
+    _name = "GroupNorm"
+    _min_spatial_ndim = 0
+
     num_groups: int | None = eqx.field(static=True)
     num_channels: int = eqx.field(static=True)
     spatial_ndim: int | None = eqx.field(static=True)
@@ -185,40 +230,13 @@ class GroupNorm(AffineNorm):
             key=key,
         )
 
-    def __call__(
-        self,
-        x: Float[Array, "*shape"],
-        state: Any = NO_STATE,
-        *,
-        mask: Bool[Array, "*shape"] | None = None,
-        key: PRNGKeyArray | None = None,
-    ) -> Any:
-        del key
-        with jax.named_scope("eqx_norm.GroupNorm"):
-            y = functional._grouped_norm(
-                "GroupNorm",  # errors name the layer and its arguments
-                x,
-                self.num_groups,
-                None if self.num_groups is not None else self.group_size,
-                self.gamma,
-                self.beta,
-                num_channels=self.num_channels,
-                spatial_ndim=self.spatial_ndim,
-                channel_axis=self.channel_axis,
-                min_spatial_ndim=0,
-                epsilon=self.epsilon,
-                mask=mask,
-                zero_centered_scale=self.zero_centered_scale,
-                dtype=self.dtype,
-                axis_name=self.axis_name,
-                implementation=self.implementation,
-            )
-        return with_state(y, state)
-
-    __call__.__doc__ = _CALL_DOC
+    def _groups(self) -> tuple[int | None, int | None, Hashable | None]:
+        """The call's groups: by count or by size, as they were given."""
+        group_size = None if self.num_groups is not None else self.group_size
+        return self.num_groups, group_size, self.axis_name
 
 
-class InstanceNorm(AffineNorm):
+class InstanceNorm(_GroupedNorm):
     r"""Instance normalization: statistics over space, per example and per channel.
 
     .. math:: y = \frac{x - \mathrm{E}_c[x]}{\sqrt{\mathrm{Var}_c[x] + \epsilon}} \gamma_c
@@ -270,6 +288,9 @@ class InstanceNorm(AffineNorm):
         for Fast Stylization", 2016. arXiv:1607.08022.
     """
 
+    _name = "InstanceNorm"
+    _min_spatial_ndim = 1
+
     num_channels: int = eqx.field(static=True)
     spatial_ndim: int | None = eqx.field(static=True)
     channel_axis: int = eqx.field(static=True)
@@ -312,36 +333,9 @@ class InstanceNorm(AffineNorm):
             key=key,
         )
 
-    def __call__(
-        self,
-        x: Float[Array, "*shape"],
-        state: Any = NO_STATE,
-        *,
-        mask: Bool[Array, "*shape"] | None = None,
-        key: PRNGKeyArray | None = None,
-    ) -> Any:
-        del key
-        with jax.named_scope("eqx_norm.InstanceNorm"):
-            y = functional._grouped_norm(
-                "InstanceNorm",  # errors name the layer and its arguments
-                x,
-                None,
-                1,
-                self.gamma,
-                self.beta,
-                num_channels=self.num_channels,
-                spatial_ndim=self.spatial_ndim,
-                channel_axis=self.channel_axis,
-                min_spatial_ndim=1,
-                epsilon=self.epsilon,
-                mask=mask,
-                zero_centered_scale=self.zero_centered_scale,
-                dtype=self.dtype,
-                implementation=self.implementation,
-            )
-        return with_state(y, state)
-
-    __call__.__doc__ = _CALL_DOC
+    def _groups(self) -> tuple[int | None, int | None, Hashable | None]:
+        """One channel per group, not sharded."""
+        return None, 1, None
 
     @property
     def num_groups(self) -> int:
