@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import random_input, random_layer
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -40,21 +41,6 @@ ATOL = 1e-5
 with_both_implementations = pytest.mark.parametrize("implementation", ["kernel", "xla"])
 
 
-def random_layer(normalized_shape, seed=0, implementation=None):
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    return LayerNorm(
-        normalized_shape,
-        scale_initializer=1.0 + 0.5 * jax.random.normal(k1, shape),
-        bias_initializer=0.3 * jax.random.normal(k2, shape),
-        implementation=implementation,
-    )
-
-
-def random_input(shape, seed=1):
-    return 3.0 + 2.0 * jax.random.normal(jax.random.key(seed), shape)
-
-
 def on_one_device(fn, *args):
     """``fn(*args)`` compiled for a single device, the reference for every sharded run."""
     args = jax.device_put(args, ONE_DEVICE)
@@ -69,8 +55,8 @@ def test_eight_devices():
 
 @with_both_implementations
 def test_pmap_matches_one_device(implementation):
-    layer = random_layer(16, implementation=implementation)
-    x = random_input((8, 4, 16))  # one (4, 16) slice per device
+    layer = random_layer(LayerNorm, 16, implementation=implementation)
+    x = random_input((8, 4, 16), mean=3.0, std=2.0)  # one (4, 16) slice per device
     y = jax.pmap(lambda m, x: m(x), in_axes=(None, 0))(layer, x)
     assert len(y.sharding.device_set) == 8
     expected = on_one_device(lambda m, x: m(x), layer, x)
@@ -81,8 +67,8 @@ def test_pmap_matches_one_device(implementation):
 @with_both_implementations
 def test_jit_batch_sharded_in_batch_sharded_out(implementation):
     mesh = Mesh(DEVICES, ("batch",))
-    layer = random_layer((5, 16), implementation=implementation)
-    x = random_input((32, 5, 16))
+    layer = random_layer(LayerNorm, (5, 16), implementation=implementation)
+    x = random_input((32, 5, 16), mean=3.0, std=2.0)
     x_sharded = jax.device_put(x, NamedSharding(mesh, P("batch")))
     y = jax.jit(lambda m, x: m(x))(layer, x_sharded)
     np.testing.assert_allclose(y, on_one_device(lambda m, x: m(x), layer, x), atol=ATOL)
@@ -105,9 +91,15 @@ def test_jit_normalized_axes_sharded(mesh_shape, x_spec, param_spec, implementat
     axes = ("model",) if len(mesh_shape) == 1 else ("data", "model")
     mesh = Mesh(DEVICES.reshape(mesh_shape), axes)
     if len(x_spec) == 3:
-        layer, x = random_layer((4, 64), implementation=implementation), random_input((6, 4, 64))
+        layer, x = (
+            random_layer(LayerNorm, (4, 64), implementation=implementation),
+            random_input((6, 4, 64), mean=3.0, std=2.0),
+        )
     else:
-        layer, x = random_layer(64, implementation=implementation), random_input((6, 64))
+        layer, x = (
+            random_layer(LayerNorm, 64, implementation=implementation),
+            random_input((6, 64), mean=3.0, std=2.0),
+        )
     x_sharded = jax.device_put(x, NamedSharding(mesh, x_spec))
     layer_sharded = jax.device_put(layer, NamedSharding(mesh, param_spec))
     y = jax.jit(lambda m, x: m(x))(layer_sharded, x_sharded)
@@ -128,8 +120,8 @@ def test_jit_normalized_axes_sharded(mesh_shape, x_spec, param_spec, implementat
 @with_both_implementations
 def test_shard_map_matches_one_device(implementation):
     mesh = Mesh(DEVICES, ("batch",))
-    layer = random_layer(16, implementation=implementation)
-    x = random_input((16, 3, 16))
+    layer = random_layer(LayerNorm, 16, implementation=implementation)
+    x = random_input((16, 3, 16), mean=3.0, std=2.0)
     fn = jax.shard_map(lambda x: layer(x), mesh=mesh, in_specs=P("batch"), out_specs=P("batch"))
     y = jax.jit(fn)(jax.device_put(x, NamedSharding(mesh, P("batch"))))
     np.testing.assert_allclose(y, on_one_device(lambda m, x: m(x), layer, x), atol=ATOL)

@@ -14,27 +14,33 @@ def random_input(shape, seed=1, mean=0.0, std=1.0, dtype=jnp.float32):
     return (mean + std * jax.random.normal(jax.random.key(seed), shape)).astype(dtype)
 
 
-def random_trailing_layer(cls, normalized_shape, seed=0, **kwargs):
-    """A LayerNorm/RMSNorm with gamma ~ 1 + 0.5 N and beta ~ 0.3 N (beta is used only where
-    the layer has one), so that the affine step is tested too."""
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+def random_params(shape, seed=0):
+    """``(gamma, beta)`` of ``shape``: gamma ~ 1 + 0.5 N and beta ~ 0.3 N, seeded."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
     keys = jax.random.split(jax.random.key(seed), 2)
-    scale = 1.0 + 0.5 * jax.random.normal(keys[0], shape)
-    bias = 0.3 * jax.random.normal(keys[1], shape)
-    return cls(normalized_shape, **existing_initializers(cls, scale, bias, kwargs), **kwargs)
+    return 1.0 + 0.5 * jax.random.normal(keys[0], shape), 0.3 * jax.random.normal(keys[1], shape)
+
+
+def random_layer(build, *args, seed=0, param_shape=None, **kwargs):
+    """``build(*args, **kwargs)`` with ``random_params`` of ``param_shape`` (by default
+    ``args[0]``, the normalized shape) as its initializers, so that the affine step is tested
+    too; beta is passed only where the layer has one."""
+    scale, bias = random_params(args[0] if param_shape is None else param_shape, seed)
+    return build(*args, **existing_initializers(build, scale, bias, kwargs), **kwargs)
 
 
 def existing_initializers(cls, scale, bias, kwargs):
     """``scale_initializer``/``bias_initializer`` for the parameters that ``cls(...,
     **kwargs)`` has: an initializer for a parameter switched off is an error."""
-    defaults = inspect.signature(cls).parameters
+    parameters = inspect.signature(cls).parameters
+    defaults = {name: p.default for name, p in parameters.items()}  # a lambda's: none
     affine = kwargs.get("elementwise_affine", True)
     inits = {"scale_initializer": scale, "bias_initializer": bias}
     switches = {"scale_initializer": "use_scale", "bias_initializer": "use_bias"}
     return {
         argument: value
         for argument, value in inits.items()
-        if affine and kwargs.get(switches[argument], defaults[switches[argument]].default)
+        if affine and kwargs.get(switches[argument], defaults.get(switches[argument], True))
     }
 
 
@@ -56,3 +62,15 @@ def max_relative_error(got, want):
     """``max|got - want| / max|want|`` in float64."""
     want = np.asarray(want, np.float64)
     return np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+
+
+# Tolerances by dtype, for outputs of size ~1 against a float64 reference. Statistics are
+# always float32, so the rounding of the output to its own dtype dominates:
+TOL = {
+    # float32: two-pass float32 statistics over rows of up to a few thousand elements
+    jnp.float32: 1e-5,
+    # bfloat16 keeps 8 significant bits: one rounding of the output is 2 ** -8 relative
+    jnp.bfloat16: 2.0**-8,
+    # float16 keeps 11 significant bits: one rounding of the output is 2 ** -11 relative
+    jnp.float16: 2.0**-11,
+}

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_input, random_params
 
 from eqx_norm import BatchNorm, GroupNorm
 from eqx_norm.functional import batch_norm
@@ -55,23 +56,12 @@ def reference_batch_norm(x, gamma=None, beta=None, epsilon=1e-5, channel_axis=-1
     return np.moveaxis(y, -1, channel_axis), mean, var, count
 
 
-def random_params(num_features, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 2)
-    gamma = 1.0 + 0.5 * jax.random.normal(keys[0], (num_features,))
-    beta = 0.3 * jax.random.normal(keys[1], (num_features,))
-    return gamma, beta
-
-
 def build(num_features, seed=0, **kwargs):
     """``(layer, state)``: a BatchNorm with non-trivial gamma and beta, and its state."""
     gamma, beta = random_params(num_features, seed)
     return eqx.nn.make_with_state(BatchNorm)(
         num_features, scale_initializer=gamma, bias_initializer=beta, **kwargs
     )
-
-
-def random_input(shape, seed=1, mean=3.0, std=2.0, dtype=jnp.float32):
-    return (mean + std * jax.random.normal(jax.random.key(seed), shape)).astype(dtype)
 
 
 def variant(layer, **changes):
@@ -202,7 +192,7 @@ def test_matches_torch(case, layout, momentum):
     assert_close_relative(var, debiased_average(batch_vars, momentum, np.ones(channels)), 1e-5)
 
     module.eval()
-    x_first = np.asarray(random_input(shape, seed=20))
+    x_first = np.asarray(random_input(shape, seed=20, mean=3.0, std=2.0))
     y, new_state = eqx.filter_jit(eqx.nn.inference_mode(bn))(jnp.asarray(move(x_first)), state)
     with torch.no_grad():
         expected = module(torch.from_numpy(as64(x_first))).numpy()
@@ -248,7 +238,7 @@ def test_matches_equinox_batch_mode():
     per_example_state = our_state
     unbiased_vars = []
     for i in range(3):
-        x = random_input(shape, seed=i, mean=2.0 + i)
+        x = random_input(shape, seed=i, mean=2.0 + i, std=2.0)
         y_theirs, new_their_state = eqx.filter_jit(vmapped(theirs))(x, their_state)
         y_ours, new_our_state = eqx.filter_jit(ours)(x, our_state)
         y_vmap, per_example_state = eqx.filter_jit(vmapped(ours_per_example))(x, per_example_state)
@@ -274,12 +264,12 @@ def test_matches_equinox_ema_mode():
     # inference by its running statistics as stored (no debiasing): load ours into it
     shape = (8, 5, 4, 4)
     ours, our_state, theirs, their_state = equinox_pair(shape[1], "ema")
-    x = random_input(shape)
+    x = random_input(shape, mean=3.0, std=2.0)
     y_theirs, their_state = vmapped(theirs)(x, their_state)
     y_ours, our_state = ours(x, our_state)
     np.testing.assert_allclose(y_ours, y_theirs, rtol=0, atol=1e-5)
     their_state = their_state.set(theirs.ema_state_index, running(ours, our_state))
-    x = random_input(shape, seed=2, mean=-1.0)
+    x = random_input(shape, seed=2, mean=-1.0, std=2.0)
     y_theirs, _ = vmapped(theirs, inference=True)(x, their_state)
     y_ours, _ = ours(x, our_state, inference=True)
     np.testing.assert_allclose(y_ours, y_theirs, rtol=0, atol=1e-5)
@@ -293,7 +283,7 @@ def test_matches_equinox_ema_mode():
 def test_float64_reference(x64, channel_axis):
     shape = (6, 4, 5, 3)
     channels = shape[channel_axis]
-    x = random_input(shape, dtype=jnp.float64)
+    x = random_input(shape, dtype=jnp.float64, mean=3.0, std=2.0)
     gamma, beta = (p.astype(jnp.float64) for p in random_params(channels))
     y, mean, var = batch_norm(
         x,
@@ -317,7 +307,7 @@ def test_float64_reference(x64, channel_axis):
 @pytest.mark.slow
 def test_jit_equals_eager_and_jvp():
     bn, state = build(3)
-    x = random_input((10, 4, 3))
+    x = random_input((10, 4, 3), mean=3.0, std=2.0)
     y, new_state = bn(x, clone(state))
     y_jit, new_state_jit = eqx.filter_jit(bn)(x, state)
     np.testing.assert_allclose(y_jit, y, rtol=0, atol=1e-6)
@@ -334,7 +324,7 @@ def test_jit_equals_eager_and_jvp():
 
 
 def test_running_statistics_carry_no_gradient():
-    x = random_input((8, 3))
+    x = random_input((8, 3), mean=3.0, std=2.0)
 
     def running_mean_sum(x):
         return batch_norm(x, jnp.zeros(3), jnp.ones(3), training=True)[1].sum()
@@ -343,7 +333,7 @@ def test_running_statistics_carry_no_gradient():
 
 
 def test_momentum_bounds():
-    x = random_input((8, 3))
+    x = random_input((8, 3), mean=3.0, std=2.0)
     _, batch_mean, batch_var, _ = reference_batch_norm(x)
     start_mean, start_var = jnp.full(3, 2.0), jnp.full(3, 5.0)
     _, mean, var = batch_norm(x, start_mean, start_var, training=True, momentum=1.0)
@@ -355,7 +345,7 @@ def test_momentum_bounds():
 
 
 def test_inference_returns_running_statistics_unchanged():
-    x = random_input((8, 4, 3))
+    x = random_input((8, 4, 3), mean=3.0, std=2.0)
     mean, var = jnp.array([1.0, 2.0, 3.0]), jnp.array([0.5, 4.0, 9.0])
     gamma, beta = random_params(3)
     y, new_mean, new_var = batch_norm(x, mean, var, gamma, beta, training=False)
@@ -385,7 +375,7 @@ def test_debiased_running_statistics():
         np.testing.assert_allclose(mean, debiased_average(batch_means, momentum, 0), rtol=1e-5)
         np.testing.assert_allclose(var, debiased_average(batch_vars, momentum, 1), rtol=1e-5)
     # momentum 1 with steps: the plain average of every batch (its limit); 0: the last batch
-    x = random_input((10, channels), seed=9)
+    x = random_input((10, channels), seed=9, mean=3.0, std=2.0)
     _, batch_mean, _, _ = reference_batch_norm(x)
     start = jnp.full(channels, 2.0)
     _, mean, _ = batch_norm(x, start, jnp.ones(channels), training=True, momentum=1.0, steps=3)
@@ -399,7 +389,7 @@ def test_debiased_running_statistics():
 
 
 def test_layer_counts_steps_and_debias_switch():
-    x = random_input((16, 3))
+    x = random_input((16, 3), mean=3.0, std=2.0)
     _, batch_mean, batch_var, count = reference_batch_norm(x)
     bn, state = eqx.nn.make_with_state(BatchNorm)(3)
     assert bn.debias and int(state.get(bn.steps_index)) == 0
@@ -439,7 +429,7 @@ def test_transformations_of_the_training_forward(channel_axis):
     # the hand-written derivative (a custom_jvp) against plain autodiff of the formula in
     # float64: grad, jvp, jacfwd, jacrev, hessian, vmap over batches, jit, jax.export
     shape = (5, 4, 3) if channel_axis == -1 else (5, 3, 4)
-    x = random_input(shape)
+    x = random_input(shape, mean=3.0, std=2.0)
     gamma, beta = random_params(3)
     cotangent = random_input(shape, seed=4, mean=0.0, std=1.0)
 
@@ -477,7 +467,7 @@ def test_transformations_of_the_training_forward(channel_axis):
         for a, b in zip(got, expected[name]):
             assert_close_relative(a, b, 1e-5)
     # vmap over whole batches: each batch's own statistics
-    xs = jnp.stack([x, 2.0 * x - 1.0, random_input(shape, seed=8)])
+    xs = jnp.stack([x, 2.0 * x - 1.0, random_input(shape, seed=8, mean=3.0, std=2.0)])
     grads = jax.vmap(jax.grad(loss(ours)), in_axes=(0, None, None))(xs, gamma, beta)
     for i in range(3):
         np.testing.assert_allclose(
@@ -499,7 +489,7 @@ def test_jitted_gradient_of_x_alone(shape):
     # at such shapes: jitted and eager gradients here both match float64, with weights that
     # vary along the batch (a weight constant over a channel's values has gradient ~ 0)
     x = random_input(shape, mean=0.0, std=1.0)
-    weights = random_input((*shape[:-1], 1), seed=2)
+    weights = random_input((*shape[:-1], 1), seed=2, mean=3.0, std=2.0)
     channels = shape[-1]
 
     def loss(x):
@@ -522,7 +512,7 @@ def test_constant_channels_give_beta_and_implementation_switch():
         assert bn.implementation == implementation
         y, _ = eqx.filter_jit(bn)(x, state)
         np.testing.assert_array_equal(y, np.broadcast_to(bn.beta, x.shape))
-    dx = gradients(bn, x, state, random_input(x.shape, seed=3))[0]
+    dx = gradients(bn, x, state, random_input(x.shape, seed=3, mean=3.0, std=2.0))[0]
     assert np.isfinite(dx).all()
 
 
@@ -530,7 +520,7 @@ def test_pmap_with_a_closed_over_state_is_told_to_pass_it():
     # one device is enough for pmap's mapped axis; the advice is pmap's, not the explicit
     # mesh's, and following it works
     bn, state = eqx.nn.make_with_state(BatchNorm)(3, axis_name="devices")
-    x = random_input((1, 8, 3))
+    x = random_input((1, 8, 3), mean=3.0, std=2.0)
     with pytest.raises(ValueError, match=r"inside `jax\.pmap`/`shard_map`.*closed over") as info:
         jax.pmap(lambda x: bn(x, state), axis_name="devices")(x)
     assert "NamedSharding" not in str(info.value)
@@ -609,7 +599,7 @@ def test_param_dtype_and_output_dtype():
     assert mean.dtype == var.dtype == jnp.float32
     np.testing.assert_array_equal(mean, np.zeros(4))
     np.testing.assert_array_equal(var, np.ones(4))
-    x = random_input((8, 4))
+    x = random_input((8, 4), mean=3.0, std=2.0)
     y, _ = bn(x, state)
     assert y.dtype == jnp.bfloat16
     expected, *_ = reference_batch_norm(x, bn.gamma, bn.beta)
@@ -621,7 +611,7 @@ def test_param_dtype_and_output_dtype():
 
 @pytest.mark.slow
 def test_mask_excludes_padded_examples():
-    x = random_input((10, 4, 4, 3))
+    x = random_input((10, 4, 4, 3), mean=3.0, std=2.0)
     keep = np.array([1, 1, 0, 1, 1, 1, 0, 1, 1, 0], bool)
     x = x.at[~keep].set(1e6)  # padding with values that would wreck the statistics
     bn, state = build(3)
@@ -638,7 +628,7 @@ def test_mask_excludes_padded_examples():
 def test_mask_with_too_few_values_keeps_running_statistics():
     # channel 0 keeps one value (its variance is unknown: the running variance stays),
     # channel 1 none (both stay), channel 2 five: never NaN
-    x = random_input((5, 3))
+    x = random_input((5, 3), mean=3.0, std=2.0)
     mask = np.ones((5, 3), bool)
     mask[1:, 0] = False
     mask[:, 1] = False
@@ -656,7 +646,7 @@ def test_mask_with_too_few_values_keeps_running_statistics():
 
 @pytest.mark.slow
 def test_mask_under_axis_name():
-    x = random_input((6, 5, 3))
+    x = random_input((6, 5, 3), mean=3.0, std=2.0)
     mask = np.ones((6, 5, 1), bool)
     mask[2, 1:] = False
     mask[4] = False
@@ -682,7 +672,7 @@ def test_mask_under_axis_name():
     ("example_shape", "channel_axis"), [((3,), -1), ((4, 4, 3), -1), ((3, 4, 4), 0)]
 )
 def test_axis_name_under_vmap_equals_whole_batch(example_shape, channel_axis):
-    x = random_input((8, *example_shape))
+    x = random_input((8, *example_shape), mean=3.0, std=2.0)
     channels = example_shape[channel_axis]
     bn, state = build(channels, channel_axis=channel_axis % len(example_shape) + 1)
     y, whole_state = eqx.filter_jit(bn)(x, state)
@@ -700,7 +690,9 @@ def test_axis_name_under_vmap_equals_whole_batch(example_shape, channel_axis):
 
 @pytest.mark.slow
 def test_axis_name_tuple_of_nested_vmaps():
-    x = random_input((4, 3, 5, 2))  # two mapped axes of 4 and 3, then (5, C=2) per example
+    x = random_input(
+        (4, 3, 5, 2), mean=3.0, std=2.0
+    )  # two mapped axes of 4 and 3, then (5, C=2) per example
     bn, state = build(2)
     y, whole_state = bn(x.reshape(12, 5, 2), clone(state))
     nested = variant(bn, axis_name=("outer", "inner"))
@@ -722,7 +714,7 @@ def test_state_pattern_and_inference_mode():
     mean, var = running(bn, state)
     np.testing.assert_array_equal(mean, np.zeros(3))  # mean 0, variance 1: an untrained
     np.testing.assert_array_equal(var, np.ones(3))  # layer in inference is the identity
-    x = random_input((16, 3))
+    x = random_input((16, 3), mean=3.0, std=2.0)
     y, _ = eqx.nn.inference_mode(bn)(x, state)
     np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-5), rtol=1e-6)
     _, state = bn(x, state)
@@ -741,7 +733,7 @@ def test_composes_with_sequential():
     model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
         [BatchNorm(4), eqx.nn.Lambda(jax.nn.relu), BatchNorm(4, momentum=0.5)]
     )
-    x = random_input((12, 4))
+    x = random_input((12, 4), mean=3.0, std=2.0)
     y, new_state = eqx.filter_jit(model)(x, state)
     first, second = model.layers[0], model.layers[2]
     h, expected_state = first(x, state)
@@ -755,7 +747,7 @@ def test_composes_with_sequential():
 
 def test_channel_axis_counts_in_the_whole_input():
     # torch's (N, C, H, W) is channel_axis=1 (or -3); channels-last is -1 (or 3)
-    x_last = random_input((6, 5, 4, 3))
+    x_last = random_input((6, 5, 4, 3), mean=3.0, std=2.0)
     x_first = jnp.moveaxis(x_last, -1, 1)
     results = {}
     for channel_axis, x in ((-1, x_last), (3, x_last), (1, x_first), (-3, x_first)):
@@ -769,7 +761,7 @@ def test_channel_axis_counts_in_the_whole_input():
 
 
 def test_affine_options():
-    x = random_input((8, 3))
+    x = random_input((8, 3), mean=3.0, std=2.0)
     gamma, beta = random_params(3)
     cases = [  # (constructor arguments, the scale and offset they mean)
         (dict(use_scale=False, bias_initializer=beta), None, beta),
@@ -814,7 +806,9 @@ def test_batch_of_one_is_an_error():
     assert "or training=False to normalize" in message and "inference" not in message
     y, _ = bn(jnp.ones((1, 3)), state, inference=True)  # inference needs no batch statistics
     np.testing.assert_allclose(y, np.ones((1, 3)) / np.sqrt(1 + 1e-5), rtol=1e-6)
-    y, _ = bn(random_input((1, 4, 4, 3)), clone(state))  # one example, 16 values per channel: fine
+    y, _ = bn(
+        random_input((1, 4, 4, 3), mean=3.0, std=2.0), clone(state)
+    )  # one example, 16 values per channel: fine
     assert np.isfinite(y).all()
     per_example = variant(bn, axis_name="batch")
     with pytest.raises(ValueError, match=r"axis_name='batch'\) gives 1"):
@@ -983,7 +977,7 @@ def test_errors_name_the_argument():
 def test_group_norm_and_batch_norm_layouts_differ_on_purpose():
     # GroupNorm's channel_axis counts within one example, BatchNorm's within the batch:
     # the same torch-layout data needs channel_axis=0 there and 1 here
-    x = random_input((4, 3, 5, 5))
+    x = random_input((4, 3, 5, 5), mean=3.0, std=2.0)
     GroupNorm(3, 3, channel_axis=0)(x)
     bn, state = eqx.nn.make_with_state(BatchNorm)(3, channel_axis=1)
     y, _ = bn(x, state)
@@ -1002,7 +996,7 @@ def _eight_device_checks():
     assert jax.device_count() == 8, jax.devices()
     mesh = jax.make_mesh((8,), ("batch",))
     assert mesh.axis_types == (jax.sharding.AxisType.Explicit,)
-    x = random_input((32, 6, 6, 4))
+    x = random_input((32, 6, 6, 4), mean=3.0, std=2.0)
     dy = random_input(x.shape, seed=7, mean=0.0, std=1.0)
     bn, state = build(4)
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import max_relative_error, random_input, random_trailing_layer
+from helpers import max_relative_error, random_input, random_layer
 from jax.test_util import check_grads
 
 from eqx_norm import GroupNorm, InstanceNorm, LayerNorm, RMSNorm, functional
@@ -63,7 +63,7 @@ def unfused(layer, x, r):
 @pytest.mark.parametrize(("x_dtype", "r_dtype"), DTYPE_PAIRS)
 @pytest.mark.parametrize(("cls", "_", "ref"), TRAILING)
 def test_residual_matches_float64(cls, _, ref, x_dtype, r_dtype, implementation):
-    layer = random_trailing_layer(cls, 64, implementation=implementation)
+    layer = random_layer(cls, 64, implementation=implementation)
     x = random_input((6, 5, 64), seed=1, dtype=x_dtype)
     r = random_input((6, 5, 64), seed=2, mean=3.0, std=2.0, dtype=r_dtype)
     y, h = layer(x, residual=r)
@@ -79,7 +79,7 @@ def test_residual_matches_float64(cls, _, ref, x_dtype, r_dtype, implementation)
 @pytest.mark.parametrize(("x_dtype", "r_dtype"), DTYPE_PAIRS)
 @pytest.mark.parametrize(("cls", "_", "__"), TRAILING)
 def test_residual_equals_unfused_with_gradients(cls, _, __, x_dtype, r_dtype, implementation):
-    layer = random_trailing_layer(cls, 32, implementation=implementation)
+    layer = random_layer(cls, 32, implementation=implementation)
     x = random_input((8, 32), seed=3, dtype=x_dtype)
     r = random_input((8, 32), seed=4, mean=1.0, dtype=r_dtype)
     cy = random_input((8, 32), seed=5)
@@ -123,7 +123,7 @@ def test_residual_gradients_match_finite_differences(x64):
 
 @pytest.mark.parametrize(("cls", "fn", "_"), TRAILING)
 def test_residual_call_forms(cls, fn, _):
-    layer = random_trailing_layer(cls, 16)
+    layer = random_layer(cls, 16)
     x, r = random_input((4, 16), seed=1), random_input((4, 16), seed=2)
     y, h = layer(x, residual=r)
     (y_state, h_state), state = layer(x, "state", residual=r)
@@ -147,7 +147,7 @@ def test_residual_call_forms(cls, fn, _):
 
 @pytest.mark.parametrize(("cls", "_", "ref"), TRAILING)
 def test_residual_with_mask_masks_only_the_statistics(cls, _, ref):
-    layer = random_trailing_layer(cls, 16, use_bias=True)
+    layer = random_layer(cls, 16, use_bias=True)
     x, r = random_input((4, 16), seed=1), random_input((4, 16), seed=2, mean=5.0)
     mask = jnp.arange(16)[None, :] % 3 != 0
     y, h = layer(x, residual=r, mask=mask)
@@ -196,7 +196,7 @@ def split_features(fn, x, params, shards, axis_name="features"):
 
 @pytest.mark.parametrize(("cls", "fn", "ref"), TRAILING)
 def test_axis_name_equals_unsharded_with_gradients(cls, fn, ref):
-    layer = random_trailing_layer(cls, 64, use_bias=True)
+    layer = random_layer(cls, 64, use_bias=True)
     x = random_input((5, 64), seed=2, mean=1e3, std=3.0)  # a large mean: merged two-pass
     cotangent = random_input((5, 64), seed=3)
 

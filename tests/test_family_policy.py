@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import TOL, random_input, random_layer
 
 from eqx_norm import (
     Constant,
@@ -57,21 +58,6 @@ LAYERS = {
 NAMES = list(LAYERS)
 
 
-def random_layer(name, seed=0, **kwargs):
-    build, _, param_shape, _ = LAYERS[name]
-    keys = jax.random.split(jax.random.key(seed), 2)
-    return build(
-        scale_initializer=1.0 + 0.5 * jax.random.normal(keys[0], param_shape),
-        bias_initializer=0.3 * jax.random.normal(keys[1], param_shape),
-        **kwargs,
-    )
-
-
-def random_input(name, seed=1, mean=1.0, std=1.0, dtype=jnp.float32):
-    shape = LAYERS[name][1]
-    return (mean + std * jax.random.normal(jax.random.key(seed), shape)).astype(dtype)
-
-
 def expected_output(name, layer, x, mask=None, gamma=None):
     """The float64 reference for `layer` on `x`, from the parameters the layer stores."""
     gamma = layer.gamma if gamma is None else gamma
@@ -82,43 +68,45 @@ def expected_output(name, layer, x, mask=None, gamma=None):
 
 # ----------------------------------------------------------------------------- dtypes
 
-# unit roundoff of the output dtype: statistics are float32, so the final cast dominates
-ROUNDOFF = {jnp.float32: 1e-5, jnp.bfloat16: 2.0**-8, jnp.float16: 2.0**-11}
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
 def test_dtype_policy(name, dtype, param_dtype):
-    layer = random_layer(name, param_dtype=param_dtype)
+    layer = random_layer(LAYERS[name][0], param_dtype=param_dtype, param_shape=LAYERS[name][2])
     assert layer.gamma.dtype == param_dtype and layer.beta.dtype == param_dtype
     # mean 50, std 1: bf16 statistics would lose the deviations (bf16 spacing at 50 is 0.25)
-    x = random_input(name, mean=50.0, dtype=dtype)
+    x = random_input(LAYERS[name][1], mean=50.0, dtype=dtype)
     y = layer(x)
     assert y.dtype == dtype and y.shape == x.shape
     # the reference sees the same rounded x and the same stored gamma/beta, in float64;
     # what remains is the rounding of the output (relative) plus float32 statistics (1e-5)
     expected = expected_output(name, layer, x)
-    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=ROUNDOFF[dtype], atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(y, np.float64), expected, rtol=TOL[dtype], atol=TOL[jnp.float32]
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_output_dtype_option(name):
-    layer = random_layer(name, dtype=jnp.bfloat16)
-    x = random_input(name)
+    layer = random_layer(LAYERS[name][0], dtype=jnp.bfloat16, param_shape=LAYERS[name][2])
+    x = random_input(LAYERS[name][1], mean=1.0)
     y = layer(x)
     assert y.dtype == jnp.bfloat16
     np.testing.assert_allclose(
-        np.asarray(y, np.float64), expected_output(name, layer, x), rtol=2.0**-8, atol=1e-5
+        np.asarray(y, np.float64),
+        expected_output(name, layer, x),
+        rtol=TOL[jnp.bfloat16],
+        atol=TOL[jnp.float32],
     )
 
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.uint8, jnp.bool_])
 def test_integer_and_boolean_input_is_an_error(name, dtype):
-    layer = random_layer(name)
-    x = random_input(name).astype(dtype)
+    layer = random_layer(LAYERS[name][0], param_shape=LAYERS[name][2])
+    x = random_input(LAYERS[name][1], mean=1.0).astype(dtype)
     with pytest.raises(
         TypeError,
         match=rf"{name} expects a floating-point input `x`, got dtype "
@@ -166,6 +154,9 @@ def test_array_initializers(name, as_array):
     assert layer.gamma.dtype == jnp.bfloat16
     np.testing.assert_array_equal(layer.gamma, values.astype(jnp.bfloat16))
     np.testing.assert_array_equal(layer.beta, (-values).astype(jnp.bfloat16))
+    default = LAYERS[name][0](scale_initializer=as_array(values))  # float64 values: float32
+    assert default.gamma.dtype == jnp.float32
+    np.testing.assert_array_equal(default.gamma, values.astype(np.float32))
     with pytest.raises(ValueError, match=r"`scale_initializer` is an array of shape \(3,\)"):
         LAYERS[name][0](scale_initializer=np.ones(3))
 
@@ -187,6 +178,7 @@ def test_random_initializers_use_the_key(name, initializer):
     c = build(scale_initializer=initializer, bias_initializer=initializer, key=jax.random.key(1))
     np.testing.assert_array_equal(a.gamma, b.gamma)
     assert not np.array_equal(a.gamma, c.gamma)
+    assert len(np.unique(np.asarray(a.gamma))) > 1  # one draw per element, not one per layer
     assert not np.array_equal(a.gamma, a.beta)  # gamma and beta draw from different keys
     with pytest.raises(ValueError, match=r"`scale_initializer`.*key"):
         build(scale_initializer=initializer)
@@ -204,25 +196,25 @@ def random_mask(name, seed=5):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_mask_under_jit_and_vmap(name):
-    layer = random_layer(name)
-    x = random_input(name, mean=2.0)
+    layer = random_layer(LAYERS[name][0], param_shape=LAYERS[name][2])
+    x = random_input(LAYERS[name][1], mean=2.0)
     mask = random_mask(name)
     call = lambda x, m: layer(x, mask=m)  # noqa: E731
     y = jax.jit(call)(x, mask)
     # the reference drops masked elements from the statistics; their output is beta
     expected = expected_output(name, layer, x, mask)
-    np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(y, expected, atol=TOL[jnp.float32], rtol=TOL[jnp.float32])
     # one mask per example under vmap, and jit(vmap)
     np.testing.assert_allclose(jax.vmap(call)(x, mask), y, atol=1e-6)
     np.testing.assert_allclose(jax.jit(jax.vmap(call))(x, mask), y, atol=1e-6)
     # masked-out values do not matter
-    np.testing.assert_allclose(call(jnp.where(mask, x, 1e4), mask), y, atol=1e-5)
+    np.testing.assert_allclose(call(jnp.where(mask, x, 1e4), mask), y, atol=TOL[jnp.float32])
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fully_masked_example_is_beta_with_finite_gradients(name):
-    layer = random_layer(name)
-    x = random_input(name)
+    layer = random_layer(LAYERS[name][0], param_shape=LAYERS[name][2])
+    x = random_input(LAYERS[name][1], mean=1.0)
     mask = random_mask(name)
     y = layer(x, mask=mask)
     beta = np.asarray(expected_output(name, layer, np.zeros(x.shape), np.zeros(x.shape, bool)))
@@ -243,28 +235,34 @@ def test_zero_centered_scale(name):
     param_shape = LAYERS[name][2]
     layer = LAYERS[name][0](zero_centered_scale=True)
     np.testing.assert_array_equal(layer.gamma, np.zeros(param_shape))  # identity at init
-    x = random_input(name)
+    x = random_input(LAYERS[name][1], mean=1.0)
     ones = np.ones(param_shape)
-    np.testing.assert_allclose(layer(x), expected_output(name, layer, x, gamma=ones), atol=1e-5)
+    np.testing.assert_allclose(
+        layer(x), expected_output(name, layer, x, gamma=ones), atol=TOL[jnp.float32]
+    )
     gamma = jnp.linspace(-0.5, 0.5, int(np.prod(param_shape))).reshape(param_shape)
     layer = eqx.tree_at(lambda m: m.gamma, layer, gamma)
     np.testing.assert_allclose(
-        layer(x), expected_output(name, layer, x, gamma=1 + gamma), atol=1e-5
+        layer(x), expected_output(name, layer, x, gamma=1 + gamma), atol=TOL[jnp.float32]
     )
     # an explicit initializer is kept as given (here: 0.25, so the scale is 1.25)
     layer = LAYERS[name][0](zero_centered_scale=True, scale_initializer=Constant(0.25))
     np.testing.assert_allclose(
-        layer(x), expected_output(name, layer, x, gamma=np.full(param_shape, 1.25)), atol=1e-5
+        layer(x),
+        expected_output(name, layer, x, gamma=np.full(param_shape, 1.25)),
+        atol=TOL[jnp.float32],
     )
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_parameters_switch_off_alike(name):
     build = LAYERS[name][0]
-    x = random_input(name)
+    x = random_input(LAYERS[name][1], mean=1.0)
     assert jax.tree_util.tree_leaves(build(elementwise_affine=False)) == []
     scale_only = build(use_bias=False)
     assert scale_only.beta is None and scale_only.gamma is not None
     bias_only = build(use_scale=False, bias_initializer=Constant(0.5))
     assert bias_only.gamma is None
-    np.testing.assert_allclose(bias_only(x), expected_output(name, bias_only, x), atol=1e-5)
+    np.testing.assert_allclose(
+        bias_only(x), expected_output(name, bias_only, x), atol=TOL[jnp.float32]
+    )

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import existing_initializers, jitted_gradients, max_relative_error, random_input
+from helpers import TOL, jitted_gradients, max_relative_error, random_input, random_layer
 
 from eqx_norm import GroupNorm, InstanceNorm
 
@@ -21,22 +21,15 @@ import reference
 torch = pytest.importorskip("torch")
 
 
-def random_params(num_channels, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 2)
-    gamma = 1.0 + 0.5 * jax.random.normal(keys[0], (num_channels,))
-    beta = 0.3 * jax.random.normal(keys[1], (num_channels,))
-    return gamma, beta
-
-
 def random_group_norm(num_groups, num_channels, seed=0, **kwargs):
     """A GroupNorm with non-trivial per-channel gamma and beta."""
-    inits = existing_initializers(GroupNorm, *random_params(num_channels, seed), kwargs)
-    return GroupNorm(num_groups, num_channels, **inits, **kwargs)
+    return random_layer(
+        GroupNorm, num_groups, num_channels, seed=seed, param_shape=num_channels, **kwargs
+    )
 
 
 def random_instance_norm(num_channels, seed=0, **kwargs):
-    inits = existing_initializers(InstanceNorm, *random_params(num_channels, seed), kwargs)
-    return InstanceNorm(num_channels, **inits, **kwargs)
+    return random_layer(InstanceNorm, num_channels, seed=seed, **kwargs)
 
 
 def to_torch(a, dtype=None):
@@ -52,14 +45,14 @@ def test_brainpy_examples():
     # separate 6 channels into 3 groups
     layer = random_group_norm(3, 6)
     np.testing.assert_allclose(
-        layer(x), reference.group_norm(x, 3, 2, layer.gamma, layer.beta), atol=1e-5
+        layer(x), reference.group_norm(x, 3, 2, layer.gamma, layer.beta), atol=TOL[jnp.float32]
     )
     # separate 6 channels into 6 groups (equivalent to InstanceNorm)
     six = random_group_norm(6, 6)
     instance = random_instance_norm(6)
     np.testing.assert_allclose(eqx.filter_jit(six)(x), eqx.filter_jit(instance)(x), atol=1e-6)
     np.testing.assert_allclose(
-        instance(x), reference.instance_norm(x, 2, six.gamma, six.beta), atol=1e-5
+        instance(x), reference.instance_norm(x, 2, six.gamma, six.beta), atol=TOL[jnp.float32]
     )
     # put all 6 channels into one group (equivalent to LayerNorm over (H, W, C), with
     # per-channel parameters broadcast over space)
@@ -67,7 +60,7 @@ def test_brainpy_examples():
     gamma = np.broadcast_to(np.asarray(one.gamma), (10, 10, 6))
     beta = np.broadcast_to(np.asarray(one.beta), (10, 10, 6))
     np.testing.assert_allclose(
-        eqx.filter_jit(one)(x), reference.layer_norm(x, 3, gamma, beta), atol=1e-5
+        eqx.filter_jit(one)(x), reference.layer_norm(x, 3, gamma, beta), atol=TOL[jnp.float32]
     )
 
 
@@ -105,7 +98,7 @@ def test_group_norm_matches_float64_numpy(
         x, groups, spatial_ndim, layer.gamma, layer.beta, channel_axis=channel_axis
     )
     assert y.shape == x.shape and y.dtype == x.dtype
-    np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(y, expected, atol=TOL[jnp.float32], rtol=TOL[jnp.float32])
     assert (layer.gamma is None) == (not affine)
 
 
@@ -117,7 +110,9 @@ def test_instance_norm_matches_float64_numpy(shape, groups, channels, spatial_nd
     expected = reference.instance_norm(
         x, spatial_ndim, layer.gamma, layer.beta, channel_axis=channel_axis
     )
-    np.testing.assert_allclose(eqx.filter_jit(layer)(x), expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        eqx.filter_jit(layer)(x), expected, atol=TOL[jnp.float32], rtol=TOL[jnp.float32]
+    )
     assert layer.num_groups == channels
 
 
@@ -166,11 +161,11 @@ def test_group_norm_matches_torch(shape, groups):
         torch_layer.weight.copy_(to_torch(layer.gamma))
         torch_layer.bias.copy_(to_torch(layer.beta))
         expected = torch_layer(torch_channels_first(x)).movedim(1, -1).numpy()
-    np.testing.assert_allclose(eqx.filter_jit(layer)(x), expected, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(eqx.filter_jit(layer)(x), expected, atol=2e-5, rtol=TOL[jnp.float32])
     # the same layer in torch's own layout
     channels_first = random_group_norm(groups, channels, spatial_ndim=spatial_ndim, channel_axis=0)
     y = eqx.filter_jit(channels_first)(jnp.moveaxis(x, -1, 1))
-    np.testing.assert_allclose(jnp.moveaxis(y, 1, -1), expected, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(jnp.moveaxis(y, 1, -1), expected, atol=2e-5, rtol=TOL[jnp.float32])
 
 
 @pytest.mark.slow
@@ -196,7 +191,9 @@ def test_instance_norm_matches_torch(shape, torch_class):
         torch_layer.bias.copy_(to_torch(layer.beta))
         channel_axis = len(shape) - spatial_ndim - 1
         expected = torch_layer(to_torch(x).movedim(-1, channel_axis)).movedim(channel_axis, -1)
-    np.testing.assert_allclose(eqx.filter_jit(layer)(x), expected.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        eqx.filter_jit(layer)(x), expected.numpy(), atol=TOL[jnp.float32], rtol=TOL[jnp.float32]
+    )
 
 
 def float64_torch_gradients(torch_fn, x, gamma, beta, cotangent):
@@ -256,7 +253,10 @@ def test_group_norm_matches_equinox_channels_first_under_vmap():
     theirs = eqx.tree_at(lambda m: (m.weight, m.bias), theirs, (ours.gamma, ours.beta))
     x = random_input((5, 8, 6, 7), mean=1.0)  # (N, C, H, W): equinox needs vmap over N
     np.testing.assert_allclose(
-        eqx.filter_jit(ours)(x), eqx.filter_jit(jax.vmap(theirs))(x), atol=1e-5, rtol=1e-5
+        eqx.filter_jit(ours)(x),
+        eqx.filter_jit(jax.vmap(theirs))(x),
+        atol=TOL[jnp.float32],
+        rtol=TOL[jnp.float32],
     )
 
 
@@ -277,11 +277,11 @@ def test_padded_images_mask(channel_axis):
     expected = reference.group_norm(
         x, 2, 2, layer.gamma, layer.beta, mask=valid, channel_axis=channel_axis
     )
-    np.testing.assert_allclose(y, expected, atol=1e-5)
+    np.testing.assert_allclose(y, expected, atol=TOL[jnp.float32])
     # the statistics of the valid region do not depend on the padding's values
     padded = jnp.where(valid, x, 1e6)
     np.testing.assert_allclose(
-        jax.jit(lambda x, m: layer(x, mask=m))(padded, jnp.asarray(valid)), y, atol=1e-5
+        jax.jit(lambda x, m: layer(x, mask=m))(padded, jnp.asarray(valid)), y, atol=TOL[jnp.float32]
     )
 
 
@@ -455,13 +455,13 @@ def test_feature_vectors_with_spatial_ndim_zero_match_torch():
         torch_layer.weight.copy_(torch.tensor(np.asarray(layer.gamma)))
         torch_layer.bias.copy_(torch.tensor(np.asarray(layer.beta)))
         expected = torch_layer(torch.tensor(np.asarray(x))).numpy()
-    np.testing.assert_allclose(layer(x), expected, atol=1e-5)
+    np.testing.assert_allclose(layer(x), expected, atol=TOL[jnp.float32])
     # one example (C,) is its own batch of none; vmap over examples agrees
     np.testing.assert_allclose(jax.vmap(layer)(x), layer(x), atol=1e-6)
     grouped = np.asarray(x, np.float64).reshape(64, 4, 8)
     x_hat = reference.standardize(grouped, (2,), layer.epsilon).reshape(64, 32)
     np.testing.assert_allclose(
-        layer(x), x_hat * np.asarray(layer.gamma) + np.asarray(layer.beta), atol=1e-5
+        layer(x), x_hat * np.asarray(layer.gamma) + np.asarray(layer.beta), atol=TOL[jnp.float32]
     )
     with pytest.raises(ValueError, match=r"GroupNorm\(spatial_ndim=0, channel_axis=-1\) expects"):
         layer(jnp.zeros((64, 31)))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import max_relative_error, random_input, random_trailing_layer
+from helpers import max_relative_error, random_input, random_layer
 
 import eqx_norm
 
@@ -35,7 +35,7 @@ def test_a_row_gives_the_same_bits_in_batches_of_64_to_2048_rows(name, d):
     """Batch invariance as far as XLA:CPU gives it: the first example's y and dx are
     bitwise the same in batches of 64, 600 and 2048 rows (eqx_norm itself has no choice
     that depends on the number of rows)."""
-    layer = random_trailing_layer(LAYERS[name], d, implementation="xla")
+    layer = random_layer(LAYERS[name], d, implementation="xla")
     batch = random_input((2048, d), seed=3, mean=2.0)
     cotangent = random_input((2048, d), seed=4)
     first = _y_and_dx(layer, batch[:64], cotangent[:64])
@@ -55,7 +55,7 @@ def test_a_row_gives_the_same_bits_in_batches_of_64_to_2048_rows(name, d):
 @pytest.mark.parametrize("name", LAYERS)
 def test_a_row_gives_the_same_bits_alone_and_in_any_batch(name):
     """Full batch invariance: one example alone, in a batch of 7 and in one of 600."""
-    layer = random_trailing_layer(LAYERS[name], 64, implementation="xla")
+    layer = random_layer(LAYERS[name], 64, implementation="xla")
     batch = random_input((600, 64), seed=3, mean=2.0)
     cotangent = random_input((600, 64), seed=4)
     alone = _y_and_dx(layer, batch[:1], cotangent[:1])
@@ -104,7 +104,7 @@ def test_jitted_gradients_equal_eager_ones(name):
     """On (64, 128, 768), where XLA:CPU miscompiled a haiku-style LayerNorm gradient (dx off
     by 0.7 jitted against eager): dx, dgamma and dbeta jitted match eager to float32
     rounding."""
-    layer = random_trailing_layer(LAYERS[name], 768, implementation="xla")
+    layer = random_layer(LAYERS[name], 768, implementation="xla")
     x = random_input((64, 128, 768), seed=5, mean=1.0)
     cotangent = random_input((64, 128, 768), seed=6)
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import existing_initializers
+from helpers import existing_initializers, random_input
 
 from eqx_norm import LayerNorm, Normal
 
@@ -40,10 +40,6 @@ def make_layer(normalized_shape, dtype=jnp.float32, seed=0, **kwargs):
     bias = (0.3 * jax.random.normal(k2, normalized_shape)).astype(dtype)
     inits = existing_initializers(LayerNorm, scale, bias, kwargs)
     return LayerNorm(normalized_shape, **inits, param_dtype=dtype, **kwargs)
-
-
-def random(shape, seed, dtype=jnp.float32, mean=0.0, std=1.0):
-    return (mean + std * jax.random.normal(jax.random.key(seed), shape)).astype(dtype)
 
 
 def with_params(layer, gamma, beta):
@@ -113,7 +109,7 @@ def assert_dicts_close(got, expected, **tolerances):
 def test_vmap_matches_reference(config):
     shape, normalized_shape, kwargs = CONFIGS[config]
     layer = make_layer(normalized_shape, **kwargs)
-    x = random((5, *shape), seed=1, mean=2.0, std=3.0)
+    x = random_input((5, *shape), seed=1, mean=2.0, std=3.0)
     expected = reference_call(layer, x, layer.gamma, layer.beta)
     np.testing.assert_allclose(jax.jit(jax.vmap(layer))(x), expected, atol=1e-5)
     np.testing.assert_allclose(jax.jit(jax.vmap(jax.vmap(layer)))(x), expected, atol=1e-5)
@@ -125,7 +121,7 @@ def test_vmap_matches_reference(config):
 @pytest.mark.slow
 def test_vmap_with_mask():
     layer = make_layer((8,))
-    x = random((4, 3, 8), seed=1)
+    x = random_input((4, 3, 8), seed=1)
     mask = jax.random.bernoulli(jax.random.key(2), 0.7, (4, 3, 8))
     y = jax.jit(jax.vmap(lambda x, m: layer(x, mask=m)))(x, mask)
     expected = reference_call(layer, x, layer.gamma, layer.beta, mask)
@@ -155,7 +151,7 @@ def test_filter_vmap_builds_a_stack_of_layers():
         np.testing.assert_array_equal(stack.beta[i], alone.beta)
     assert len(set(np.asarray(stack.gamma[:, 0]).tolist())) == 4  # the keys differ
     # each layer applied to its own input, by filter_vmap over the stack
-    x = random((4, 3, 8), seed=1, mean=1.0, std=2.0)
+    x = random_input((4, 3, 8), seed=1, mean=1.0, std=2.0)
     y = eqx.filter_jit(eqx.filter_vmap(lambda m, x: m(x)))(stack, x)
     for i in range(4):
         expected = reference.layer_norm(x[i], 1, stack.gamma[i], stack.beta[i])
@@ -166,8 +162,8 @@ def test_filter_vmap_builds_a_stack_of_layers():
 def test_scan_over_a_stack_of_layers():
     stack, _ = stacked_layers(5, 8)
     params, static = eqx.partition(stack, eqx.is_array)
-    w = random((8, 8), seed=4) / np.sqrt(8)
-    x = random((3, 8), seed=1, mean=1.0, std=2.0)
+    w = random_input((8, 8), seed=4) / np.sqrt(8)
+    x = random_input((3, 8), seed=1, mean=1.0, std=2.0)
 
     def body(h, layer_params):
         layer = eqx.combine(layer_params, static)
@@ -190,8 +186,8 @@ def test_scan_over_a_stack_of_layers():
 def test_grad_matches_finite_differences_float64(x64, config):
     shape, normalized_shape, kwargs = CONFIGS[config]
     layer = make_layer(normalized_shape, dtype=jnp.float64, **kwargs)
-    x = random(shape, seed=1, dtype=jnp.float64, mean=2.0, std=3.0)
-    w = random(shape, seed=2, dtype=jnp.float64)
+    x = random_input(shape, seed=1, dtype=jnp.float64, mean=2.0, std=3.0)
+    w = random_input(shape, seed=2, dtype=jnp.float64)
 
     def loss(layer, x):
         return jnp.sum(w * layer(x))
@@ -205,8 +201,8 @@ def test_grad_matches_finite_differences_float64(x64, config):
 @pytest.mark.parametrize(("mean", "atol"), [(2.0, 1e-4), (1e4, 3e-3)])
 def test_grad_float32_matches_float64_reference(mean, atol):
     layer = make_layer((16,))
-    x = random((4, 16), seed=1, mean=mean)  # float32, seen exactly by the reference
-    w = random((4, 16), seed=2)
+    x = random_input((4, 16), seed=1, mean=mean)  # float32, seen exactly by the reference
+    w = random_input((4, 16), seed=2)
     grads = layer_grads(
         *jax.jit(jax.grad(lambda m, x: jnp.sum(w * m(x)), argnums=(0, 1)))(layer, x)
     )
@@ -220,8 +216,8 @@ def test_grad_float32_matches_float64_reference(mean, atol):
 
 def test_grad_with_mask_matches_finite_differences_float64(x64):
     layer = make_layer((8,), dtype=jnp.float64)
-    x = random((3, 8), seed=1, dtype=jnp.float64)
-    w = random((3, 8), seed=2, dtype=jnp.float64)
+    x = random_input((3, 8), seed=1, dtype=jnp.float64)
+    w = random_input((3, 8), seed=2, dtype=jnp.float64)
     mask = np.asarray(jax.random.bernoulli(jax.random.key(5), 0.6, (3, 8)))
     grads = layer_grads(
         *jax.jit(jax.grad(lambda m, x: jnp.sum(w * m(x, mask=mask)), argnums=(0, 1)))(layer, x)
@@ -236,8 +232,8 @@ def test_grad_with_mask_matches_finite_differences_float64(x64):
 def test_hessian_matches_finite_differences_float64(x64, config):
     shape, normalized_shape, kwargs = CONFIGS[config]
     layer = make_layer(normalized_shape, dtype=jnp.float64, **kwargs)
-    x = random(shape, seed=1, dtype=jnp.float64, mean=2.0, std=3.0)
-    w = random(shape, seed=2, dtype=jnp.float64)
+    x = random_input(shape, seed=1, dtype=jnp.float64, mean=2.0, std=3.0)
+    w = random_input(shape, seed=2, dtype=jnp.float64)
     point = parts(layer, x)
     names = list(point)
     sizes = [point[n].size for n in names]
@@ -279,10 +275,10 @@ def test_hessian_matches_finite_differences_float64(x64, config):
 def test_jvp_matches_finite_differences_float64(x64, config):
     shape, normalized_shape, kwargs = CONFIGS[config]
     layer = make_layer(normalized_shape, dtype=jnp.float64, **kwargs)
-    x = random(shape, seed=1, dtype=jnp.float64, mean=2.0, std=3.0)
+    x = random_input(shape, seed=1, dtype=jnp.float64, mean=2.0, std=3.0)
     point = parts(layer, x)
     tangent = {
-        k: np.asarray(random(v.shape, seed=10 + i, dtype=jnp.float64))
+        k: np.asarray(random_input(v.shape, seed=10 + i, dtype=jnp.float64))
         for i, (k, v) in enumerate(point.items())
     }
     layer_tangent = with_params(layer, tangent.get("gamma"), tangent.get("beta"))
@@ -300,8 +296,8 @@ def test_jvp_matches_finite_differences_float64(x64, config):
 
 def test_jvp_float32_matches_float64_reference():
     layer = make_layer((16,))
-    x = random((4, 16), seed=1, mean=1e3, std=1.0)
-    t = random((4, 16), seed=2)
+    x = random_input((4, 16), seed=1, mean=1e3, std=1.0)
+    t = random_input((4, 16), seed=2)
     _, y_dot = jax.jit(lambda x, t: jax.jvp(layer, (x,), (t,)))(x, t)
     point = parts(layer, x)
     tangent = {
@@ -315,8 +311,8 @@ def test_jvp_float32_matches_float64_reference():
 def test_vjp_matches_finite_differences_float64(x64, config):
     shape, normalized_shape, kwargs = CONFIGS[config]
     layer = make_layer(normalized_shape, dtype=jnp.float64, **kwargs)
-    x = random(shape, seed=1, dtype=jnp.float64, mean=-1.0, std=0.5)
-    cotangent = random(shape, seed=3, dtype=jnp.float64)
+    x = random_input(shape, seed=1, dtype=jnp.float64, mean=-1.0, std=0.5)
+    cotangent = random_input(shape, seed=3, dtype=jnp.float64)
 
     @jax.jit
     def forward_and_pullback(layer, x, cotangent):
@@ -337,8 +333,8 @@ def test_vjp_matches_finite_differences_float64(x64, config):
 @pytest.mark.parametrize("policy", [None, jax.checkpoint_policies.nothing_saveable])
 def test_checkpoint_matches_finite_differences_float64(x64, policy):
     layer = make_layer((3, 4), dtype=jnp.float64)
-    x = random((2, 3, 4), seed=1, dtype=jnp.float64, mean=2.0, std=3.0)
-    w = random((2, 3, 4), seed=2, dtype=jnp.float64)
+    x = random_input((2, 3, 4), seed=1, dtype=jnp.float64, mean=2.0, std=3.0)
+    w = random_input((2, 3, 4), seed=2, dtype=jnp.float64)
 
     def block(m, x):
         return jnp.tanh(m(x))
@@ -366,18 +362,20 @@ def test_filter_jit_does_not_recompile_for_same_shapes():
         return layer(x)
 
     layer = make_layer((8,))
-    x = random((4, 8), seed=1)
+    x = random_input((4, 8), seed=1)
     np.testing.assert_allclose(
         apply(layer, x), reference_call(layer, x, layer.gamma, layer.beta), atol=1e-5
     )
     other_values = make_layer((8,), seed=7)  # new parameter values, same shapes and config
     np.testing.assert_allclose(
-        apply(other_values, random((4, 8), seed=2)),
-        reference_call(other_values, random((4, 8), seed=2), other_values.gamma, other_values.beta),
+        apply(other_values, random_input((4, 8), seed=2)),
+        reference_call(
+            other_values, random_input((4, 8), seed=2), other_values.gamma, other_values.beta
+        ),
         atol=1e-5,
     )
     assert traces == [(4, 8)]
-    apply(layer, random((5, 8), seed=3))  # a new shape compiles once more
+    apply(layer, random_input((5, 8), seed=3))  # a new shape compiles once more
     assert traces == [(4, 8), (5, 8)]
     apply(make_layer((8,), epsilon=1e-3), x)  # static config is part of the cache key
     assert len(traces) == 3
@@ -392,10 +390,10 @@ def test_filter_jit_compiles_once_per_shape_per_jax_log(caplog):
 
     layer = make_layer((8,))
     with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
-        apply(layer, random((6, 8), seed=1)).block_until_ready()
+        apply(layer, random_input((6, 8), seed=1)).block_until_ready()
         first = sum("Compiling" in r.getMessage() for r in caplog.records)
         caplog.clear()
-        apply(make_layer((8,), seed=2), random((6, 8), seed=2)).block_until_ready()
+        apply(make_layer((8,), seed=2), random_input((6, 8), seed=2)).block_until_ready()
         second = sum("Compiling" in r.getMessage() for r in caplog.records)
     assert first >= 1 and second == 0
 
@@ -414,8 +412,8 @@ def test_partition_and_combine(config):
     assert jax.tree.leaves(static) == []  # the config is static: nothing left to train
     assert static.normalized_shape == normalized_shape
     # an SGD step on the partitioned parameters, recombined, is the layer with new parameters
-    x = random((5, *shape), seed=1)
-    w = random((5, *shape), seed=2)
+    x = random_input((5, *shape), seed=1)
+    w = random_input((5, *shape), seed=2)
     grads = jax.jit(jax.grad(lambda p: jnp.sum(w * eqx.combine(p, static)(x))))(params)
     stepped = eqx.combine(jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), static)
     gamma = None if layer.gamma is None else layer.gamma - 0.1 * grads.gamma
@@ -441,7 +439,7 @@ def test_tree_flatten_unflatten(config):
     assert isinstance(rebuilt, LayerNorm)
     assert (rebuilt.normalized_shape, rebuilt.epsilon) == (layer.normalized_shape, layer.epsilon)
     assert all(a is b for a, b in zip(jax.tree.leaves(rebuilt), new_leaves))
-    x = random((2, *normalized_shape), seed=1)
+    x = random_input((2, *normalized_shape), seed=1)
     gamma = None if layer.gamma is None else layer.gamma * 2.0 + 1.0
     beta = None if layer.beta is None else layer.beta * 2.0 + 1.0
     np.testing.assert_allclose(call(rebuilt, x), reference_call(layer, x, gamma, beta), atol=1e-5)
