@@ -2,7 +2,8 @@ r"""GroupNorm and InstanceNorm on the compiled CPU kernel, as differentiable JAX
 
 ``x`` arrives as a 3-D view: channels-last ``(N, S, C)`` (each group is ``C / G`` strided
 channels at every position) or channels-first ``(N, C, S)`` (each group is contiguous).
-The binding is built like :mod:`eqx_norm.kernels.rows` (and shares its rule builders):
+The binding is built like :mod:`eqx_norm.kernels.rows`, from the same rule builders
+(:mod:`eqx_norm.kernels._binding`):
 
 * :func:`normalize_groups` is a :func:`jax.custom_jvp` whose primal runs the forward
   kernel (which also returns each ``(n, g)`` group's statistics) and whose tangent is a
@@ -32,8 +33,9 @@ from jaxtyping import Array, Float
 
 from .._statistics import centered_statistics
 from . import _jax_hooks as hooks
-from .rows import (
+from ._binding import (
     _abstract,
+    _backward_fold,
     _batch_rule,
     _is_zero,
     _jvp_of,
@@ -286,18 +288,6 @@ _forward_p = hooks.define_primitive(
         lambda: _forward_p, _jnp_forward, (0,), (1, 2), lambda p, n: (p, _rows_unfold)
     ),
 )
-
-
-def _backward_fold(params, size):
-    groups = params["groups"]
-
-    def unfold(outs, size):
-        dx, dscale, doffset = outs
-        c = dscale.shape[-1]
-        dx = dx.reshape(size, -1, *dx.shape[1:])
-        return [dx, dscale.reshape(size, groups, c), doffset.reshape(size, groups, c)]
-
-    return {**params, "groups": size * groups}, unfold
 
 
 _backward_p = hooks.define_primitive(
