@@ -18,6 +18,7 @@ from . import functional
 from ._base import NO_STATE, AffineNorm
 from ._checks import (
     DTypeLike,
+    check_batch_norm_implementation,
     check_channel_axis,
     check_flag,
     check_momentum,
@@ -25,7 +26,7 @@ from ._checks import (
     positive_int,
 )
 from ._statistics import compute_dtype
-from .functional import Implementation, check_batch_norm_implementation
+from .functional import Implementation
 from .initializers import InitializerLike
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jaxtyping import Array
 
 DTypeLike = Any
@@ -290,3 +291,127 @@ def check_channel_axis(channel_axis: Any, owner: str) -> int:
             f"channels-last, 1 for torch's (N, C, *spatial)), got {channel_axis!r}."
         )
     return int(channel_axis)
+
+
+def check_groups(num_groups: Any, group_size: Any, owner: str) -> tuple[int | None, int | None]:
+    """``(num_groups, group_size)`` with exactly one of them a positive int, the other None."""
+    if (num_groups is None) == (group_size is None):
+        given = (
+            "neither"
+            if num_groups is None
+            else f"num_groups={num_groups!r} and group_size={group_size!r}"
+        )
+        raise ValueError(
+            f"{owner}: pass exactly one of `num_groups` (the number of groups) and "
+            f"`group_size` (channels per group), got {given}."
+        )
+    if num_groups is not None:
+        return positive_int(num_groups, "num_groups"), None
+    return None, positive_int(group_size, "group_size")
+
+
+def check_residual(residual: Any, x: Array, layer: str) -> Array | None:
+    """None, or ``residual`` as a floating array of exactly x's shape."""
+    if residual is None:
+        return None
+    try:
+        residual = jnp.asarray(residual)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{layer}: `residual` must be None or a floating array of x's shape {x.shape}, "
+            f"got {type(residual).__name__} {residual!r:.80}."
+        ) from None
+    if not jnp.issubdtype(residual.dtype, jnp.floating):
+        raise TypeError(
+            f"{layer}: `residual` must be a floating array (the residual stream, e.g. "
+            f"float32), got dtype {residual.dtype}. Cast it first, e.g. "
+            "`residual.astype(jnp.float32)`."
+        )
+    if residual.shape != x.shape:
+        raise ValueError(
+            f"{layer}: `residual` must have x's shape {x.shape} (it is added to x, never "
+            f"broadcast), got shape {residual.shape}."
+        )
+    return residual
+
+
+def check_batch_norm_implementation(implementation: Any, owner: str) -> str | None:
+    """``implementation`` checked; ``"kernel"`` is an error: no compiled BatchNorm exists."""
+    implementation = check_implementation(implementation)
+    if implementation == "kernel":
+        raise ValueError(
+            f"{owner}: `implementation`='kernel' asks for a compiled kernel, but there is no "
+            "compiled BatchNorm kernel: BatchNorm runs the pure-JAX path, which has its own "
+            "derivative. Pass implementation=None (default) or 'xla'."
+        )
+    return implementation
+
+
+def check_steps(steps: Any, layer: str) -> Array | None:
+    """None, or ``steps`` as an integer scalar array (the running statistics' update count)."""
+    if steps is None:
+        return None
+    try:
+        value = jnp.asarray(steps)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value.shape != () or not jnp.issubdtype(value.dtype, jnp.integer):
+        raise TypeError(
+            f"{layer}: `steps` must be None or an integer scalar, the number of updates the "
+            f"running statistics have had (0 for fresh ones), got {steps!r:.80}."
+        )
+    return value
+
+
+def batch_channel_axis(channel_axis: Any, x: Array, layer: str) -> int:
+    """The non-negative channel axis of ``x``, or an error naming the valid range."""
+    channel_axis = check_channel_axis(channel_axis, layer)
+    if not -x.ndim <= channel_axis < x.ndim:
+        raise ValueError(
+            f"{layer}: `channel_axis`={channel_axis} is not an axis of x of shape {x.shape} "
+            f"(rank {x.ndim}); it counts the axes of x as passed, batch included: -1 for "
+            "channels-last, 1 for torch's (N, C, *spatial)."
+        )
+    return channel_axis % x.ndim
+
+
+def check_running(value: Any, argument: str, x: Array, axis: int, layer: str) -> Array:
+    """A running statistic of shape ``(C,)``; a size that matches another axis of ``x`` gets
+    a hint to move ``channel_axis`` there."""
+    channels = x.shape[axis]
+    if value is None:
+        raise TypeError(
+            f"{layer}: `{argument}` must be an array of shape ({channels},), got None. Start "
+            "from zeros for the mean and ones for the variance."
+        )
+    shape = np.shape(value)
+    if len(shape) == 1 and shape[0] != channels:
+        others = [i for i in range(x.ndim) if i != axis and x.shape[i] == shape[0]]
+        hint = (
+            f" If the channels are on axis {others[0]} (torch's (N, C, *spatial) is axis 1), "
+            f"pass channel_axis={others[0]}: it counts the axes of x, batch included."
+            if others
+            else ""
+        )
+        has = (
+            f"the layer has num_features={shape[0]}"
+            if layer == "BatchNorm"  # the layer's user passed num_features, not the statistics
+            else f"`{argument}` has shape {shape} (num_features={shape[0]})"
+        )
+        raise ValueError(
+            f"{layer}: x of shape {x.shape} has {channels} channels on axis {axis}, but "
+            f"{has}.{hint}"
+        )
+    return check_parameter(value, (channels,), argument, layer)
+
+
+def axis_size(axis_name: Hashable, layer: str) -> int:
+    """The number of examples or shards along the mapped axis ``axis_name``."""
+    try:
+        return lax.psum(1, axis_name)
+    except NameError:
+        raise NameError(
+            f"{layer}: axis_name={axis_name!r} is not a mapped axis here. Call it inside "
+            f"`jax.vmap`/`jax.pmap`/`shard_map` with axis_name={axis_name!r}, or pass "
+            "axis_name=None and the whole batch (under `jit`, sharded or not)."
+        ) from None

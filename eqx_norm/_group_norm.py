@@ -15,7 +15,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from . import functional
 from ._base import NO_STATE, AffineNorm, with_state
-from ._checks import DTypeLike, check_implementation, check_layout, positive_int
+from ._checks import DTypeLike, check_groups, check_implementation, check_layout, positive_int
 from .functional import Implementation
 from .initializers import InitializerLike
 
@@ -190,7 +190,7 @@ class GroupNorm(_GroupedNorm):
         implementation: Implementation = None,
         key: PRNGKeyArray | None = None,
     ):
-        num_groups, group_size = functional.check_groups(num_groups, group_size, "GroupNorm")
+        num_groups, group_size = check_groups(num_groups, group_size, "GroupNorm")
         if num_channels is None:
             raise TypeError("GroupNorm: `num_channels`, the size of the channel axis, is required.")
         num_channels = positive_int(num_channels, "num_channels")

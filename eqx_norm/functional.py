@@ -17,23 +17,28 @@ from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float
 
 from . import _xla, _xla_batch_norm
 from ._checks import (
     DTypeLike,
+    axis_size,
+    batch_channel_axis,
     canonical_shape,
-    check_channel_axis,
+    check_batch_norm_implementation,
     check_epsilon,
     check_flag,
     check_floating,
+    check_groups,
     check_implementation,
     check_layout,
     check_mask,
     check_momentum,
     check_parameter,
+    check_residual,
+    check_running,
+    check_steps,
     check_trailing_shape,
     describe_layout,
     how_to_set,
@@ -258,7 +263,7 @@ def dyt(
     shape = canonical_shape(normalized_shape, "normalized_shape")
     x = check_floating(x, layer)
     check_trailing_shape(x.shape, shape, layer)
-    residual = _check_residual(residual, x, layer)
+    residual = check_residual(residual, x, layer)
     if alpha is None:
         raise TypeError(f"{layer}: `alpha` must be a floating scalar array, got None.")
     alpha = check_parameter(alpha, (), "alpha", layer)
@@ -373,23 +378,6 @@ def group_norm(
         axis_name=axis_name,
         implementation=implementation,
     )
-
-
-def check_groups(num_groups: Any, group_size: Any, owner: str) -> tuple[int | None, int | None]:
-    """``(num_groups, group_size)`` with exactly one of them a positive int, the other None."""
-    if (num_groups is None) == (group_size is None):
-        given = (
-            "neither"
-            if num_groups is None
-            else f"num_groups={num_groups!r} and group_size={group_size!r}"
-        )
-        raise ValueError(
-            f"{owner}: pass exactly one of `num_groups` (the number of groups) and "
-            f"`group_size` (channels per group), got {given}."
-        )
-    if num_groups is not None:
-        return positive_int(num_groups, "num_groups"), None
-    return None, positive_int(group_size, "group_size")
 
 
 def instance_norm(
@@ -659,7 +647,7 @@ def _trailing_norm(
     shape = canonical_shape(normalized_shape, "normalized_shape")
     x = check_floating(x, layer)
     axes = check_trailing_shape(x.shape, shape, layer)
-    residual = _check_residual(residual, x, layer)
+    residual = check_residual(residual, x, layer)
     gamma = check_parameter(gamma, shape, "gamma", layer)
     beta = check_parameter(beta, shape, "beta", layer)
     epsilon = check_epsilon(epsilon)
@@ -667,7 +655,7 @@ def _trailing_norm(
     zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
     out_dtype = optional_dtype(dtype, "dtype") or x.dtype
     if axis_name is not None:
-        _axis_size(axis_name, layer)  # a NameError naming axis_name where it is not mapped
+        axis_size(axis_name, layer)  # a NameError naming axis_name where it is not mapped
     use_kernel = _use_kernel(
         check_implementation(implementation),
         x,
@@ -703,7 +691,7 @@ def _trailing_norm(
     scale, offset = _affine(gamma, beta, zero_centered_scale, compute, (d,))
     rows = x.reshape(-1, d)  # (*batch, *normalized) -> (rows, D), a free bitcast
     if use_kernel and residual is not None:
-        y, hidden = _kernel_add_and_normalize_rows(
+        y, hidden = _kernel_rows.normalize_rows_residual(
             rows, residual.reshape(-1, d), scale, offset, epsilon=epsilon, center=center
         )
         hidden = hidden.reshape(x.shape)
@@ -718,48 +706,6 @@ def _add_residual(x: Array, residual: Array) -> Array:
     """``x + residual``, added in at least float32 and stored in residual's dtype."""
     wide = jnp.promote_types(compute_dtype(x.dtype), compute_dtype(residual.dtype))
     return (x.astype(wide) + residual.astype(wide)).astype(residual.dtype)
-
-
-def _kernel_add_and_normalize_rows(
-    x: Array,
-    residual: Array,
-    scale: Array | None,
-    offset: Array | None,
-    *,
-    epsilon: float,
-    center: bool,
-) -> tuple[Array, Array]:
-    """``(y, h)`` of ``(rows, D)`` views on the compiled kernel: ``h = x + residual`` (a
-    float32 sum stored in residual's dtype) and ``y`` the norm of ``h``, in x's dtype, in
-    one pass over memory (the backward likewise)."""
-    return _kernel_rows.normalize_rows_residual(
-        x, residual, scale, offset, epsilon=epsilon, center=center
-    )
-
-
-def _check_residual(residual: Any, x: Array, layer: str) -> Array | None:
-    """None, or ``residual`` as a floating array of exactly x's shape."""
-    if residual is None:
-        return None
-    try:
-        residual = jnp.asarray(residual)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"{layer}: `residual` must be None or a floating array of x's shape {x.shape}, "
-            f"got {type(residual).__name__} {residual!r:.80}."
-        ) from None
-    if not jnp.issubdtype(residual.dtype, jnp.floating):
-        raise TypeError(
-            f"{layer}: `residual` must be a floating array (the residual stream, e.g. "
-            f"float32), got dtype {residual.dtype}. Cast it first, e.g. "
-            "`residual.astype(jnp.float32)`."
-        )
-    if residual.shape != x.shape:
-        raise ValueError(
-            f"{layer}: `residual` must have x's shape {x.shape} (it is added to x, never "
-            f"broadcast), got shape {residual.shape}."
-        )
-    return residual
 
 
 def _grouped_norm(
@@ -816,7 +762,7 @@ def _grouped_norm(
             f"{described} expects x of shape {expected}, got shape {x.shape}, whose channel "
             f"axis {axis} has size {channels}, not num_channels={num_channels}.{hint}"
         )
-    shards = 1 if axis_name is None else _axis_size(axis_name, layer)
+    shards = 1 if axis_name is None else axis_size(axis_name, layer)
     whole = channels * shards  # the channels of all shards
     across = "" if axis_name is None else f", {whole} across the {shards} shards of {axis_name!r}"
     if group_size is None:
@@ -930,17 +876,17 @@ def _batch_norm(
     training = check_flag(training, "training")
     momentum = check_momentum(momentum)
     check_batch_norm_implementation(implementation, layer)
-    axis = _batch_channel_axis(channel_axis, x, layer)
+    axis = batch_channel_axis(channel_axis, x, layer)
     channels = x.shape[axis]
-    running_mean = _check_running(running_mean, "running_mean", x, axis, layer)
-    running_var = _check_running(running_var, "running_var", x, axis, layer)
+    running_mean = check_running(running_mean, "running_mean", x, axis, layer)
+    running_var = check_running(running_var, "running_var", x, axis, layer)
     gamma = check_parameter(gamma, (channels,), "gamma", layer)
     beta = check_parameter(beta, (channels,), "beta", layer)
     epsilon = check_epsilon(epsilon)
     mask = check_mask(mask, x.shape, layer)
     zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
     out_dtype = optional_dtype(dtype, "dtype") or x.dtype
-    steps = _check_steps(steps, layer)
+    steps = check_steps(steps, layer)
 
     axes = tuple(i for i in range(x.ndim) if i != axis)
     per_channel = tuple(channels if i == axis else 1 for i in range(x.ndim))
@@ -948,7 +894,7 @@ def _batch_norm(
     scale, offset = _affine(gamma, beta, zero_centered_scale, x.dtype, per_channel)
     if training:
         per_device = math.prod(x.shape[i] for i in axes)
-        values = per_device * (1 if axis_name is None else _axis_size(axis_name, layer))
+        values = per_device * (1 if axis_name is None else axis_size(axis_name, layer))
         if values < 2:
             raise ValueError(
                 f"{layer}: training needs at least 2 values per channel to estimate a "
@@ -975,85 +921,3 @@ def _batch_norm(
         )
         new_mean, new_var = running_mean, running_var
     return y.astype(out_dtype), new_mean, new_var
-
-
-def check_batch_norm_implementation(implementation: Any, owner: str) -> str | None:
-    """``implementation`` checked; ``"kernel"`` is an error: no compiled BatchNorm exists."""
-    implementation = check_implementation(implementation)
-    if implementation == "kernel":
-        raise ValueError(
-            f"{owner}: `implementation`='kernel' asks for a compiled kernel, but there is no "
-            "compiled BatchNorm kernel: BatchNorm runs the pure-JAX path, which has its own "
-            "derivative. Pass implementation=None (default) or 'xla'."
-        )
-    return implementation
-
-
-def _check_steps(steps: Any, layer: str) -> Array | None:
-    """None, or ``steps`` as an integer scalar array (the running statistics' update count)."""
-    if steps is None:
-        return None
-    try:
-        value = jnp.asarray(steps)
-    except (TypeError, ValueError):
-        value = None
-    if value is None or value.shape != () or not jnp.issubdtype(value.dtype, jnp.integer):
-        raise TypeError(
-            f"{layer}: `steps` must be None or an integer scalar, the number of updates the "
-            f"running statistics have had (0 for fresh ones), got {steps!r:.80}."
-        )
-    return value
-
-
-def _batch_channel_axis(channel_axis: Any, x: Array, layer: str) -> int:
-    """The non-negative channel axis of ``x``, or an error naming the valid range."""
-    channel_axis = check_channel_axis(channel_axis, layer)
-    if not -x.ndim <= channel_axis < x.ndim:
-        raise ValueError(
-            f"{layer}: `channel_axis`={channel_axis} is not an axis of x of shape {x.shape} "
-            f"(rank {x.ndim}); it counts the axes of x as passed, batch included: -1 for "
-            "channels-last, 1 for torch's (N, C, *spatial)."
-        )
-    return channel_axis % x.ndim
-
-
-def _check_running(value: Any, argument: str, x: Array, axis: int, layer: str) -> Array:
-    """A running statistic of shape ``(C,)``; a size that matches another axis of ``x`` gets
-    a hint to move ``channel_axis`` there."""
-    channels = x.shape[axis]
-    if value is None:
-        raise TypeError(
-            f"{layer}: `{argument}` must be an array of shape ({channels},), got None. Start "
-            "from zeros for the mean and ones for the variance."
-        )
-    shape = np.shape(value)
-    if len(shape) == 1 and shape[0] != channels:
-        others = [i for i in range(x.ndim) if i != axis and x.shape[i] == shape[0]]
-        hint = (
-            f" If the channels are on axis {others[0]} (torch's (N, C, *spatial) is axis 1), "
-            f"pass channel_axis={others[0]}: it counts the axes of x, batch included."
-            if others
-            else ""
-        )
-        has = (
-            f"the layer has num_features={shape[0]}"
-            if layer == "BatchNorm"  # the layer's user passed num_features, not the statistics
-            else f"`{argument}` has shape {shape} (num_features={shape[0]})"
-        )
-        raise ValueError(
-            f"{layer}: x of shape {x.shape} has {channels} channels on axis {axis}, but "
-            f"{has}.{hint}"
-        )
-    return check_parameter(value, (channels,), argument, layer)
-
-
-def _axis_size(axis_name: Hashable, layer: str) -> int:
-    """The number of examples or shards along the mapped axis ``axis_name``."""
-    try:
-        return lax.psum(1, axis_name)
-    except NameError:
-        raise NameError(
-            f"{layer}: axis_name={axis_name!r} is not a mapped axis here. Call it inside "
-            f"`jax.vmap`/`jax.pmap`/`shard_map` with axis_name={axis_name!r}, or pass "
-            "axis_name=None and the whole batch (under `jit`, sharded or not)."
-        ) from None
