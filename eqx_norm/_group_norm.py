@@ -41,10 +41,9 @@ _CALL_DOC = """Normalize ``x`` of shape ``(*batch, *spatial, C)`` (or ``(*batch,
 class _GroupedNorm(AffineNorm):
     """The call and layout checks that GroupNorm and InstanceNorm (one channel per group)
     share; each subclass gives the call's ``num_groups``, ``group_size`` (exactly one of
-    them) and ``axis_name`` with ``_groups``."""
+    them) and ``axis_name`` with ``_groups``, and its least ``spatial_ndim``."""
 
     _name: ClassVar[str]
-    _min_spatial_ndim: ClassVar[int]
 
     def __call__(
         self,
@@ -159,7 +158,6 @@ class GroupNorm(_GroupedNorm):
     """
 
     _name = "GroupNorm"
-    _min_spatial_ndim = 0
 
     num_groups: int | None = eqx.field(static=True)
     num_channels: int = eqx.field(static=True)
@@ -235,6 +233,10 @@ class GroupNorm(_GroupedNorm):
         group_size = None if self.num_groups is not None else self.group_size
         return self.num_groups, group_size, self.axis_name
 
+    @property
+    def _min_spatial_ndim(self) -> int:
+        return 0
+
 
 class InstanceNorm(_GroupedNorm):
     r"""Instance normalization: statistics over space, per example and per channel.
@@ -289,7 +291,6 @@ class InstanceNorm(_GroupedNorm):
     """
 
     _name = "InstanceNorm"
-    _min_spatial_ndim = 1
 
     num_channels: int = eqx.field(static=True)
     spatial_ndim: int | None = eqx.field(static=True)
@@ -336,6 +337,10 @@ class InstanceNorm(_GroupedNorm):
     def _groups(self) -> tuple[int | None, int | None, Hashable | None]:
         """One channel per group, not sharded."""
         return None, 1, None
+
+    @property
+    def _min_spatial_ndim(self) -> int:
+        return 1
 
     @property
     def num_groups(self) -> int:
