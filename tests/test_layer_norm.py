@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import TOL, jitted_gradients, random_input, random_layer
-from jax.test_util import check_grads
 
 from eqx_norm import Constant, LayerNorm, Normal
 
@@ -143,18 +142,6 @@ def test_jitted_gradients_match_float64_torch(shape, normalized_shape, mean):
 
 
 @pytest.mark.slow
-def test_second_order_gradients_by_finite_differences(x64):
-    layer = random_layer(LayerNorm, (3, 5))
-    layer = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), layer)
-    x = random_input((2, 3, 5), dtype=jnp.float64)
-
-    def f(x, gamma, beta):
-        y = eqx.tree_at(lambda m: (m.gamma, m.beta), layer, (gamma, beta))(x)
-        return jnp.sum(jnp.sin(y))
-
-    check_grads(f, (x, layer.gamma, layer.beta), order=2, modes=["fwd", "rev"])
-
-
 @pytest.mark.slow
 def test_hessian_against_finite_differences_of_the_gradient(x64):
     layer = LayerNorm(6)
