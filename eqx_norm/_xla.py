@@ -2,8 +2,8 @@ r"""The pure-JAX implementations, compiled by XLA on any backend.
 
 * :func:`normalize`: any axes, any mask, parameters broadcast against ``x``; plain autodiff.
   GroupNorm, InstanceNorm, BatchNorm and masked calls run it.
-* :func:`normalize_rows`: ``(rows, D)`` rows with ``(D,)`` parameters, no mask: LayerNorm and
-  RMSNorm without a mask. The same values, with a hand-written derivative.
+* :func:`normalize_rows`: ``(*batch, D)`` rows with ``(D,)`` parameters, no mask: LayerNorm
+  and RMSNorm without a mask. The same values, with a hand-written derivative.
 
 Both have the structure of the plain two-pass formula (mean, mean of squared deviations,
 ``rsqrt``, affine), with the same statistics as every other path
@@ -67,24 +67,28 @@ def _expand(p: Array, ndim: int) -> Array:
 
 
 def normalize_rows(
-    x: Float[Array, "rows d"],
+    x: Float[Array, "*batch d"],
     scale: Float[Array, " d"] | None,
     offset: Float[Array, " d"] | None,
     *,
     epsilon: float,
     center: bool,
-) -> Float[Array, "rows d"]:
-    """``(x - mean) * rsqrt(var + eps) * scale + offset`` per row, in x's compute dtype.
+) -> Float[Array, "*batch d"]:
+    """``(x - mean) * rsqrt(var + eps) * scale + offset`` over the last axis, in x's compute
+    dtype.
 
     ``center=False`` gives ``x * rsqrt(mean(x^2) + eps) * scale + offset`` (RMSNorm).
-    ``scale``/``offset`` are in the compute dtype (float32 for bf16/fp16 ``x``).
+    ``scale``/``offset`` are in the compute dtype (float32 for bf16/fp16 ``x``). The leading
+    axes are kept as they are: a single example stays 1-D, so that under ``jax.vmap`` XLA
+    sees the batch's own shape, not one with a size-1 rows axis (which XLA:CPU reduced 4x
+    slower).
     """
     return _rows(x.astype(compute_dtype(x.dtype)), scale, offset, epsilon, center)
 
 
 def _row_statistics(x: Array, epsilon: float, center: bool) -> tuple[Array, Array]:
-    """``(x - mean, rstd)`` of each row of ``x``; ``x`` itself when ``center=False``."""
-    return centered_statistics(x, (1,), epsilon=epsilon, center=center)
+    """``(x - mean, rstd)`` over the last axis of ``x``; ``x`` itself when ``center=False``."""
+    return centered_statistics(x, (x.ndim - 1,), epsilon=epsilon, center=center)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
@@ -94,14 +98,14 @@ def _rows(
     centered, rstd = _row_statistics(x, epsilon, center)
     y = centered * rstd
     if scale is not None:
-        y = y * scale[None, :]
+        y = y * _expand(scale, y.ndim)
     if offset is not None:
-        y = y + offset[None, :]
+        y = y + _expand(offset, y.ndim)
     return y
 
 
 def _row_mean(a: Array) -> Array:
-    return jnp.mean(a, axis=1, keepdims=True)
+    return jnp.mean(a, axis=-1, keepdims=True)
 
 
 def _tangent(
@@ -125,11 +129,11 @@ def _tangent(
         # `+ xhat * (-mean)` rather than `- ...`: transposed, a subtraction negates the
         # full-size cotangent, one more op per element.
         inner = inner + xhat * -_row_mean(dx * xhat)
-        dy.append(inner * (rstd if scale is None else rstd * scale[None, :]))
+        dy.append(inner * (rstd if scale is None else rstd * _expand(scale, x.ndim)))
     if dscale is not None:
-        dy.append(dscale[None, :] * xhat)
+        dy.append(_expand(dscale, x.ndim) * xhat)
     if doffset is not None:
-        dy.append(jnp.broadcast_to(doffset[None, :], x.shape))
+        dy.append(jnp.broadcast_to(_expand(doffset, x.ndim), x.shape))
     return functools.reduce(jnp.add, dy)
 
 

@@ -132,3 +132,16 @@ def test_gpu_check_quick_runs_on_cpu():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "correctness: all checks passed" in done.stdout
     assert "| case | pass |" in done.stdout
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_a_vmapped_single_example_keeps_the_batch_shape(name):
+    """Called on one example under ``jax.vmap`` (equinox's convention, ``from_equinox``),
+    the path reduces the batch's own shape: a size-1 rows axis, (32, 128, 1, 128), made
+    XLA:CPU run a BERT-sized LayerNorm 4x slower."""
+    layer = LAYERS[name](128, implementation="xla")
+    x = random_input((32, 128, 128), seed=3)
+    text = jax.jit(lambda x: jax.vmap(jax.vmap(layer))(x)).lower(x).as_text()
+    assert "32x128x1x128" not in text
+    assert "tensor<32x128x128xf32>" in text
+    np.testing.assert_allclose(jax.vmap(jax.vmap(layer))(x), layer(x), atol=1e-6)
