@@ -181,17 +181,11 @@ def shifted_mean(
         (10000.6669921875, 10000.666667)
     """
 
-    def mean_of(values: Array) -> Array:
-        if mask is None:
-            return jnp.mean(values, axis=axes, keepdims=True)
-        count = jnp.maximum(jnp.sum(mask, axis=axes, keepdims=True, dtype=values.dtype), 1)
-        return jnp.sum(jnp.where(mask, values, 0), axis=axes, keepdims=True) / count
-
     if mask is None:
         shift = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))]
     else:
-        shift = mean_of(x)
+        shift = _mean(x, axes, mask=mask)
     shift = lax.stop_gradient(shift)  # any shift gives the same mean
-    mean_shifted = mean_of(x - shift)
+    mean_shifted = _mean(x - shift, axes, mask=mask)
     mean = shift + mean_shifted
     return mean, mean_shifted - (mean - shift)

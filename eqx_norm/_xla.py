@@ -137,7 +137,9 @@ def _tangent(
     return functools.reduce(jnp.add, dy)
 
 
-def _is_zero(tangent) -> bool:
+def is_zero_tangent(tangent) -> bool:
+    """Whether a ``custom_jvp`` tangent (``symbolic_zeros=True``) is known to be zero: a
+    ``SymbolicZero`` (an input not differentiated), or None (an absent parameter)."""
     return tangent is None or isinstance(tangent, jax.custom_derivatives.SymbolicZero)
 
 
@@ -145,7 +147,7 @@ def _rows_jvp(epsilon, center, primals, tangents):
     x, scale, offset = primals
     # symbolic_zeros: a tangent known to be zero arrives as a SymbolicZero and its term is
     # left out entirely.
-    dx, dscale, doffset = (None if _is_zero(t) else t for t in tangents)
+    dx, dscale, doffset = (None if is_zero_tangent(t) else t for t in tangents)
     y = _rows(x, scale, offset, epsilon, center)
     if dx is None and dscale is None and doffset is None:
         return y, jnp.zeros_like(y)

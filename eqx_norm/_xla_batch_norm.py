@@ -35,6 +35,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float
 
 from ._statistics import centered_statistics, inverse_std, shifted_mean
+from ._xla import is_zero_tangent
 
 
 def train(
@@ -217,15 +218,11 @@ def _tangent(axes, centered, rstd, scale, dx, dscale, doffset):
     return functools.reduce(jnp.add, dy), dmean, dvar
 
 
-def _is_zero(tangent) -> bool:
-    return tangent is None or isinstance(tangent, jax.custom_derivatives.SymbolicZero)
-
-
 def _normalize_jvp(axes, epsilon, shift_by_mean, primals, tangents):
     x, scale, offset = primals
     # symbolic_zeros: a tangent known to be zero arrives as a SymbolicZero and its term is
     # left out entirely.
-    dx, dscale, doffset = (None if _is_zero(t) else t for t in tangents)
+    dx, dscale, doffset = (None if is_zero_tangent(t) else t for t in tangents)
     mean, centered, var, rstd = _moments(x, axes, epsilon, shift_by_mean)
     y = _output(centered, rstd, scale, offset)
     if dx is None and dscale is None and doffset is None:

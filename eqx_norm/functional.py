@@ -689,14 +689,16 @@ def _trailing_norm(
         return y if residual is None else (y, hidden)
     d = math.prod(shape)
     scale, offset = _affine(gamma, beta, zero_centered_scale, compute, (d,))
-    rows = (-1, d) if use_kernel else (*x.shape[: x.ndim - len(shape)], d)
-    rows = x.reshape(rows)  # (*batch, *normalized) -> (rows, D) or (*batch, D), free bitcasts
+    # Free bitcasts: the kernel takes (rows, D); the XLA path (*batch, D), so that one example
+    # under vmap gets no size-1 rows axis (see _xla.normalize_rows).
+    batch_shape = (-1,) if use_kernel else x.shape[: x.ndim - len(shape)]
+    rows = x.reshape(*batch_shape, d)
     if use_kernel and residual is not None:
         y, hidden = _kernel_rows.normalize_rows_residual(
             rows, residual.reshape(-1, d), scale, offset, epsilon=epsilon, center=center
         )
         hidden = hidden.reshape(x.shape)
-    else:  # XLA: (*batch, D), no size-1 rows axis for one example (see _xla.normalize_rows)
+    else:
         run = _kernel_rows.normalize_rows if use_kernel else _xla.normalize_rows
         y = run(rows, scale, offset, epsilon=epsilon, center=center)
     y = y.astype(out_dtype).reshape(x.shape)

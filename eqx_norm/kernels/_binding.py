@@ -143,11 +143,6 @@ def _rows_unfold(outs, size):
     return [o.reshape(size, -1, *o.shape[1:]) for o in outs]
 
 
-def _is_zero(tangent) -> bool:
-    """Whether a custom_jvp tangent is a symbolic zero (an input not differentiated)."""
-    return isinstance(tangent, jax.custom_derivatives.SymbolicZero)
-
-
 def _backward_fold(params, size):
     """A backward call's ``vmap`` folded into its rows: ``groups`` times as many sums."""
     groups = params["groups"]

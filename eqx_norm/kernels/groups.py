@@ -32,12 +32,12 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from .._statistics import centered_statistics
+from .._xla import is_zero_tangent
 from . import _jax_hooks as hooks
 from ._binding import (
     _abstract,
     _backward_fold,
     _batch_rule,
-    _is_zero,
     _jvp_of,
     _kernel_or_reference,
     _partitioned,
@@ -373,7 +373,7 @@ def _normalize_jvp(epsilon, num_groups, channels_last, primals, tangents):
     params = dict(num_groups=num_groups, channels_last=channels_last)
     y, mean_shift, rstd = hooks.bind(_forward_p, x, scale, offset, epsilon=epsilon, **params)
     names = ("dx", "dscale", "doffset")
-    present = [(n, t) for n, t in zip(names, tangents, strict=True) if not _is_zero(t)]
+    present = [(n, t) for n, t in zip(names, tangents, strict=True) if not is_zero_tangent(t)]
     if not present:
         return y, jnp.zeros_like(y)
     which = tuple(name for name, _ in present)

@@ -28,12 +28,12 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from .._statistics import centered_statistics
+from .._xla import is_zero_tangent
 from . import _jax_hooks as hooks
 from ._binding import (
     _abstract,
     _backward_fold,
     _batch_rule,
-    _is_zero,
     _jvp_of,
     _kernel_or_reference,
     _partitioned,
@@ -312,7 +312,7 @@ def _normalize_jvp(epsilon, center, primals, tangents):
     x, scale, offset = primals
     y, mean_shift, rstd = hooks.bind(_forward_p, x, scale, offset, epsilon=epsilon, center=center)
     names = ("dx", "dscale", "doffset")
-    present = [(n, t) for n, t in zip(names, tangents, strict=True) if not _is_zero(t)]
+    present = [(n, t) for n, t in zip(names, tangents, strict=True) if not is_zero_tangent(t)]
     if not present:
         return y, jnp.zeros_like(y)
     which = tuple(name for name, _ in present)
@@ -535,7 +535,7 @@ def _normalize_residual_jvp(epsilon, center, primals, tangents):
         _res_forward_p, x, r, scale, offset, epsilon=epsilon, center=center
     )
     names = ("dx", "dr", "dscale", "doffset")
-    present = [(n, t) for n, t in zip(names, tangents, strict=True) if not _is_zero(t)]
+    present = [(n, t) for n, t in zip(names, tangents, strict=True) if not is_zero_tangent(t)]
     if not present:
         return (y, h), (jnp.zeros_like(y), jnp.zeros_like(h))
     which = tuple(name for name, _ in present)
