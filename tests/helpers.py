@@ -74,3 +74,16 @@ TOL = {
     # float16 keeps 11 significant bits: one rounding of the output is 2 ** -11 relative
     jnp.float16: 2.0**-11,
 }
+
+
+def first_example_results(fn, batches, cotangent, *, jit):
+    """``(y, dx)`` of example 0 of ``fn`` on each batch, as NumPy arrays, with ``dx`` the
+    gradient of ``sum(cotangent[:n] * fn(x))`` for a batch of ``n``: what batch-invariance
+    tests compare bitwise."""
+
+    def y_and_dx(x, ct):
+        y, vjp = jax.vjp(fn, x)
+        return y, vjp(ct)[0]
+
+    run = jax.jit(y_and_dx) if jit else y_and_dx
+    return [tuple(np.asarray(a[0]) for a in run(x, cotangent[: x.shape[0]])) for x in batches]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_input, random_layer
+from helpers import first_example_results, random_input, random_layer
 
 import eqx_norm
 
@@ -17,17 +17,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 ROW_LAYERS = {"LayerNorm": eqx_norm.LayerNorm, "RMSNorm": eqx_norm.RMSNorm}
-
-
-def _first_example(fn, batches, cotangents, jit):
-    """``(y, dx)`` of example 0 of ``fn`` on each batch (dx of ``sum(ct * fn(x))``)."""
-
-    def y_and_dx(x, ct):
-        y, vjp = jax.vjp(fn, x)
-        return y, vjp(ct)[0]
-
-    run = jax.jit(y_and_dx) if jit else y_and_dx
-    return [tuple(np.asarray(a[0]) for a in run(x, ct)) for x, ct in zip(batches, cotangents)]
 
 
 def _assert_all_equal(results):
@@ -44,7 +33,7 @@ def test_a_row_is_the_same_alone_in_7_and_in_600_rows(name, dtype, jit):
     x = random_input((600, 256), seed=3, mean=2.0, dtype=dtype)
     ct = random_input((600, 256), seed=4, dtype=dtype)
     sizes = (1, 7, 600)
-    results = _first_example(layer, [x[:n] for n in sizes], [ct[:n] for n in sizes], jit)
+    results = first_example_results(layer, [x[:n] for n in sizes], ct, jit=jit)
     _assert_all_equal(results)
 
 
@@ -54,11 +43,8 @@ def test_a_row_of_the_fused_residual_norm_is_the_same_in_any_batch(jit):
     x = random_input((600, 256), seed=3, mean=2.0)
     r = random_input((600, 256), seed=5)
     ct = random_input((600, 256), seed=4)
-    results = []
-    for n in (1, 7, 600):
-        fn = lambda x, r=r[:n]: layer(x, residual=r)[0]  # noqa: E731
-        results += _first_example(fn, [x[:n]], [ct[:n]], jit)
-    _assert_all_equal(results)
+    fn = lambda x: layer(x, residual=r[: x.shape[0]])[0]  # noqa: E731
+    _assert_all_equal(first_example_results(fn, [x[:n] for n in (1, 7, 600)], ct, jit=jit))
 
 
 @pytest.mark.parametrize("name", ROW_LAYERS)
@@ -88,7 +74,7 @@ def test_batch_norm_in_inference_is_the_same_for_an_image_in_any_batch(channel_a
     ct = random_input(shape, seed=4)
     sizes = (1, 7, 40)
     fn = lambda x: layer(x, state)[0]  # noqa: E731
-    _assert_all_equal(_first_example(fn, [x[:n] for n in sizes], [ct[:n] for n in sizes], jit))
+    _assert_all_equal(first_example_results(fn, [x[:n] for n in sizes], ct, jit=jit))
 
 
 @pytest.mark.parametrize("jit", [False, True])
@@ -97,4 +83,4 @@ def test_dyt_is_the_same_for_a_row_in_any_batch(jit):
     x = random_input((600, 64), seed=3, mean=1.0)
     ct = random_input((600, 64), seed=4)
     sizes = (1, 7, 600)
-    _assert_all_equal(_first_example(layer, [x[:n] for n in sizes], [ct[:n] for n in sizes], jit))
+    _assert_all_equal(first_example_results(layer, [x[:n] for n in sizes], ct, jit=jit))

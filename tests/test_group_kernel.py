@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import first_example_results
 from jax.test_util import check_grads
 
 import eqx_norm
@@ -257,22 +258,6 @@ def test_nan_stays_in_its_group(layout):
 # Batch invariance and determinism.
 
 
-def _example_results(layer, xs, ct, jit):
-    """y and dx of example 0 of each batch in ``xs``."""
-    out = []
-    for x in xs:
-
-        def loss(x):
-            return jnp.sum(layer(x) * ct[: x.shape[0]])
-
-        fn = jax.jit(jax.value_and_grad(lambda x: (loss(x), layer(x)), has_aux=True))
-        if not jit:
-            fn = jax.value_and_grad(lambda x: (loss(x), layer(x)), has_aux=True)
-        (_, y), dx = fn(x)
-        out.append((np.asarray(y[0]), np.asarray(dx[0])))
-    return out
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("channels, groups", [(64, 8), (32, 32)])
 @pytest.mark.parametrize("jit", [False, True])
@@ -283,7 +268,7 @@ def test_batch_invariance(layout, channels, groups, jit):
     shape = _shape(layout, 40, (28, 28), channels)
     x, gamma, beta, ct = _inputs(shape, channels, mean=2.0)
     layer = _layer(groups, channels, layout, gamma, beta)
-    results = _example_results(layer, (x[:1], x[:7], x), ct, jit)
+    results = first_example_results(layer, (x[:1], x[:7], x), ct, jit=jit)
     for y, dx in results[1:]:
         np.testing.assert_array_equal(y, results[0][0])
         np.testing.assert_array_equal(dx, results[0][1])
