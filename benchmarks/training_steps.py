@@ -42,8 +42,8 @@ from residual import FAULT_FREE, interleaved, stats
 MODELS = ("unet", "cnn", "bert", "mixer")
 
 
-def _takes(cls, argument: str) -> bool:
-    return argument in inspect.signature(cls).parameters
+def _takes(fn, argument: str) -> bool:
+    return argument in inspect.signature(fn).parameters
 
 
 def _conv_params(key, shapes):
@@ -318,7 +318,7 @@ def variants(name: str, quick: bool) -> dict:
     model, state, loss = (bert if name == "bert" else mixer)(quick)
     rows = {"equinox": (model, state, loss)}
     rows["eqx_norm (from_equinox)"] = (eqx_norm.from_equinox(model), state, loss)
-    if "implementation" in inspect.signature(eqx_norm.from_equinox).parameters:
+    if _takes(eqx_norm.from_equinox, "implementation"):
         converted = eqx_norm.from_equinox(model, implementation="xla")
         rows['eqx_norm (from_equinox) implementation="xla"'] = (converted, state, loss)
     return rows
