@@ -64,8 +64,8 @@ def _build_site(site: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(
     not os.access(CHROMIUM, os.X_OK),
-    reason=f"Debian's chromium is not installed at {CHROMIUM} (`apt-get install chromium`; "
-    ".ci/run installs it): the site's browser test needs a real browser",
+    reason=f"the site's browser test needs Debian's chromium, not found at {CHROMIUM}: "
+    "install it with `apt-get update && apt-get install -y chromium` as root (as .ci/run does)",
 )
 def test_site_in_headless_chromium(tmp_path):
     site = tmp_path / "site"
