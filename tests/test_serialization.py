@@ -148,19 +148,70 @@ def test_switched_off_parameter_in_template_is_an_error_not_silent_garbage():
     np.testing.assert_array_equal(wrong[1].gamma, first.beta)
     with pytest.raises(
         ValueError,
-        match=r"the file holds 1 more array\(s\) after the template's 3 leaves: `like` does "
-        r"not match the saved model",
+        match=r"^load_leaves: the template differs from the saved model in `\[0\]`: the file "
+        r"holds 4 arrays where the template has 3 leaves, and the extra array \(of shape and "
+        r"dtype \(8,\) float32\) fits where `\[0\]` has `beta` switched off \(None\)\.",
     ):
         load_leaves(saved([first, second]), template)
-    with pytest.raises(ValueError, match=r"file holds 1 more array\(s\) after the template's 1"):
+    with pytest.raises(ValueError, match=r"differs from the saved model in `like`: the file "):
         load_leaves(saved(first), LayerNorm(8, use_bias=False))
+    with pytest.raises(ValueError, match=r"in `\[1\]`: .* 2 extra arrays .* `gamma`, `beta` sw"):
+        load_leaves(saved([first, second]), [LayerNorm(8), LayerNorm(8, elementwise_affine=False)])
+
+
+class _Block(eqx.Module):
+    l1: LayerNorm
+    l2: eqx.nn.Linear
+
+
+def test_template_lacking_an_inner_beta_names_that_layer_not_the_next_leaf():
+    """The file has no names: the message places the extra array where the template has a
+    parameter switched off, and names that layer, before comparing any shape (leaf by leaf,
+    the first mismatch is `.l2.weight`, of shape (3, 32), against the file's beta (32,))."""
+    key = jax.random.key(0)
+    model = _Block(LayerNorm(32), eqx.nn.Linear(32, 3, key=key))
+    template = _Block(LayerNorm(32, use_bias=False), eqx.nn.Linear(32, 3, key=key))
+    with pytest.raises(
+        ValueError,
+        match=r"in `\.l1`: the file holds 4 arrays where the template has 3 leaves, and the "
+        r"extra array \(of shape and dtype \(32,\) float32\) fits where `\.l1` has `beta` "
+        r"switched off \(None\)\. Build the template with the configuration the model was "
+        r"saved with \(`\.l1` with `beta`\)\.$",
+    ) as raised:
+        load_leaves(saved(model), template)
+    assert "l2" not in str(raised.value) and "(3, 32)" not in str(raised.value)
+    # a switched-off bias of equinox's own Linear is found the same way
+    other = _Block(LayerNorm(32), eqx.nn.Linear(32, 3, use_bias=False, key=key))
+    with pytest.raises(
+        ValueError, match=r"in `\.l2`: .* \(3,\) float32\) fits where `\.l2` has `bias`"
+    ):
+        load_leaves(saved(model), other)
+    # the reverse: the template has a beta the file lacks
+    with pytest.raises(
+        ValueError,
+        match=r"in `\.l1`: the file holds 3 arrays where the template has 4 leaves, and the "
+        r"file lacks 1 of `\.l1\.gamma`, `\.l1\.beta`\. Was the model saved with gamma or beta",
+    ):
+        load_leaves(saved(template), model)
 
 
 def test_missing_parameter_in_file_is_an_error():
     with pytest.raises(
         ValueError,
-        match=r"the file ends before the template's leaf `.beta` \(it holds fewer arrays",
+        match=r"in `like`: the file holds 1 array where the template has 2 leaves, and the file "
+        r"lacks 1 of `\.gamma`, `\.beta`",
     ):
         load_leaves(saved(trained_layer(8, use_bias=False)), LayerNorm(8))
-    with pytest.raises(ValueError, match=r"ends before the template's leaf `\[1\].gamma`"):
+    with pytest.raises(ValueError, match=r"lacks `\[1\]\.gamma`, `\[1\]\.beta`\."):
+        load_leaves(saved([trained_layer(8)]), [LayerNorm(8), LayerNorm(4)])
+    # where shapes cannot tell which layer lacks its leaves, the subtree holding them all
+    with pytest.raises(
+        ValueError, match=r"in `like`: .* lacks 2 of `\[0\]\.gamma`, .*`\[1\]\.beta`"
+    ):
         load_leaves(saved([trained_layer(8)]), [LayerNorm(8), LayerNorm(8)])
+
+
+def test_truncated_file_names_the_leaf_where_it_ends():
+    data = saved([trained_layer(8), trained_layer(8)]).getvalue()
+    with pytest.raises(ValueError, match=r"the file ends before the template's leaf `\[1\]\.beta`"):
+        load_leaves(io.BytesIO(data[:-10]), [LayerNorm(8), LayerNorm(8)])
