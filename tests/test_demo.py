@@ -9,6 +9,7 @@ in-process single-device run. The multi-process runs are in test_multiprocess.py
 
 import dataclasses
 import doctest
+import io
 import json
 import math
 import os
@@ -391,13 +392,29 @@ def test_main_prints_tables_and_writes_summary_in_bfloat16(tmp_path, capsys):
     assert "device layout" in summary["reproducibility"]
 
 
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_only_on_a_terminal(data, capsys, monkeypatch):
+    """Piped to a file, the demo writes no progress lines (tqdm redraws its bar with \\r:
+    about 60 KB of them for the default runs); on a terminal it draws the bar."""
+    train(SMALL, data, progress=True)  # under capsys, stderr is not a terminal
+    assert capsys.readouterr().err == ""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    train(SMALL, data, progress=True)
+    assert "\r" in terminal.getvalue() and "20/20" in terminal.getvalue()
+
+
 @slow
 def test_command_line_on_8_devices_writes_the_figure_and_trains_like_1_device(tmp_path, data):
     # a fresh process with no XLA_FLAGS: the entry point asks JAX for 8 CPU devices itself
     process = demo(tmp_path, *SMALL_ARGV, "--devices", "8", "--init-scales", "0.5", "1")
     assert process.returncode == 0, process.stderr
     assert "batch sharded over 8 cpu device(s)" in process.stdout
-    assert "20/20" in process.stderr  # the progress bar
+    assert "\r" not in process.stderr  # stderr is a pipe: no progress bar
     figure = Path("demo_output") / "gradient_flow.png"  # the default --out, relative to cwd
     assert f"figure written to {figure}" in process.stdout
     assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

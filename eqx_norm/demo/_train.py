@@ -307,7 +307,8 @@ def train(
     Args:
         config: the run.
         data: the data set; :func:`load_data` by default.
-        progress: show a tqdm progress bar (process 0 only).
+        progress: show a tqdm progress bar (process 0 only, and only where stderr is a
+            terminal: piped to a file, the demo writes no progress lines).
         checkpoint_dir: save the state and the history there with orbax every
             ``checkpoint_every`` steps and after the last one, keeping the latest.
         resume: go on from the latest checkpoint in ``checkpoint_dir``; without it, a
@@ -367,7 +368,13 @@ def train(
 
     start = len(history["losses"])
     show = progress and jax.process_index() == 0
-    bar = tqdm(total=config.steps, initial=start, desc=f"{config.label:>18}", disable=not show)
+    # disable=None: no bar where stderr is not a terminal (a log file gets no \r lines)
+    bar = tqdm(
+        total=config.steps,
+        initial=start,
+        desc=f"{config.label:>18}",
+        disable=None if show else True,
+    )
     losses = []  # device arrays, fetched at checkpoints: dispatch stays asynchronous
     try:
         for step in range(start + 1, config.steps + 1):
