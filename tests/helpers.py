@@ -2,6 +2,11 @@
 parameters, and jitted gradients of ``sum(cotangent * layer(x))``."""
 
 import inspect
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -87,3 +92,53 @@ def first_example_results(fn, batches, cotangent, *, jit):
 
     run = jax.jit(y_and_dx) if jit else y_and_dx
     return [tuple(np.asarray(a[0]) for a in run(x, cotangent[: x.shape[0]])) for x in batches]
+
+
+_TESTS = Path(__file__).resolve().parent
+
+
+def run_on_simulated_devices(*args, devices=8, timeout=300):
+    """``python *args`` in a fresh process with ``devices`` simulated CPU devices, run from
+    the checkout with tests/ importable; returns the ``subprocess.CompletedProcess``.
+
+    XLA's ``--xla_force_host_platform_device_count`` only works if it is set before jax is
+    imported, so the checks that need several devices run in their own process and the rest
+    of the suite (and each xdist worker) keeps its single device. ``timeout`` only stops a
+    hang."""
+    flags = [
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if "xla_force_host_platform_device_count" not in f
+    ]
+    env = dict(
+        os.environ,
+        XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join(
+            [str(_TESTS), str(_TESTS.parent), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
+    return subprocess.run(
+        [sys.executable, *args],
+        env=env,
+        cwd=_TESTS.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_checks_pass_on_simulated_devices(checks, devices=8, timeout=300):
+    """``pytest checks`` (a file of tests that skips itself without ``devices`` devices) by
+    :func:`run_on_simulated_devices`: it passes, and every check ran and passed, none
+    skipped (a skip means the devices were missing). A failure shows its pytest report."""
+    command = ["-m", "pytest", "-q", "-rA", str(checks), "-p", "no:cacheprovider", "-p", "no:xdist"]
+    result = run_on_simulated_devices(*command, devices=devices, timeout=timeout)
+    report = result.stdout[-8000:] + result.stderr[-2000:]
+    assert result.returncode == 0, report
+    defined = len(re.findall(r"^def test_", Path(checks).read_text(), flags=re.MULTILINE))
+    passed = len(re.findall(r"^PASSED ", result.stdout, flags=re.MULTILINE))
+    assert passed >= defined > 0, report
+    last = result.stdout.splitlines()[-1]
+    assert "skipped" not in last, report
+    assert re.fullmatch(rf"{passed} passed in [\d.]+s( \(.*\))?", last), report

@@ -13,26 +13,17 @@ magnitude (dx sums n products); bf16 outputs at their unit roundoff 2^-8; inputs
 1e4 at 2e-3 (float32's spacing at 1e4 is 1e-3, so the mean itself rounds by 5e-4).
 """
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_input, random_params
+from helpers import random_input, random_params, run_on_simulated_devices
 
 from eqx_norm import BatchNorm, GroupNorm
 from eqx_norm.functional import batch_norm
-
-torch = pytest.importorskip("torch")
-
-TESTS = Path(__file__).resolve().parent
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -130,11 +121,11 @@ def assert_close_relative(actual, expected, rtol):
 # ----------------------------------------------------------------------------- torch
 
 
-TORCH_CASES = {  # name: (torch module class, channels-first shape (N, C, *spatial))
-    "BatchNorm1d (N, C)": (torch.nn.BatchNorm1d, (16, 5)),
-    "BatchNorm1d (N, C, L)": (torch.nn.BatchNorm1d, (8, 5, 12)),
-    "BatchNorm2d": (torch.nn.BatchNorm2d, (4, 5, 6, 7)),
-    "BatchNorm3d": (torch.nn.BatchNorm3d, (2, 5, 3, 4, 5)),
+TORCH_CASES = {  # name: (torch.nn module class, channels-first shape (N, C, *spatial))
+    "BatchNorm1d (N, C)": ("BatchNorm1d", (16, 5)),
+    "BatchNorm1d (N, C, L)": ("BatchNorm1d", (8, 5, 12)),
+    "BatchNorm2d": ("BatchNorm2d", (4, 5, 6, 7)),
+    "BatchNorm3d": ("BatchNorm3d", (2, 5, 3, 4, 5)),
 }
 
 
@@ -143,7 +134,9 @@ TORCH_CASES = {  # name: (torch module class, channels-first shape (N, C, *spati
 @pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
 @pytest.mark.parametrize("momentum", [0.9, 0.99])
 def test_matches_torch(case, layout, momentum):
+    torch = pytest.importorskip("torch")
     module_class, shape = TORCH_CASES[case]
+    module_class = getattr(torch.nn, module_class)
     channels = shape[1]
     # torch's layout is channel_axis=1; channels-last is the default, on moved inputs
     channel_axis = 1 if layout == "channels-first" else -1
@@ -538,6 +531,7 @@ def test_pmap_with_a_closed_over_state_is_told_to_pass_it():
 
 @pytest.mark.parametrize("channel_axis", [-1, 1])
 def test_large_offsets(channel_axis):
+    torch = pytest.importorskip("torch")
     # mean 1e4, std 1: E[x^2] - E[x]^2 in float32 would lose every digit. Two-pass, with x
     # centred by the mean and its rounding error (float32's spacing at 1e4 is 1e-3, so the
     # mean alone rounds by up to 5e-4), the output is within 1e-5 of float64 and so are the
@@ -1051,31 +1045,11 @@ def test_eight_devices():
     """Sharded jit, pmap and shard_map on 8 simulated devices equal one device.
 
     The flag only works before jax is imported, so the checks run in a subprocess; the
-    rest of the suite keeps its single device."""
-    flags = [
-        f
-        for f in os.environ.get("XLA_FLAGS", "").split()
-        if "xla_force_host_platform_device_count" not in f
-    ]
-    env = dict(
-        os.environ,
-        XLA_FLAGS=" ".join([*flags, "--xla_force_host_platform_device_count=8"]),
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join(
-            [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]
-        ),
-    )
+    rest of the suite keeps its single device (helpers.run_on_simulated_devices)."""
     code = (
         "import test_batch_norm; test_batch_norm._eight_device_checks(); print('eight devices: ok')"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        cwd=TESTS.parent,
-        capture_output=True,
-        text=True,
-        timeout=300,  # only stops a hang
-    )
+    result = run_on_simulated_devices("-c", code, devices=8, timeout=300)  # only stops a hang
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
     assert result.stdout.strip().endswith("eight devices: ok"), result.stdout
 

@@ -13,10 +13,6 @@ bfloat16 outputs within 1e-2 (one bf16 ulp is 2**-8 = 3.9e-3); the fused call ag
 unfused composition within a few float32 ulps (2e-6): the two compute the same expression.
 """
 
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import equinox as eqx
@@ -24,7 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import max_relative_error, random_input, random_layer
+from helpers import (
+    assert_checks_pass_on_simulated_devices,
+    max_relative_error,
+    random_input,
+    random_layer,
+)
 from jax.test_util import check_grads
 
 from eqx_norm import GroupNorm, InstanceNorm, LayerNorm, RMSNorm, functional
@@ -306,34 +307,8 @@ def test_axis_name_errors():
 @pytest.mark.slow  # a subprocess that imports jax afresh; CI runs it
 def test_axis_name_on_eight_devices_under_shard_map():
     """tests/_sharded_feature_checks.py in a subprocess with 8 simulated CPU devices."""
-    tests = Path(__file__).resolve().parent
-    checks = tests / "_sharded_feature_checks.py"
-    flags = [
-        f
-        for f in os.environ.get("XLA_FLAGS", "").split()
-        if "xla_force_host_platform_device_count" not in f
-    ]
-    env = dict(
-        os.environ,
-        XLA_FLAGS=" ".join([*flags, "--xla_force_host_platform_device_count=8"]),
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")]),
-    )
-    command = [sys.executable, "-m", "pytest", "-q", "-rA", str(checks)]
-    result = subprocess.run(
-        [*command, "-p", "no:cacheprovider", "-p", "no:xdist"],
-        env=env,
-        cwd=tests.parent,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    report = result.stdout[-8000:] + result.stderr[-2000:]
-    assert result.returncode == 0, report
-    checks_defined = len(re.findall(r"^def test_", checks.read_text(), flags=re.MULTILINE))
-    passed = len(re.findall(r"^PASSED ", result.stdout, flags=re.MULTILINE))
-    assert passed >= checks_defined > 0, report
-    assert "skipped" not in result.stdout.splitlines()[-1], report
+    checks = Path(__file__).resolve().parent / "_sharded_feature_checks.py"
+    assert_checks_pass_on_simulated_devices(checks, devices=8, timeout=300)
 
 
 # ----------------------------------------------------------------------------- group_size
