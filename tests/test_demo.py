@@ -286,7 +286,7 @@ def test_help_shows_every_option_with_its_help_and_default(capsys, monkeypatch):
         parser.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # one space between words
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(options) == 22
+    assert len(options) == 23
     for action in options:
         assert action.help and " ".join(action.help.split()) in text, action.option_strings
         if action.default not in (None, False):  # else the help says what happens instead

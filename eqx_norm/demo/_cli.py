@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     group("--coordinator", metavar="HOST:PORT", help="process 0's address, on several hosts")
     group("--num-processes", type=COUNT, metavar="N", help="processes in all, with --coordinator")
     group("--process-id", type=INDEX, metavar="ID", help="this one's, 0 to N-1, with --coordinator")
+    join = "with --coordinator: fail, naming it, unless all processes have joined within S s"
+    group("--join-timeout", type=SCALE, default=300.0, metavar="S", help=join)
     return parser
 
 
@@ -212,13 +215,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.coordinator is None:
         return _run(args)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    _join(args)
     try:
         return _run(args)
     except BaseException:  # exit now: the others would wait in a collective, and we for them
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)
+
+
+def _join(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize``, or exit 1 after ``--join-timeout`` seconds with an
+    error that names the coordinator.
+
+    Past its own ``initialization_timeout``, JAX aborts the process from C++ with a check
+    failure that names no address; so JAX is given a few seconds more and a timer thread
+    (``initialize`` waits without the GIL) reports first."""
+
+    def give_up():
+        n = args.num_processes
+        print(
+            f"python -m eqx_norm.demo: error: process {args.process_id} of {n} could not join "
+            f"the coordinator at {args.coordinator} within {args.join_timeout:g} s "
+            f"(--join-timeout): start each of the {n} processes with --coordinator "
+            f"{args.coordinator} --num-processes {n} and its own --process-id (0 to {n - 1}), "
+            "and check that process 0's host is reachable at that address",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
+
+    timer = threading.Timer(args.join_timeout, give_up)
+    timer.daemon = True
+    timer.start()
+    jax.distributed.initialize(
+        args.coordinator,
+        args.num_processes,
+        args.process_id,
+        initialization_timeout=math.ceil(args.join_timeout) + 10,
+    )
+    timer.cancel()
 
 
 # ---------------------------------------------------------------------------- the runs
