@@ -15,7 +15,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._checks import DTypeLike, check_epsilon, check_flag, optional_dtype
-from .initializers import InitializerLike, OneInit, ZeroInit, make_parameter
+from .initializers import InitializerLike, OneInit, ZeroInit, constant_value, make_parameter
 
 
 class _NoState:
@@ -60,8 +60,8 @@ class AffineNorm(eqx.Module):
         scale_initializer: InitializerLike | None,
         bias_initializer: InitializerLike | None,
         elementwise_affine: bool,
-        use_scale: bool,
-        use_bias: bool,
+        use_scale: bool | None,
+        use_bias: bool | None,
         zero_centered_scale: bool,
         param_dtype: DTypeLike | None,
         dtype: DTypeLike | None,
@@ -71,36 +71,27 @@ class AffineNorm(eqx.Module):
 
         ``scale_initializer`` initializes the stored ``gamma``, whatever it is; None means
         ones, or zeros under ``zero_centered_scale`` (where the scale is ``1 + gamma``).
-        ``bias_initializer`` None means zeros. An initializer given for a parameter that
-        ``elementwise_affine``/``use_scale``/``use_bias`` switch off is an error, as in
-        haiku: it would be dropped silently.
+        ``bias_initializer`` None means zeros. The switches follow :func:`affine_switches`.
         """
         self.epsilon = check_epsilon(epsilon)
         self.zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
         self.dtype = optional_dtype(dtype, "dtype")
         param_dtype = optional_dtype(param_dtype, "param_dtype") or np.dtype(np.float32)
-        affine = check_flag(elementwise_affine, "elementwise_affine")
-        use_scale = check_flag(use_scale, "use_scale")
-        use_bias = check_flag(use_bias, "use_bias")
-        if bias_initializer is ZeroInit:  # TODO: BatchNorm's default; drop once it is None
-            bias_initializer = None
-        for argument, initializer, switch, on in (
-            ("scale_initializer", scale_initializer, "use_scale", use_scale),
-            ("bias_initializer", bias_initializer, "use_bias", use_bias),
-        ):
-            if initializer is not None and not (affine and on):
-                off = switch if affine else "elementwise_affine"
-                raise ValueError(
-                    f"Cannot set `{argument}` if `{off}=False`: the parameter it initializes "
-                    f"does not exist. Drop `{argument}`, or set `{off}=True`."
-                )
+        use_scale, use_bias = affine_switches(
+            elementwise_affine=elementwise_affine,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_initializer=scale_initializer,
+            bias_initializer=bias_initializer,
+            default_scale=0.0 if self.zero_centered_scale else 1.0,
+        )
         if scale_initializer is None:
             scale_initializer = ZeroInit() if self.zero_centered_scale else OneInit()
         if bias_initializer is None:
             bias_initializer = ZeroInit()
         scale_key, bias_key = (None, None) if key is None else _split_key(key)
         self.gamma = self.beta = None
-        if affine and use_scale:
+        if use_scale:
             self.gamma = make_parameter(
                 scale_initializer,
                 argument="scale_initializer",
@@ -108,7 +99,7 @@ class AffineNorm(eqx.Module):
                 shape=parameter_shape,
                 dtype=param_dtype,
             )
-        if affine and use_bias:
+        if use_bias:
             self.beta = make_parameter(
                 bias_initializer,
                 argument="bias_initializer",
@@ -121,3 +112,52 @@ class AffineNorm(eqx.Module):
     def elementwise_affine(self) -> bool:
         """Whether the layer has any learnable parameter."""
         return self.gamma is not None or self.beta is not None
+
+
+def affine_switches(
+    *,
+    elementwise_affine: bool,
+    use_scale: bool | None,
+    use_bias: bool | None,
+    scale_initializer: InitializerLike | None,
+    bias_initializer: InitializerLike | None,
+    default_scale: float,
+) -> tuple[bool, bool]:
+    """``(has gamma, has beta)`` from the switches, or an error naming the two arguments
+    that contradict.
+
+    ``use_scale``/``use_bias`` None follow ``elementwise_affine``; True beside
+    ``elementwise_affine=False`` is an error. An initializer for a parameter that is
+    switched off is an error too (it would be dropped silently), as in haiku, unless it is
+    that parameter's default written out (the seed's ``OneInit(value=1.0)`` or ``ZeroInit``,
+    class or instance, or ``Constant`` of the same value): the same value means the same
+    thing whichever object gives it.
+    """
+    affine = check_flag(elementwise_affine, "elementwise_affine")
+    flags = {}
+    for switch, value, parameter in (
+        ("use_scale", use_scale, "gamma"),
+        ("use_bias", use_bias, "beta"),
+    ):
+        if value is None:
+            flags[switch] = affine
+            continue
+        flags[switch] = check_flag(value, switch)
+        if flags[switch] and not affine:
+            raise ValueError(
+                f"`elementwise_affine=False` switches off `gamma` and `beta`, but `{switch}=True` "
+                f"asks for `{parameter}`: they contradict. Drop `{switch}`, or set "
+                "`elementwise_affine=True`."
+            )
+    for argument, initializer, switch, default in (
+        ("scale_initializer", scale_initializer, "use_scale", default_scale),
+        ("bias_initializer", bias_initializer, "use_bias", 0.0),
+    ):
+        if initializer is None or flags[switch] or constant_value(initializer) == default:
+            continue
+        off = switch if affine else "elementwise_affine"
+        raise ValueError(
+            f"Cannot set `{argument}` if `{off}=False`: the parameter it initializes does not "
+            f"exist. Drop `{argument}`, or set `{off}=True`."
+        )
+    return flags["use_scale"], flags["use_bias"]

@@ -6,27 +6,38 @@ and the running statistics it keeps in an :class:`equinox.nn.State`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from . import functional
+from . import _core
 from ._base import NO_STATE, AffineNorm
 from ._checks import (
     DTypeLike,
+    Implementation,
+    axis_size,
+    batch_channel_axis,
     check_batch_norm_implementation,
     check_channel_axis,
+    check_epsilon,
     check_flag,
+    check_floating,
+    check_mask,
     check_momentum,
+    check_parameter,
+    check_running,
+    check_steps,
     optional_dtype,
     positive_int,
+    reject_unknown_keywords,
 )
-from ._statistics import compute_dtype
-from .functional import Implementation
 from .initializers import InitializerLike
 
 
@@ -100,8 +111,10 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
         bias_initializer: initializer of ``beta``, in the same forms; None (default)
             means zeros.
         elementwise_affine: False switches off both ``gamma`` and ``beta``.
-        use_scale: False switches off ``gamma`` alone.
-        use_bias: False switches off ``beta`` alone.
+        use_scale: False switches off ``gamma`` alone; None (default) follows
+            ``elementwise_affine``, and True beside ``elementwise_affine=False`` is an error.
+        use_bias: False switches off ``beta`` alone; None (default) follows
+            ``elementwise_affine``, and True beside ``elementwise_affine=False`` is an error.
         zero_centered_scale: scale by ``1 + gamma``, with ``gamma`` initialised to zero.
         param_dtype: storage dtype of ``gamma``/``beta`` (default float32); the running
             statistics are kept in at least float32.
@@ -151,13 +164,15 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
         scale_initializer: InitializerLike | None = None,
         bias_initializer: InitializerLike | None = None,
         elementwise_affine: bool = True,
-        use_scale: bool = True,
-        use_bias: bool = True,
+        use_scale: bool | None = None,
+        use_bias: bool | None = None,
         zero_centered_scale: bool = False,
         param_dtype: DTypeLike | None = None,
         dtype: DTypeLike | None = None,
         key: PRNGKeyArray | None = None,
+        **unknown: Any,
     ):
+        reject_unknown_keywords("BatchNorm", unknown, type(self))
         self.num_features = positive_int(num_features, "num_features")
         self.momentum = check_momentum(momentum)
         self.channel_axis = check_channel_axis(channel_axis, "BatchNorm")
@@ -185,7 +200,7 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
             dtype=dtype,
             key=key,
         )
-        stats_dtype = compute_dtype(optional_dtype(param_dtype, "param_dtype") or np.float32)
+        stats_dtype = _core.compute_dtype(optional_dtype(param_dtype, "param_dtype") or np.float32)
         self.state_index = eqx.nn.StateIndex(
             (
                 jnp.zeros((self.num_features,), stats_dtype),
@@ -231,7 +246,7 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
         old_mean, old_var = state.get(self.state_index)
         steps = state.get(self.steps_index)
         with jax.named_scope("eqx_norm.BatchNorm"):
-            y, running_mean, running_var = functional._batch_norm(
+            y, running_mean, running_var = batch_norm_body(
                 x,
                 old_mean,
                 old_var,
@@ -290,6 +305,132 @@ def _check_state_placement(x: Array, old: Array, new: Array) -> None:
         "of the old ones. Put the state on the mesh, replicated: "
         "`state = jax.device_put(state, NamedSharding(mesh, P()))`."
     )
+
+
+def batch_norm_body(
+    x: Any,
+    running_mean: Any,
+    running_var: Any,
+    gamma: Any,
+    beta: Any,
+    *,
+    training: Any,
+    momentum: Any,
+    epsilon: Any,
+    channel_axis: Any,
+    axis_name: Hashable | None,
+    mask: Any,
+    zero_centered_scale: Any,
+    dtype: Any,
+    steps: Any,
+    implementation: Any,
+    layer: str,
+    inference_switch: str,
+) -> tuple[Array, Array, Array]:
+    """The body of :func:`~eqx_norm.functional.batch_norm` and of ``BatchNorm.__call__``:
+    checks, then :func:`eqx_norm._core.normalize_with_moments` over the batch axes (training)
+    or one elementwise pass (inference), and the running statistics' update. Errors name
+    ``layer``
+    and, for a batch too small to train on, the caller's switch to inference
+    (``inference_switch``)."""
+    x = check_floating(x, layer)
+    training = check_flag(training, "training")
+    momentum = check_momentum(momentum)
+    check_batch_norm_implementation(implementation, layer)
+    axis = batch_channel_axis(channel_axis, x, layer)
+    channels = x.shape[axis]
+    running_mean = check_running(running_mean, "running_mean", x, axis, layer)
+    running_var = check_running(running_var, "running_var", x, axis, layer)
+    gamma = check_parameter(gamma, (channels,), "gamma", layer)
+    beta = check_parameter(beta, (channels,), "beta", layer)
+    epsilon = check_epsilon(epsilon)
+    mask = check_mask(mask, x.shape, layer)
+    zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
+    out_dtype = optional_dtype(dtype, "dtype") or x.dtype
+    steps = check_steps(steps, layer)
+
+    axes = tuple(i for i in range(x.ndim) if i != axis)
+    per_channel = tuple(channels if i == axis else 1 for i in range(x.ndim))
+    x = x.astype(_core.compute_dtype(x.dtype))
+    scale, offset = _core.affine(gamma, beta, zero_centered_scale, x.dtype, per_channel)
+    if training:
+        per_device = math.prod(x.shape[i] for i in axes)
+        values = per_device * (1 if axis_name is None else axis_size(axis_name, layer))
+        if values < 2:
+            raise ValueError(
+                f"{layer}: training needs at least 2 values per channel to estimate a "
+                f"variance, but x of shape {x.shape} (channel_axis={channel_axis}"
+                f"{'' if axis_name is None else f', axis_name={axis_name!r}'}) gives "
+                f"{values}: the variance of one value is 0. Use a batch of at least 2 "
+                f"examples, or {inference_switch} to normalize by the running statistics."
+            )
+        y, moments = _core.normalize_with_moments(
+            x, axes, scale, offset, epsilon=epsilon, mask=mask, axis_name=axis_name
+        )
+        new_mean, new_var = update_running(
+            running_mean, running_var, moments, momentum=momentum, steps=steps
+        )
+    else:
+        mean = running_mean.astype(x.dtype).reshape(per_channel)
+        var = running_var.astype(x.dtype).reshape(per_channel)
+        # one elementwise pass, ``x - mean`` first so that a mean of 1e4 loses nothing
+        y = (x - mean) * _core.inverse_std(var, epsilon)
+        y = y if scale is None else y * scale
+        y = y if offset is None else y + offset
+        if mask is not None:
+            y = jnp.where(mask, y, 0 if offset is None else offset)
+        new_mean, new_var = running_mean, running_var
+    return y.astype(out_dtype), new_mean, new_var
+
+
+def update_running(
+    running_mean: Array,
+    running_var: Array,
+    moments: _core.Moments,
+    *,
+    momentum: float,
+    steps: Array | None,
+) -> tuple[Array, Array]:
+    """The running statistics moved towards the batch's ``moments``, the variance
+    Bessel-corrected.
+
+    ``steps`` None: ``momentum * old + (1 - momentum) * batch``. Otherwise ``steps`` is the
+    number of updates the running statistics have had, and the update is zero-debiased:
+    ``old + w * (batch - old)`` with ``w = (1 - momentum) / (1 - momentum**(steps + 1))``,
+    so they are the ``momentum``-weighted average of the batches seen, without the bias
+    towards the initial values (``w = 1`` at the first step; ``momentum == 1`` gives the
+    plain average of all batches). A channel with no value keeps both; one with a single
+    value keeps its variance.
+    """
+    channels = running_mean.shape[0]
+    mean, var, count = moments
+    count = jnp.broadcast_to(count, mean.shape).reshape(channels)
+    mean = lax.stop_gradient(mean).reshape(channels)
+    unbiased = lax.stop_gradient(var).reshape(channels) * (count / jnp.maximum(count - 1, 1))
+    weight = None if steps is None else _debiased_weight(momentum, steps)
+
+    def move(old: Array, batch: Array, valid: Array) -> Array:
+        dtype = jnp.promote_types(old.dtype, batch.dtype)
+        old, batch = old.astype(dtype), batch.astype(dtype)
+        if weight is None:
+            new = momentum * old + (1 - momentum) * batch
+        else:
+            w = weight.astype(dtype)
+            new = (1 - w) * old + w * batch
+        return jnp.where(valid, new, old).astype(running_mean.dtype)
+
+    return move(running_mean, mean, count >= 1), move(running_var, unbiased, count >= 2)
+
+
+def _debiased_weight(momentum: float, steps: Array) -> Array:
+    """``(1 - momentum) / (1 - momentum**n)`` for the ``n = steps + 1``-th update, as float32
+    (``-expm1(n log momentum)`` keeps the denominator accurate for momentum near 1)."""
+    n = (steps + 1).astype(jnp.float32)
+    if momentum == 0:
+        return jnp.ones((), jnp.float32)
+    if momentum == 1:
+        return 1 / n
+    return (1 - momentum) / -jnp.expm1(n * math.log(momentum))
 
 
 def _batch_norms(model: object) -> list[BatchNorm]:

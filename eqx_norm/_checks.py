@@ -6,10 +6,12 @@ whose message names the argument, what was expected and what was given.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import itertools
 import math
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ from jaxtyping import Array
 
 DTypeLike = Any
 IMPLEMENTATIONS = (None, "xla", "kernel")
+Implementation = Literal["xla", "kernel"] | None
 MAX_ELEMENTS = 2**56  # times 16 bytes (complex128) still fits an int64 byte count
 
 
@@ -219,7 +222,11 @@ def check_trailing_shape(
             f"normalized_shape={tuple(x_shape[len(x_shape) - k :])}; for channels-first data, "
             "move the normalized axes last with `jnp.moveaxis`."
             if len(x_shape) >= k
-            else ""
+            else f" Pass x of shape (*batch, {', '.join(map(str, normalized_shape))}), with any "
+            "number of leading batch axes (none for one example); a scalar or an array of "
+            f"fewer than {k} axes has no {normalized_shape} to normalize over. If x holds "
+            f"{math.prod(normalized_shape)} values per example, reshape it, e.g. "
+            f"`x.reshape(-1, {', '.join(map(str, normalized_shape))})`."
         )
         raise ValueError(
             f"{layer} with normalized_shape={normalized_shape} expects an input `x` whose last "
@@ -415,3 +422,76 @@ def axis_size(axis_name: Hashable, layer: str) -> int:
             f"`jax.vmap`/`jax.pmap`/`shard_map` with axis_name={axis_name!r}, or pass "
             "axis_name=None and the whole batch (under `jit`, sharded or not)."
         ) from None
+
+
+# Other libraries' names for our arguments, by the layers that take ours: each unknown keyword
+# a user brings from equinox, flax, haiku or torch gets a pointer to ours.
+_PEER_NAMES = {
+    "eps": "`epsilon` (equinox's, torch's and flax's `eps`/`epsilon`)",
+    "weight": "`scale_initializer` (an array or initializer for `gamma`, torch's `weight`)",
+    "bias": "`bias_initializer` (an array or initializer for `beta`, torch's `bias`)",
+    "use_weight": "`use_scale` (equinox's `use_weight`)",
+    "channelwise_affine": "`elementwise_affine` (equinox's `channelwise_affine`)",
+    "affine": "`elementwise_affine` (torch's `affine`)",
+    "elementwise_affine_shape": "`normalized_shape`",
+    "create_scale": "`use_scale` (haiku's `create_scale`)",
+    "create_offset": "`use_bias` (haiku's `create_offset`)",
+    "scale_init": "`scale_initializer` (haiku's and flax's `scale_init`)",
+    "offset_init": "`bias_initializer` (haiku's `offset_init`)",
+    "bias_init": "`bias_initializer` (flax's `bias_init`)",
+    "use_fast_variance": (
+        "nothing: the variance is always two-pass, E[(x - E[x])^2] (flax's "
+        "`use_fast_variance=True` loses the variance at large means); drop it"
+    ),
+    "decay_rate": "`momentum` (haiku's `decay_rate`, the same meaning: the share kept)",
+    "use_running_average": "`inference` (flax's `use_running_average`)",
+    "mode": "`debias` (equinox's `mode='batch'` is `debias=True`, 'ema' is `debias=False`)",
+    "input_size": "`num_features` (equinox's `input_size`)",
+    "device": "nothing: JAX places arrays (`jax.device_put`); drop it",
+}
+_LAYER_PEER_NAMES = {
+    "LayerNorm": {
+        "shape": "`normalized_shape` (equinox's `shape`)",
+        "num_features": "`normalized_shape` (flax's `num_features`)",
+        "axis": "`normalized_shape` (haiku's `axis`: eqx_norm normalizes the trailing axes)",
+        "reduction_axes": "`normalized_shape` (flax's `reduction_axes`: the trailing axes)",
+    },
+    "GroupNorm": {
+        "groups": "`num_groups` (equinox's `groups`)",
+        "channels": "`num_channels` (equinox's `channels`)",
+        "num_features": "`num_channels` (flax's `num_features`)",
+        "axis": "`channel_axis` and `spatial_ndim`",
+    },
+    "BatchNorm": {
+        "track_running_stats": (
+            "nothing: BatchNorm always keeps running statistics (torch's "
+            "`track_running_stats`); normalize by the batch's with `inference=False`, by the "
+            "running ones with `inference=True`"
+        ),
+        "axis": "`channel_axis` (flax's and haiku's `axis`)",
+    },
+}
+_LAYER_PEER_NAMES["RMSNorm"] = _LAYER_PEER_NAMES["LayerNorm"]
+_LAYER_PEER_NAMES["DyT"] = _LAYER_PEER_NAMES["LayerNorm"]
+_LAYER_PEER_NAMES["InstanceNorm"] = {
+    **_LAYER_PEER_NAMES["GroupNorm"],
+    "track_running_stats": "nothing: InstanceNorm keeps no running statistics; drop it",
+}
+
+
+def reject_unknown_keywords(layer: str, unknown: dict[str, Any], cls: type) -> None:
+    """A ``TypeError`` for keyword arguments ``layer`` (of class ``cls``) does not take,
+    pointing to ours where the name is another library's for one of them."""
+    if not unknown:
+        return
+    known = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "unknown")]
+    name = sorted(unknown)[0]
+    ours = _LAYER_PEER_NAMES.get(layer, {}).get(name) or _PEER_NAMES.get(name)
+    if ours is not None and ours.startswith("nothing: "):
+        hint = f" eqx_norm has no such argument: {ours.removeprefix('nothing: ')}."
+    elif ours is not None:
+        hint = f" eqx_norm's name for it is {ours}."
+    else:
+        close = difflib.get_close_matches(name, list(known), n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+    raise TypeError(f"{layer} got an unexpected keyword argument `{name}`.{hint}")

@@ -12,9 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from . import functional
-from ._base import NO_STATE, _split_key, with_state
-from ._checks import DTypeLike, canonical_shape, check_flag, optional_dtype
+from . import _core
+from ._base import NO_STATE, _split_key, affine_switches, with_state
+from ._checks import (
+    DTypeLike,
+    canonical_shape,
+    check_floating,
+    check_mask,
+    check_parameter,
+    check_residual,
+    check_trailing_shape,
+    optional_dtype,
+    reject_unknown_keywords,
+)
 from .initializers import InitializerLike, OneInit, ZeroInit, make_parameter
 
 
@@ -43,9 +53,13 @@ class DyT(eqx.Module):
         bias_initializer: initializer of ``beta``, accepted in the same forms; None
             (default) means zeros.
         elementwise_affine: False switches off both ``gamma`` and ``beta`` (``alpha``
-            stays). An initializer given for a parameter that is switched off is an error.
-        use_scale: False switches off ``gamma`` alone.
-        use_bias: False switches off ``beta`` alone.
+            stays). An initializer given for a parameter that is switched off is an error,
+            unless it is that parameter's default written out (``OneInit(1.0)``,
+            ``ZeroInit``).
+        use_scale: False switches off ``gamma`` alone; None (default) follows
+            ``elementwise_affine``, and True beside ``elementwise_affine=False`` is an error.
+        use_bias: False switches off ``beta`` alone; None (default) follows
+            ``elementwise_affine``, and True beside ``elementwise_affine=False`` is an error.
         param_dtype: storage dtype of ``alpha``/``gamma``/``beta`` (default float32).
         dtype: output dtype (default: the input's).
         key: PRNG key, needed only by random initializers.
@@ -79,12 +93,14 @@ class DyT(eqx.Module):
         scale_initializer: InitializerLike | None = None,
         bias_initializer: InitializerLike | None = None,
         elementwise_affine: bool = True,
-        use_scale: bool = True,
-        use_bias: bool = True,
+        use_scale: bool | None = None,
+        use_bias: bool | None = None,
         param_dtype: DTypeLike | None = None,
         dtype: DTypeLike | None = None,
         key: PRNGKeyArray | None = None,
+        **unknown: Any,
     ):
+        reject_unknown_keywords("DyT", unknown, type(self))
         self.normalized_shape = canonical_shape(normalized_shape, "normalized_shape")
         self.dtype = optional_dtype(dtype, "dtype")
         param_dtype = optional_dtype(param_dtype, "param_dtype") or np.dtype(np.float32)
@@ -96,24 +112,17 @@ class DyT(eqx.Module):
         if not math.isfinite(alpha_init):
             raise ValueError(f"DyT: `alpha_init` must be finite, got {alpha_init}.")
         self.alpha = jnp.asarray(alpha_init, param_dtype)
-        affine = check_flag(elementwise_affine, "elementwise_affine")
-        on = {
-            "scale_initializer": affine and check_flag(use_scale, "use_scale"),
-            "bias_initializer": affine and check_flag(use_bias, "use_bias"),
-        }
-        for argument, initializer, switch in (
-            ("scale_initializer", scale_initializer, "use_scale"),
-            ("bias_initializer", bias_initializer, "use_bias"),
-        ):
-            if initializer is not None and not on[argument]:
-                off = switch if affine else "elementwise_affine"
-                raise ValueError(
-                    f"Cannot set `{argument}` if `{off}=False`: the parameter it initializes "
-                    f"does not exist. Drop `{argument}`, or set `{off}=True`."
-                )
+        has_scale, has_bias = affine_switches(
+            elementwise_affine=elementwise_affine,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_initializer=scale_initializer,
+            bias_initializer=bias_initializer,
+            default_scale=1.0,
+        )
         scale_key, bias_key = (None, None) if key is None else _split_key(key)
         self.gamma = self.beta = None
-        if on["scale_initializer"]:
+        if has_scale:
             self.gamma = make_parameter(
                 OneInit() if scale_initializer is None else scale_initializer,
                 argument="scale_initializer",
@@ -121,7 +130,7 @@ class DyT(eqx.Module):
                 shape=self.normalized_shape,
                 dtype=param_dtype,
             )
-        if on["bias_initializer"]:
+        if has_bias:
             self.beta = make_parameter(
                 ZeroInit() if bias_initializer is None else bias_initializer,
                 argument="bias_initializer",
@@ -164,7 +173,8 @@ class DyT(eqx.Module):
         """
         del key
         with jax.named_scope("eqx_norm.DyT"):
-            y = functional.dyt(
+            y = apply_dyt(
+                "DyT",
                 x,
                 self.normalized_shape,
                 self.alpha,
@@ -175,3 +185,45 @@ class DyT(eqx.Module):
                 residual=residual,
             )
         return with_state(y, state)
+
+
+def apply_dyt(
+    layer: str,
+    x: Array,
+    normalized_shape: int | Sequence[int],
+    alpha: Array,
+    gamma: Array | None,
+    beta: Array | None,
+    *,
+    mask: Array | None,
+    dtype: DTypeLike | None,
+    residual: Array | None,
+) -> Array | tuple[Array, Array]:
+    """The body of :func:`~eqx_norm.functional.dyt` and ``DyT.__call__``: checks (errors
+    name ``layer``), then ``gamma * tanh(alpha * x) + beta`` in at least float32."""
+    shape = canonical_shape(normalized_shape, "normalized_shape")
+    x = check_floating(x, layer)
+    check_trailing_shape(x.shape, shape, layer)
+    residual = check_residual(residual, x, layer)
+    if alpha is None:
+        raise TypeError(f"{layer}: `alpha` must be a floating scalar array, got None.")
+    alpha = check_parameter(alpha, (), "alpha", layer)
+    gamma = check_parameter(gamma, shape, "gamma", layer)
+    beta = check_parameter(beta, shape, "beta", layer)
+    mask = check_mask(mask, x.shape, layer)
+    out_dtype = optional_dtype(dtype, "dtype") or x.dtype
+    hidden = None
+    if residual is not None:
+        hidden = x = _core.add_residual(x, residual)
+    compute = _core.compute_dtype(x.dtype)
+    full = (1,) * (x.ndim - len(shape)) + shape  # explicit broadcast against x
+    scale, offset = _core.affine(gamma, beta, False, compute, full)
+    y = jnp.tanh(alpha.astype(compute) * x.astype(compute))
+    if scale is not None:
+        y = y * scale
+    if offset is not None:
+        y = y + offset
+    if mask is not None:
+        y = jnp.where(mask, y, 0 if offset is None else offset)
+    y = y.astype(out_dtype)
+    return y if residual is None else (y, hidden)

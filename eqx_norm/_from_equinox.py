@@ -7,9 +7,9 @@ from typing import Any, TypeVar
 import equinox as eqx
 import jax
 
+from ._checks import Implementation
 from ._group_norm import GroupNorm
 from ._layer_norm import LayerNorm, RMSNorm
-from .functional import Implementation
 
 T = TypeVar("T")
 

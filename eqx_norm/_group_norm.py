@@ -6,18 +6,40 @@ Each layer's ``__call__`` is one call of the body of :func:`eqx_norm.functional.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
+from jax import lax
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from . import functional
+from . import _core
 from ._base import NO_STATE, AffineNorm, with_state
-from ._checks import DTypeLike, check_groups, check_implementation, check_layout, positive_int
-from .functional import Implementation
+from ._checks import (
+    DTypeLike,
+    Implementation,
+    axis_size,
+    check_epsilon,
+    check_flag,
+    check_floating,
+    check_groups,
+    check_implementation,
+    check_layout,
+    check_mask,
+    check_parameter,
+    describe_layout,
+    how_to_set,
+    optional_dtype,
+    positive_int,
+    reject_unknown_keywords,
+)
+from ._dispatch import common_reason, use_kernel
 from .initializers import InitializerLike
+from .kernels import groups as _kernel
+from .kernels import rows as _rows_kernel
 
 _CALL_DOC = """Normalize ``x`` of shape ``(*batch, *spatial, C)`` (or ``(*batch, C, *spatial)``).
 
@@ -56,7 +78,7 @@ class _GroupedNorm(AffineNorm):
         del key
         num_groups, group_size, axis_name = self._groups()
         with jax.named_scope(f"eqx_norm.{self._name}"):
-            y = functional._grouped_norm(
+            y = grouped_norm(
                 self._name,  # errors name the layer and its arguments
                 x,
                 num_groups,
@@ -113,23 +135,24 @@ class GroupNorm(_GroupedNorm):
         scale_initializer: initializer of the stored ``gamma``, accepted in the same forms;
             None (default) means ones, or zeros with ``zero_centered_scale=True``.
         elementwise_affine: False switches off both ``gamma`` and ``beta``. An initializer
-            given for a parameter that is switched off is an error.
+            given for a parameter that is switched off is an error, unless it is that
+            parameter's default written out (``OneInit(1.0)``, ``ZeroInit``).
         spatial_ndim: number of spatial axes of one example (1, 2 or 3 for 1-D signals,
             images, volumes; default 2; 0 for feature vectors ``(*batch, C)``, as
             ``torch.nn.GroupNorm`` on ``(N, C)``); None: the input is one example of any
             rank, without batch axes, as ``eqx.nn.GroupNorm`` takes it.
         channel_axis: position of the channel axis within one example: -1 (default,
             channels-last) or 0 (channels-first).
-        use_scale: False switches off ``gamma`` alone.
-        use_bias: False switches off ``beta`` alone.
+        use_scale: False switches off ``gamma`` alone; None (default) follows
+            ``elementwise_affine``, and True beside ``elementwise_affine=False`` is an error.
+        use_bias: False switches off ``beta`` alone; None (default) follows
+            ``elementwise_affine``, and True beside ``elementwise_affine=False`` is an error.
         zero_centered_scale: scale by ``1 + gamma`` instead of ``gamma``, with ``gamma``
             initialised to zero by default, so that weight decay pulls towards identity.
         param_dtype: storage dtype of ``gamma``/``beta`` (default float32).
         dtype: output dtype (default: the input's).
-        implementation: None (default): the compiled CPU kernel where it serves (CPU,
-            float32/bfloat16, no mask, no ``axis_name``, output in x's dtype), XLA
-            elsewhere; ``"xla"`` or ``"kernel"`` to force one (``"kernel"`` raises where
-            it cannot serve).
+        implementation: which code runs the call: None (default), ``"xla"`` or
+            ``"kernel"``; see "Implementations" in :mod:`eqx_norm.functional`.
         group_size: number of channels per group (flax's), instead of ``num_groups``;
             must divide ``num_channels``.
         axis_name: the name of a mapped axis (``shard_map``, ``pmap`` or ``vmap``) across
@@ -179,15 +202,17 @@ class GroupNorm(_GroupedNorm):
         elementwise_affine: bool = True,
         spatial_ndim: int | None = 2,
         channel_axis: int = -1,
-        use_scale: bool = True,
-        use_bias: bool = True,
+        use_scale: bool | None = None,
+        use_bias: bool | None = None,
         zero_centered_scale: bool = False,
         param_dtype: DTypeLike | None = None,
         dtype: DTypeLike | None = None,
         axis_name: Hashable | None = None,
         implementation: Implementation = None,
         key: PRNGKeyArray | None = None,
+        **unknown: Any,
     ):
+        reject_unknown_keywords("GroupNorm", unknown, type(self))
         num_groups, group_size = check_groups(num_groups, group_size, "GroupNorm")
         if num_channels is None:
             raise TypeError("GroupNorm: `num_channels`, the size of the channel axis, is required.")
@@ -261,20 +286,21 @@ class InstanceNorm(_GroupedNorm):
         scale_initializer: initializer of the stored ``gamma``, in the same forms; None
             (default) means ones, or zeros with ``zero_centered_scale=True``.
         elementwise_affine: False switches off both ``gamma`` and ``beta``. An initializer
-            given for a parameter that is switched off is an error.
+            given for a parameter that is switched off is an error, unless it is that
+            parameter's default written out (``OneInit(1.0)``, ``ZeroInit``).
         spatial_ndim: number of spatial axes of one example (default 2); None: the input
             is one example of any rank, without batch axes.
         channel_axis: position of the channel axis within one example: -1 (default,
             channels-last) or 0 (channels-first).
-        use_scale: False switches off ``gamma`` alone.
-        use_bias: False switches off ``beta`` alone.
+        use_scale: False switches off ``gamma`` alone; None (default) follows
+            ``elementwise_affine``, and True beside ``elementwise_affine=False`` is an error.
+        use_bias: False switches off ``beta`` alone; None (default) follows
+            ``elementwise_affine``, and True beside ``elementwise_affine=False`` is an error.
         zero_centered_scale: scale by ``1 + gamma``, with ``gamma`` initialised to zero.
         param_dtype: storage dtype of ``gamma``/``beta`` (default float32).
         dtype: output dtype (default: the input's).
-        implementation: None (default): the compiled CPU kernel where it serves (CPU,
-            float32/bfloat16, no mask, no ``axis_name``, output in x's dtype), XLA
-            elsewhere; ``"xla"`` or ``"kernel"`` to force one (``"kernel"`` raises where
-            it cannot serve).
+        implementation: which code runs the call: None (default), ``"xla"`` or
+            ``"kernel"``; see "Implementations" in :mod:`eqx_norm.functional`.
         key: PRNG key, needed only by random initializers.
 
     Example:
@@ -307,14 +333,16 @@ class InstanceNorm(_GroupedNorm):
         elementwise_affine: bool = True,
         spatial_ndim: int | None = 2,
         channel_axis: int = -1,
-        use_scale: bool = True,
-        use_bias: bool = True,
+        use_scale: bool | None = None,
+        use_bias: bool | None = None,
         zero_centered_scale: bool = False,
         param_dtype: DTypeLike | None = None,
         dtype: DTypeLike | None = None,
         implementation: Implementation = None,
         key: PRNGKeyArray | None = None,
+        **unknown: Any,
     ):
+        reject_unknown_keywords("InstanceNorm", unknown, type(self))
         self.num_channels = positive_int(num_channels, "num_channels")
         self.implementation = check_implementation(implementation)
         self.spatial_ndim, self.channel_axis = check_layout(
@@ -346,3 +374,131 @@ class InstanceNorm(_GroupedNorm):
     def num_groups(self) -> int:
         """One group per channel."""
         return self.num_channels
+
+
+def grouped_norm(
+    layer: str,
+    x: Array,
+    num_groups: int | None,
+    group_size: int | None,
+    gamma: Array | None,
+    beta: Array | None,
+    *,
+    num_channels: int | None,
+    spatial_ndim: int,
+    channel_axis: int,
+    min_spatial_ndim: int,
+    epsilon: float,
+    mask: Array | None,
+    zero_centered_scale: bool,
+    dtype: DTypeLike | None,
+    axis_name: Hashable | None = None,
+    implementation: Implementation = None,
+) -> Array:
+    """The body of :func:`~eqx_norm.functional.group_norm`,
+    :func:`~eqx_norm.functional.instance_norm` (``group_size=1``) and the layers' ``__call__``
+    (errors name ``layer``): checks, then the kernel on a free 3-D view or
+    :func:`eqx_norm._core.normalize` on the grouped view. Exactly
+    one of ``num_groups``/``group_size`` is given; ``num_channels=None`` takes the channel
+    count from ``x``. With ``axis_name`` the channel axis is split across its shards."""
+    spatial_ndim, channel_axis = check_layout(
+        spatial_ndim, channel_axis, layer, min_spatial_ndim=min_spatial_ndim
+    )
+    x = check_floating(x, layer)
+    described = f"{layer}(spatial_ndim={spatial_ndim}, channel_axis={channel_axis})"
+    expected = describe_layout(spatial_ndim, channel_axis, num_channels)
+    if spatial_ndim is None:  # x is one example (equinox's convention), of any rank
+        if x.ndim < 1 + min_spatial_ndim:
+            raise ValueError(
+                f"{described} takes x as one example {expected}, got shape {x.shape}: it "
+                f"needs at least {1 + min_spatial_ndim} axes."
+            )
+        spatial_ndim = x.ndim - 1
+    n = spatial_ndim + 1
+    if x.ndim < n:
+        raise ValueError(
+            f"{described} expects x of shape {expected} with any number of leading batch "
+            f"axes, got shape {x.shape}: {x.ndim} axes, fewer than the {n} of one example. "
+            "Set `spatial_ndim` to the number of spatial axes of your data."
+        )
+    axis = x.ndim - n if channel_axis == 0 else x.ndim - 1
+    channels = x.shape[axis]
+    if num_channels is not None and channels != num_channels:
+        other = x.ndim - 1 if channel_axis == 0 else x.ndim - n
+        hint = ""
+        if n > 1 and x.shape[other] == num_channels:
+            layout, fix = ("channels-last", -1) if channel_axis == 0 else ("channels-first", 0)
+            hint = f" If your data is {layout}, {how_to_set(layer)} channel_axis={fix}."
+        raise ValueError(
+            f"{described} expects x of shape {expected}, got shape {x.shape}, whose channel "
+            f"axis {axis} has size {channels}, not num_channels={num_channels}.{hint}"
+        )
+    shards = 1 if axis_name is None else axis_size(axis_name, layer)
+    whole = channels * shards  # the channels of all shards
+    across = "" if axis_name is None else f", {whole} across the {shards} shards of {axis_name!r}"
+    if group_size is None:
+        if whole % num_groups:
+            raise ValueError(
+                f"{layer}: num_groups={num_groups} must divide the number of channels, but x "
+                f"of shape {x.shape} has {channels} channels on axis {axis} (layout "
+                f"{expected}){across}."
+            )
+        group_size = whole // num_groups
+    elif whole % group_size:
+        raise ValueError(
+            f"{layer}: `group_size`={group_size} must divide the number of channels, but x of "
+            f"shape {x.shape} has {channels} channels on axis {axis} (layout {expected})"
+            f"{across}."
+        )
+    groups = max(channels // group_size, 1)  # this shard's (part of a) group count
+    if axis_name is not None and channels % group_size and group_size % channels:
+        raise ValueError(
+            f"{layer}: with axis_name={axis_name!r}, each shard's {channels} channels must "
+            f"hold whole groups or lie within one group, but groups hold {group_size} "
+            f"channels{across}. Choose a group size that divides {channels} or that "
+            f"{channels} divides."
+        )
+    gamma = check_parameter(gamma, (channels,), "gamma", layer)
+    beta = check_parameter(beta, (channels,), "beta", layer)
+    epsilon = check_epsilon(epsilon)
+    mask = check_mask(mask, x.shape, layer)
+    zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
+    out_dtype = optional_dtype(dtype, "dtype") or x.dtype
+    reason = common_reason(x, masked=mask is not None, out_dtype=out_dtype, axis_name=axis_name)
+    reason = _rows_kernel.unavailable_reason(x) if reason is None else reason
+    if use_kernel(
+        check_implementation(implementation), layer, reason
+    ):  # on a free 3-D view: (N, S, C) channels-last, (N, C, S) channels-first
+        batch = math.prod(x.shape[: x.ndim - n])
+        positions = math.prod(x.shape[i] for i in range(x.ndim - n, x.ndim) if i != axis)
+        last = channel_axis != 0
+        view = (batch, positions, channels) if last else (batch, channels, positions)
+        scale, offset = _core.affine(gamma, beta, zero_centered_scale, jnp.float32, (channels,))
+        y = _kernel.normalize_groups(
+            x.reshape(view), scale, offset, num_groups=groups, channels_last=last, epsilon=epsilon
+        )
+        return y.reshape(x.shape)
+
+    # Split the channel axis into (groups, channels per group); the statistics run over the
+    # spatial axes and the channels within a group.
+    grouped = (*x.shape[:axis], groups, channels // groups, *x.shape[axis + 1 :])
+    spatial = [i for i in range(x.ndim - n, x.ndim) if i != axis]
+    axes = tuple(sorted([i + 1 if i > axis else i for i in spatial] + [axis + 1]))
+    per_channel = (1,) * axis + (groups, channels // groups) + (1,) * (x.ndim - axis - 1)
+    compute = _core.compute_dtype(x.dtype)
+    scale, offset = _core.affine(gamma, beta, zero_centered_scale, compute, per_channel)
+    groups_across = None
+    if axis_name is not None:  # this shard's groups are start, start + 1, ... of the whole
+        start = (lax.axis_index(axis_name) * channels) // group_size
+        groups_across = _core.Groups(axis, start, whole // group_size)
+    y = _core.normalize(
+        x.reshape(grouped),
+        axes,
+        scale,
+        offset,
+        epsilon=epsilon,
+        mask=None if mask is None else mask.reshape(grouped),
+        axis_name=axis_name,
+        groups=groups_across,
+    )
+    return y.astype(out_dtype).reshape(x.shape)

@@ -6,6 +6,7 @@ implementation, :class:`_TrailingNorm`: its ``__init__`` body and ``__call__``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from typing import Any, ClassVar
 
@@ -13,11 +14,27 @@ import equinox as eqx
 import jax
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from . import functional
+from . import _core
 from ._base import NO_STATE, AffineNorm, with_state
-from ._checks import DTypeLike, canonical_shape, check_implementation
-from .functional import Implementation
+from ._checks import (
+    DTypeLike,
+    Implementation,
+    axis_size,
+    canonical_shape,
+    check_epsilon,
+    check_flag,
+    check_floating,
+    check_implementation,
+    check_mask,
+    check_parameter,
+    check_residual,
+    check_trailing_shape,
+    optional_dtype,
+    reject_unknown_keywords,
+)
+from ._dispatch import common_reason, use_kernel
 from .initializers import InitializerLike
+from .kernels import rows as _kernel
 
 
 class _TrailingNorm(AffineNorm):
@@ -81,7 +98,7 @@ class _TrailingNorm(AffineNorm):
         """
         del key
         with jax.named_scope(f"eqx_norm.{self._name}"):
-            y = functional._trailing_norm(
+            y = trailing_norm(
                 self._name,  # errors name the layer and its arguments
                 x,
                 self.normalized_shape,
@@ -121,18 +138,20 @@ class LayerNorm(_TrailingNorm):
         scale_initializer: initializer of the stored ``gamma``, accepted in the same forms;
             None (default) means ones, or zeros with ``zero_centered_scale=True``.
         elementwise_affine: False switches off both ``gamma`` and ``beta``. An initializer
-            given for a parameter that is switched off is an error.
-        use_scale: False switches off ``gamma`` alone.
-        use_bias: False switches off ``beta`` alone.
+            given for a parameter that is switched off is an error, unless it is that
+            parameter's default written out (``OneInit(1.0)``, ``ZeroInit``).
+        use_scale: False switches off ``gamma`` alone; None (default) follows
+            ``elementwise_affine``, and True beside ``elementwise_affine=False`` is an error.
+        use_bias: False switches off ``beta`` alone; None (default) follows
+            ``elementwise_affine``, and True beside ``elementwise_affine=False`` is an error.
         zero_centered_scale: scale by ``1 + gamma`` instead of ``gamma``, with ``gamma``
             initialised to zero by default, so that weight decay pulls towards identity.
             An explicit ``scale_initializer`` initializes ``gamma`` as given: ``OneInit()``
             then means a scale of 2.
         param_dtype: storage dtype of ``gamma``/``beta`` (default float32).
         dtype: output dtype (default: the input's).
-        implementation: None (default): the compiled CPU kernel where it serves (CPU,
-            float32/bfloat16, no mask), XLA elsewhere; ``"xla"`` or ``"kernel"`` to force
-            one (``"kernel"`` raises where it cannot serve).
+        implementation: which code runs the call: None (default), ``"xla"`` or
+            ``"kernel"``; see "Implementations" in :mod:`eqx_norm.functional`.
         axis_name: the name of a mapped axis (``shard_map``, ``pmap`` or ``vmap``) across
             which the normalized axes are split (tensor or sequence parallelism): each
             shard holds part of every row and the matching part of ``gamma``/``beta``
@@ -165,15 +184,17 @@ class LayerNorm(_TrailingNorm):
         scale_initializer: InitializerLike | None = None,
         elementwise_affine: bool = True,
         *,
-        use_scale: bool = True,
-        use_bias: bool = True,
+        use_scale: bool | None = None,
+        use_bias: bool | None = None,
         zero_centered_scale: bool = False,
         param_dtype: DTypeLike | None = None,
         dtype: DTypeLike | None = None,
         implementation: Implementation = None,
         axis_name: Hashable | None = None,
         key: PRNGKeyArray | None = None,
+        **unknown: Any,
     ):
+        reject_unknown_keywords("LayerNorm", unknown, type(self))
         self._init_trailing(
             normalized_shape,
             implementation=implementation,
@@ -212,8 +233,10 @@ class RMSNorm(_TrailingNorm):
         bias_initializer: initializer of ``beta``, accepted in the same forms, with
             ``use_bias=True``; None (default) means zeros.
         elementwise_affine: False switches off both ``gamma`` and ``beta``. An initializer
-            given for a parameter that is switched off is an error.
-        use_scale: False switches off ``gamma`` alone.
+            given for a parameter that is switched off is an error, unless it is that
+            parameter's default written out (``OneInit(1.0)``, ``ZeroInit``).
+        use_scale: False switches off ``gamma`` alone; None (default) follows
+            ``elementwise_affine``, and True beside ``elementwise_affine=False`` is an error.
         use_bias: True adds a learnable offset ``beta`` (default False, as in the paper).
         zero_centered_scale: scale by ``1 + gamma`` instead of ``gamma``, with ``gamma``
             initialised to zero by default, so that weight decay pulls towards identity.
@@ -221,9 +244,8 @@ class RMSNorm(_TrailingNorm):
             then means a scale of 2.
         param_dtype: storage dtype of ``gamma``/``beta`` (default float32).
         dtype: output dtype (default: the input's).
-        implementation: None (default): the compiled CPU kernel where it serves (CPU,
-            float32/bfloat16, no mask), XLA elsewhere; ``"xla"`` or ``"kernel"`` to force
-            one (``"kernel"`` raises where it cannot serve).
+        implementation: which code runs the call: None (default), ``"xla"`` or
+            ``"kernel"``; see "Implementations" in :mod:`eqx_norm.functional`.
         axis_name: the name of a mapped axis (``shard_map``, ``pmap`` or ``vmap``) across
             which the normalized axes are split (tensor or sequence parallelism): each
             shard holds part of every row and the matching part of ``gamma``/``beta``
@@ -258,7 +280,7 @@ class RMSNorm(_TrailingNorm):
         scale_initializer: InitializerLike | None = None,
         bias_initializer: InitializerLike | None = None,
         elementwise_affine: bool = True,
-        use_scale: bool = True,
+        use_scale: bool | None = None,
         use_bias: bool = False,
         zero_centered_scale: bool = False,
         param_dtype: DTypeLike | None = None,
@@ -266,7 +288,9 @@ class RMSNorm(_TrailingNorm):
         implementation: Implementation = None,
         axis_name: Hashable | None = None,
         key: PRNGKeyArray | None = None,
+        **unknown: Any,
     ):
+        reject_unknown_keywords("RMSNorm", unknown, type(self))
         self._init_trailing(
             normalized_shape,
             implementation=implementation,
@@ -282,3 +306,79 @@ class RMSNorm(_TrailingNorm):
             dtype=dtype,
             key=key,
         )
+
+
+def trailing_norm(
+    layer: str,
+    x: Array,
+    normalized_shape: int | Sequence[int],
+    gamma: Array | None,
+    beta: Array | None,
+    *,
+    epsilon: float,
+    mask: Array | None,
+    zero_centered_scale: bool,
+    dtype: DTypeLike | None,
+    implementation: Implementation,
+    center: bool,
+    residual: Array | None = None,
+    axis_name: Hashable | None = None,
+) -> Array | tuple[Array, Array]:
+    """The body of :func:`~eqx_norm.functional.layer_norm`, :func:`~eqx_norm.functional.rms_norm`
+    (``center=False``) and the layers' ``__call__``: checks (errors name ``layer``), then the
+    kernel on ``(rows, D)``, or :func:`eqx_norm._core.normalize`. With ``residual``:
+    ``(y, h)``, ``y`` the norm of ``h = x + residual``."""
+    shape = canonical_shape(normalized_shape, "normalized_shape")
+    x = check_floating(x, layer)
+    axes = check_trailing_shape(x.shape, shape, layer)
+    residual = check_residual(residual, x, layer)
+    gamma = check_parameter(gamma, shape, "gamma", layer)
+    beta = check_parameter(beta, shape, "beta", layer)
+    epsilon = check_epsilon(epsilon)
+    mask = check_mask(mask, x.shape, layer)
+    zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
+    out_dtype = optional_dtype(dtype, "dtype") or x.dtype
+    if axis_name is not None:
+        axis_size(axis_name, layer)  # a NameError naming axis_name where it is not mapped
+    reason = common_reason(x, masked=mask is not None, out_dtype=out_dtype, axis_name=axis_name)
+    if reason is None:
+        reason = (
+            _kernel.unavailable_reason(x)
+            if residual is None
+            else _kernel.residual_unavailable_reason(x, residual)
+        )
+    kernel = use_kernel(check_implementation(implementation), layer, reason)
+    d = math.prod(shape)
+    compute = _core.compute_dtype(x.dtype if residual is None else residual.dtype)
+    if kernel:  # on a free (rows, D) view
+        scale, offset = _core.affine(gamma, beta, zero_centered_scale, compute, (d,))
+        rows = x.reshape(-1, d)
+        if residual is None:
+            y = _kernel.normalize_rows(rows, scale, offset, epsilon=epsilon, center=center)
+            return y.reshape(x.shape)
+        y, hidden = _kernel.normalize_rows_residual(
+            rows, residual.reshape(-1, d), scale, offset, epsilon=epsilon, center=center
+        )
+        return y.reshape(x.shape), hidden.reshape(x.shape)
+    hidden = None
+    if residual is not None:  # the sum, then the norm: XLA fuses them
+        hidden = x = _core.add_residual(x, residual)
+    if mask is None and axis_name is None:
+        # A free (*batch, D) view: one reduced axis, and one example under vmap keeps the
+        # batch's shape, not one with a size-1 rows axis (which XLA:CPU reduced 4x slower).
+        view, axes, parameter_shape = (*x.shape[: x.ndim - len(shape)], d), (-1,), (d,)
+    else:
+        view, parameter_shape = x.shape, shape
+    scale, offset = _core.affine(gamma, beta, zero_centered_scale, compute, parameter_shape)
+    y = _core.normalize(
+        x.reshape(view),
+        axes,
+        scale,
+        offset,
+        epsilon=epsilon,
+        center=center,
+        mask=mask,
+        axis_name=axis_name,
+    )
+    y = y.astype(out_dtype).reshape(x.shape)
+    return y if residual is None else (y, hidden)

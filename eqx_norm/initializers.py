@@ -212,6 +212,19 @@ def _check_real(dtype: np.dtype, given: str) -> None:
         raise TypeError(f"{given}; a parameter's initial values must be real numbers.")
 
 
+def constant_value(initializer: Any) -> float | None:
+    """The value every element of ``initializer`` takes, if it is a constant initializer
+    (an instance, or a class with default arguments, of :class:`ZeroInit`,
+    :class:`OneInit` or :class:`Constant`); None for any other."""
+    if isinstance(initializer, type) and issubclass(initializer, (ZeroInit, OneInit)):
+        initializer = initializer()
+    if isinstance(initializer, ZeroInit):
+        return 0.0
+    if isinstance(initializer, Constant):
+        return float(initializer.value)
+    return None
+
+
 def make_parameter(
     initializer: InitializerLike,
     *,
