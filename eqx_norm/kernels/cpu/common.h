@@ -1,7 +1,7 @@
-// Pieces shared by the eqx_norm CPU kernels: element types, fixed-order lane combination,
-// work sharing on XLA's intra-op pool and buffer checks. (The same as in layer_norm.cc,
-// which keeps its own copy for now.) Everything is in an internal namespace of each
-// translation unit: the library exports only its handlers.
+// What the eqx_norm CPU kernels (layer_norm.cc, group_norm.cc) share: element types and
+// their dispatch, fixed-order sums, the statistics of a contiguous run, work sharing on
+// XLA's intra-op pool and buffer checks. Everything but `pool_threads_seen` is internal to
+// each translation unit: the library exports only what EQX_EXPORT marks.
 
 #ifndef EQX_NORM_KERNELS_CPU_COMMON_H_
 #define EQX_NORM_KERNELS_CPU_COMMON_H_
@@ -17,23 +17,34 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
+// Hot loops are cloned for x86-64-v3/v4 and picked at load time (GCC, Linux x86-64).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #define EQX_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define EQX_CLONES
 #endif
 #define EQX_INLINE inline __attribute__((always_inline))
+// The library is built with hidden visibility: only these symbols are exported.
+#define EQX_EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace eqx {
+
+// The size of XLA's intra-op pool as the last kernel call saw it (0 before any call);
+// one variable for the whole library, read by EqxNormPoolThreads.
+inline std::atomic<int64_t> pool_threads_seen{0};
+
 namespace {
 
+// ---------------------------------------------------------------------------------------
 // Element types: load to float32, store from float32 (round to nearest even).
+
 struct F32 {
   using T = float;
   static EQX_INLINE float load(T v) { return v; }
@@ -73,20 +84,38 @@ struct F16 {
     return v;
   }
 };
+#define EQX_SERVED "float32, bfloat16 or float16"
+#else
+#define EQX_SERVED "float32 or bfloat16"
 #endif
 
-// Fixed-order sums: lane l takes the elements i with i % kLanes == l, lanes combine as a tree.
+// The dtype dispatch: f(S{}) with S the element type of `type` (F32, BF16, F16 where the
+// compiler has _Float16); false, calling nothing, for any other type.
+template <class F>
+bool with_element_type(ffi::DataType type, F f) {
+  switch (type) {
+    case ffi::F32: f(F32{}); return true;
+    case ffi::BF16: f(BF16{}); return true;
+#ifdef __FLT16_MAX__
+    case ffi::F16: f(F16{}); return true;
+#endif
+    default: return false;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Fixed-order sums: lane l takes the elements i with i % kLanes == l, lanes combine as a
+// tree; contiguous runs are summed in blocks of kBlock, blocks added in double, so that the
+// rounding error grows with 4096 / 16 = 256 terms per lane, not n / 16.
+
 constexpr int64_t kLanes = 16;
+constexpr int64_t kBlock = 4096;
 
 EQX_INLINE float combine(float* acc) {
   for (int64_t width = kLanes / 2; width > 0; width /= 2)
     for (int64_t l = 0; l < width; ++l) acc[l] += acc[l + width];
   return acc[0];
 }
-
-// Fixed-order sums of contiguous runs: 16 float lanes within blocks of 4096, blocks in double.
-
-constexpr int64_t kBlock = 4096;
 
 template <class F>
 EQX_INLINE double lane_sum(int64_t n, F f) {
@@ -103,8 +132,12 @@ EQX_INLINE double lane_sum(int64_t n, F f) {
   return total;
 }
 
+// ---------------------------------------------------------------------------------------
+// Statistics. `mean(sum)` turns a sum of n values into their float32 mean: each kernel
+// passes its own (the rows kernel multiplies by 1 / D, the groups kernel divides by M).
+
 // rsqrt(variance + epsilon); NaN for an infinite or NaN variance (not rsqrt(inf) = 0, which
-// would silently return `offset`); 0 where variance + epsilon is 0 (a constant group at
+// would silently return `offset`); 0 where variance + epsilon is 0 (a constant run at
 // epsilon 0 gives exactly `offset`).
 EQX_INLINE float rsqrt_or_zero(float variance, float epsilon) {
   if (!(variance < INFINITY)) return NAN;
@@ -112,8 +145,49 @@ EQX_INLINE float rsqrt_or_zero(float variance, float epsilon) {
   return v > 0.0f ? 1.0f / std::sqrt(v) : 0.0f;
 }
 
+// The rstd of the n deviations c(i), whose mean square is `variance`. At epsilon 0 a
+// variance of 0 or inf is recomputed as rsqrt(mean((c(i) / s)^2)) / s with s = max |c(i)|,
+// so that squares that under- or overflowed float32 are right: 0 for a constant run, NaN
+// where the answer is not a normal float32. Only such runs pay for it (the XLA path
+// computes the same for every run at epsilon 0).
+template <class Mean, class C>
+EQX_INLINE float rstd_of(float variance, float epsilon, int64_t n, Mean mean, C c) {
+  if (epsilon != 0.0f || (variance != 0.0f && variance != INFINITY))
+    return rsqrt_or_zero(variance, epsilon);
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s = std::max(s, std::fabs(c(i)));
+  if (!(s > 0.0f)) return 0.0f;
+  float var = mean(lane_sum(n, [&](int64_t i) {
+    float v = c(i) / s;
+    return v * v;
+  }));
+  float r = 1.0f / std::sqrt(var) / s;
+  return r > 0.0f ? r : NAN;
+}
+
+// Two-pass statistics of the n values v(i) of a contiguous run, shifted by the first:
+// shift = v(0), m = mean(v - shift), rstd of (v - shift) - m. The shift keeps a large mean
+// (1e4 and above) from cancelling the variance.
+struct Stats {
+  float shift, mean, rstd;
+};
+
+template <class Mean, class V>
+EQX_INLINE Stats shifted_stats(int64_t n, float epsilon, Mean mean, V v) {
+  const float shift = v(0);
+  const float m = mean(lane_sum(n, [&](int64_t i) { return v(i) - shift; }));
+  auto c = [&](int64_t i) { return (v(i) - shift) - m; };
+  const float var = mean(lane_sum(n, [&](int64_t i) {
+    float d = c(i);
+    return d * d;
+  }));
+  return Stats{shift, m, rstd_of(var, epsilon, n, mean, c)};
+}
+
+// ---------------------------------------------------------------------------------------
 // Work sharing on XLA's pool: run body(i) for i in [0, n), the caller taking indices too,
 // so a busy pool only slows the call down, it cannot deadlock it.
+
 struct Shared {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -124,6 +198,7 @@ struct Shared {
 
 template <class Body>
 void parallel_for(ffi::ThreadPool& pool, int64_t n, const Body& body) {
+  pool_threads_seen.store(pool.num_threads(), std::memory_order_relaxed);
   if (n <= 0) return;
   int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
   if (helpers <= 0) {
@@ -152,7 +227,22 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const Body& body) {
   shared->finished.wait(lock, [&] { return shared->done.load() == shared->n; });
 }
 
-// Buffer checks: an error naming the buffer, its dimensions and the expected ones.
+// Units (rows, examples or groups) per task: about `elements` elements, at least one unit.
+// By shape only, never by thread count, so results do not depend on the thread count.
+int64_t units_per_chunk(int64_t unit_size, int64_t elements) {
+  return std::max<int64_t>(1, elements / std::max<int64_t>(unit_size, 1));
+}
+
+// body(u0, u1) over [0, units) cut into chunks of `chunk` units, shared on the pool.
+template <class Body>
+void parallel_chunks(ffi::ThreadPool& pool, int64_t units, int64_t chunk, const Body& body) {
+  parallel_for(pool, (units + chunk - 1) / chunk,
+               [&](int64_t t) { body(t * chunk, std::min(units, (t + 1) * chunk)); });
+}
+
+// ---------------------------------------------------------------------------------------
+// Buffer checks: an error naming the buffer, what it has and what was expected.
+
 std::optional<ffi::Error> check_dims(const char* name, ffi::Span<const int64_t> dims,
                                      std::initializer_list<int64_t> expected) {
   bool same = dims.size() == expected.size() &&
@@ -164,6 +254,31 @@ std::optional<ffi::Error> check_dims(const char* name, ffi::Span<const int64_t> 
   size_t i = 0;
   for (int64_t e : expected) message += (i++ ? ", " : "") + std::to_string(e);
   return ffi::Error::InvalidArgument(message + ")");
+}
+
+std::string type_name(ffi::DataType type) {
+  switch (type) {
+    case ffi::PRED: return "bool";
+    case ffi::S8: return "int8";
+    case ffi::S16: return "int16";
+    case ffi::S32: return "int32";
+    case ffi::S64: return "int64";
+    case ffi::U8: return "uint8";
+    case ffi::U16: return "uint16";
+    case ffi::U32: return "uint32";
+    case ffi::U64: return "uint64";
+    case ffi::F16: return "float16";
+    case ffi::BF16: return "bfloat16";
+    case ffi::F32: return "float32";
+    case ffi::F64: return "float64";
+    default: return "XLA type " + std::to_string(static_cast<int>(type));
+  }
+}
+
+// `name` has element type `type`, expected `expected` (e.g. "float32" or "x's, float32").
+ffi::Error type_error(const char* name, ffi::DataType type, const std::string& expected) {
+  return ffi::Error::InvalidArgument(std::string(name) + " has element type " +
+                                     type_name(type) + ", expected " + expected);
 }
 
 }  // namespace

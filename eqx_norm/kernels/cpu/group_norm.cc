@@ -26,23 +26,14 @@
 // keeps two (N, C) double partial sums. Passes over x: forward, three over a contiguous
 // group (L1-resident) channels-first, and channels-last two per block of 64 positions (the
 // second from L1) and one to write y; backward, one for the sums and one to write dx.
-// Safety: every buffer's dimensions and element type are checked first, as layer_norm.cc.
+// Safety: every buffer's dimensions and element type are checked first, then every output
+// is written (NaN statistics for empty groups), as in layer_norm.cc.
 
 #include "common.h"
 
 namespace {
 
-using eqx::BF16;
-using eqx::check_dims;
-using eqx::F32;
-using eqx::kBlock;
-using eqx::kLanes;
-using eqx::lane_sum;
-using eqx::parallel_for;
-using eqx::rsqrt_or_zero;
-#ifdef __FLT16_MAX__
-using eqx::F16;
-#endif
+using namespace eqx;  // common.h
 
 constexpr int64_t kPositions = 64;  // channels-last: positions summed in float per block
 
@@ -51,6 +42,8 @@ struct Layout {
   bool last;
   int64_t group_size() const { return k * s; }
   int64_t example_size() const { return s * c; }
+  // float32 mean of a group's values from their sum
+  float mean(double sum) const { return static_cast<float>(sum) / static_cast<float>(k * s); }
 };
 
 // Two sums at once: (sum f, sum h) over [0, n), same order as lane_sum.
@@ -64,31 +57,11 @@ EQX_INLINE void lane_sum2(int64_t n, F f, double* s1, double* s2) {
     for (; i + kLanes <= end; i += kLanes)
       for (int64_t l = 0; l < kLanes; ++l) f(i + l, &a1[l], &a2[l]);
     for (int64_t l = 0; i + l < end; ++l) f(i + l, &a1[l], &a2[l]);
-    t1 += eqx::combine(a1);
-    t2 += eqx::combine(a2);
+    t1 += combine(a1);
+    t2 += combine(a2);
   }
   *s1 = t1;
   *s2 = t2;
-}
-
-// epsilon == 0 and a variance of 0 or inf: rsqrt(mean((c_i / s)^2)) / s with s = max |c_i|
-// (as layer_norm.cc), so squares that under- or overflowed float32 are right; 0 for a
-// constant group, NaN where the answer is not a normal float32. Rare: index by i.
-template <class C>
-float rescaled_rsqrt(int64_t m, C c) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < m; ++i) s = std::max(s, std::fabs(c(i)));
-  if (!(s > 0.0f)) return 0.0f;
-  float var = static_cast<float>(lane_sum(m, [&](int64_t i) {
-                float v = c(i) / s;
-                return v * v;
-              })) / static_cast<float>(m);
-  float r = 1.0f / std::sqrt(var) / s;
-  return r > 0.0f ? r : NAN;
-}
-
-EQX_INLINE float group_rstd(double sum_squares, int64_t m, float epsilon) {
-  return rsqrt_or_zero(static_cast<float>(sum_squares) / static_cast<float>(m), epsilon);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -113,18 +86,10 @@ EQX_INLINE void forward_group_first(const ForwardArgs& a, int64_t u) {
   const int64_t m_size = l.group_size();
   const T* x = static_cast<const T*>(a.x) + u * m_size;
   T* y = static_cast<T*>(a.y) + u * m_size;
-  const float shift = S::load(x[0]);
-  const float m =
-      static_cast<float>(lane_sum(m_size, [&](int64_t i) { return S::load(x[i]) - shift; })) /
-      static_cast<float>(m_size);
-  const double ss = lane_sum(m_size, [&](int64_t i) {
-    float c = (S::load(x[i]) - shift) - m;
-    return c * c;
-  });
-  const float var = static_cast<float>(ss) / static_cast<float>(m_size);
-  float r = rsqrt_or_zero(var, a.epsilon);
-  if (a.epsilon == 0.0f && (var == 0.0f || var == INFINITY))
-    r = rescaled_rsqrt(m_size, [&](int64_t i) { return (S::load(x[i]) - shift) - m; });
+  auto mean = [&l](double sum) { return l.mean(sum); };
+  const Stats stats =
+      shifted_stats(m_size, a.epsilon, mean, [&](int64_t i) { return S::load(x[i]); });
+  const float shift = stats.shift, m = stats.mean, r = stats.rstd;
   const int64_t c0 = (u % l.g) * l.k;
   for (int64_t k = 0; k < l.k; ++k) {
     const float sc = r * a.scale[c0 + k], of = a.offset[c0 + k];
@@ -146,28 +111,10 @@ struct Scratch {
         total(c), total2(c) {}
 };
 
-// Per-channel sums over all positions of f(s, c) (float within blocks of kPositions
-// positions, double across), into sc.total.
-template <class F>
-EQX_INLINE void channel_sums(const Layout& l, Scratch& sc, F f) {
-  const int64_t c = l.c;
-  float* acc = sc.acc.data();
-  double* total = sc.total.data();
-  std::fill(total, total + c, 0.0);
-  for (int64_t s0 = 0; s0 < l.s; s0 += kPositions) {
-    std::fill(acc, acc + c, 0.0f);
-    const int64_t s1 = std::min(l.s, s0 + kPositions);
-    for (int64_t s = s0; s < s1; ++s) {
-#pragma omp simd
-      for (int64_t ch = 0; ch < c; ++ch) acc[ch] += f(s, ch);
-    }
-    for (int64_t ch = 0; ch < c; ++ch) total[ch] += acc[ch];
-  }
-}
-
-// Two such sums in one pass, of f(s, c) into sc.total and h(s, c) into sc.total2.
+// Per-channel sums over all positions of f(s, c) into sc.total and of h(s, c) into
+// sc.total2, in one pass (float within blocks of kPositions positions, double across).
 template <class F, class H>
-EQX_INLINE void channel_sums2(const Layout& l, Scratch& sc, F f, H h) {
+EQX_INLINE void channel_sums(const Layout& l, Scratch& sc, F f, H h) {
   const int64_t c = l.c;
   float* acc = sc.acc.data();
   float* acc2 = sc.acc2.data();
@@ -248,7 +195,7 @@ EQX_INLINE void forward_example_last(const ForwardArgs& a, int64_t n, Scratch& s
     }
   }
   for (int64_t g = 0; g < l.g; ++g) {
-    const float m = static_cast<float>(group_total(l, total, g)) / static_cast<float>(m_size);
+    const float m = l.mean(group_total(l, total, g));
     for (int64_t k = 0; k < l.k; ++k) mean[g * l.k + k] = m;
     a.mean_shift[n * l.g + g] = m;
   }
@@ -262,15 +209,14 @@ EQX_INLINE void forward_example_last(const ForwardArgs& a, int64_t n, Scratch& s
   }
   for (int64_t ch = 0; ch < c; ++ch) total[ch] = squares[ch];  // group_total reads total
   for (int64_t g = 0; g < l.g; ++g) {
-    const float var = static_cast<float>(group_total(l, sc.total.data(), g)) /
-                      static_cast<float>(m_size);
-    float r = rsqrt_or_zero(var, a.epsilon);
-    if (a.epsilon == 0.0f && (var == 0.0f || var == INFINITY)) {
-      const float x0 = shift[g * l.k], m = mean[g * l.k];
-      r = rescaled_rsqrt(m_size, [&](int64_t i) {
-        return (S::load(x[(i / l.k) * c + g * l.k + i % l.k]) - x0) - m;
-      });
-    }
+    const float var = l.mean(group_total(l, sc.total.data(), g));
+    const float x0 = shift[g * l.k], m = mean[g * l.k];
+    // the group's i-th value in (position, channel) order, less x0 and m
+    auto deviation = [&](int64_t i) {
+      return (S::load(x[(i / l.k) * c + g * l.k + i % l.k]) - x0) - m;
+    };
+    const float r = rstd_of(var, a.epsilon, m_size, [&l](double sum) { return l.mean(sum); },
+                            deviation);
     for (int64_t k = 0; k < l.k; ++k) mul[g * l.k + k] = r * a.scale[g * l.k + k];
     a.rstd[n * l.g + g] = r;
   }
@@ -285,7 +231,7 @@ EQX_INLINE void forward_example_last(const ForwardArgs& a, int64_t n, Scratch& s
 }
 
 template <class S>
-EQX_INLINE void forward_units(const ForwardArgs& a, int64_t u0, int64_t u1) {
+EQX_CLONES void forward_units(const ForwardArgs& a, int64_t u0, int64_t u1) {
   if (a.l.last) {
     Scratch sc(a.l.c, (a.l.s + kPositions - 1) / kPositions);
     for (int64_t n = u0; n < u1; ++n) forward_example_last<S>(a, n, sc);
@@ -294,24 +240,11 @@ EQX_INLINE void forward_units(const ForwardArgs& a, int64_t u0, int64_t u1) {
   }
 }
 
-EQX_CLONES void forward_f32(const ForwardArgs& a, int64_t u0, int64_t u1) {
-  forward_units<F32>(a, u0, u1);
-}
-EQX_CLONES void forward_bf16(const ForwardArgs& a, int64_t u0, int64_t u1) {
-  forward_units<BF16>(a, u0, u1);
-}
-#ifdef __FLT16_MAX__
-EQX_CLONES void forward_f16(const ForwardArgs& a, int64_t u0, int64_t u1) {
-  forward_units<F16>(a, u0, u1);
-}
-#endif
-
 // Units (examples channels-last, groups channels-first) and units per task: about 64K
 // elements per task, by shape only.
-void units_and_chunk(const Layout& l, int64_t* units, int64_t* chunk) {
-  const int64_t unit_size = l.last ? l.example_size() : l.group_size();
-  *units = l.last ? l.n : l.n * l.g;
-  *chunk = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(unit_size, 1));
+int64_t units_of(const Layout& l) { return l.last ? l.n : l.n * l.g; }
+int64_t chunk_of(const Layout& l) {
+  return units_per_chunk(l.last ? l.example_size() : l.group_size(), 1 << 16);
 }
 
 std::optional<ffi::Error> read_layout(ffi::Span<const int64_t> dims, int64_t num_groups,
@@ -346,29 +279,20 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32>
   if (auto e = check_dims("y", y->dimensions(), {dims[0], dims[1], dims[2]})) return *e;
   if (auto e = check_dims("mean_shift", mean_shift->dimensions(), {l.n, l.g})) return *e;
   if (auto e = check_dims("rstd", rstd->dimensions(), {l.n, l.g})) return *e;
-  if (y->element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("y must have x's element type");
-  ForwardFn fn;
-  switch (x.element_type()) {
-    case ffi::F32: fn = forward_f32; break;
-    case ffi::BF16: fn = forward_bf16; break;
-#ifdef __FLT16_MAX__
-    case ffi::F16: fn = forward_f16; break;
-#endif
-    default: return ffi::Error::InvalidArgument("unsupported dtype");
-  }
-  if (l.n == 0) return ffi::Error::Success();
-  if (l.s == 0) {  // empty groups: NaN statistics, as a mean over no values
+  const ffi::DataType type = x.element_type();
+  ForwardFn fn = nullptr;
+  if (!with_element_type(type, [&](auto s) { fn = forward_units<decltype(s)>; }))
+    return type_error("x", type, EQX_SERVED);
+  if (y->element_type() != type)
+    return type_error("y", y->element_type(), type_name(type) + " (x's)");
+  if (l.n == 0 || l.group_size() == 0) {  // empty groups: NaN statistics, a mean over none
     std::fill(mean_shift->typed_data(), mean_shift->typed_data() + l.n * l.g, NAN);
     std::fill(rstd->typed_data(), rstd->typed_data() + l.n * l.g, NAN);
     return ffi::Error::Success();
   }
   ForwardArgs a{x.untyped_data(), scale.typed_data(), offset.typed_data(), y->untyped_data(),
                 mean_shift->typed_data(), rstd->typed_data(), l, epsilon};
-  int64_t units, chunk;
-  units_and_chunk(l, &units, &chunk);
-  parallel_for(pool, (units + chunk - 1) / chunk,
-               [&](int64_t t) { fn(a, t * chunk, std::min(units, (t + 1) * chunk)); });
+  parallel_chunks(pool, units_of(l), chunk_of(l), [&](int64_t u0, int64_t u1) { fn(a, u0, u1); });
   return ffi::Error::Success();
 }
 
@@ -417,8 +341,7 @@ EQX_INLINE void backward_group_first(const BackwardArgs& a, int64_t u) {
     svx += a.scale[c0 + k] * s2;
   }
   if (!a.want_dx) return;
-  const float mean_v = static_cast<float>(sv) / static_cast<float>(m_size);
-  const float mean_vx = static_cast<float>(svx) / static_cast<float>(m_size);
+  const float mean_v = l.mean(sv), mean_vx = l.mean(svx);
   T* dx = static_cast<T*>(a.dx) + u * m_size;
   for (int64_t k = 0; k < l.k; ++k) {
     const float sc = a.scale[c0 + k];
@@ -437,7 +360,7 @@ template <class S>
 EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch& sc) {
   using T = typename S::T;
   const Layout& l = a.l;
-  const int64_t c = l.c, m_size = l.group_size();
+  const int64_t c = l.c;
   const T* x = static_cast<const T*>(a.x) + n * l.example_size();
   const T* ct = static_cast<const T*>(a.ct) + n * l.example_size();
   float* shift = sc.shift.data();
@@ -451,7 +374,7 @@ EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch&
   }
   double* s_ct = a.sum_ct + n * c;
   double* s_ctx = a.sum_ct_xh + n * c;
-  channel_sums2(
+  channel_sums(
       l, sc, [&](int64_t s, int64_t ch) { return S::load(ct[s * c + ch]); },
       [&](int64_t s, int64_t ch) {
         return S::load(ct[s * c + ch]) *
@@ -469,8 +392,7 @@ EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch&
       sv += a.scale[g * l.k + k] * s_ct[g * l.k + k];
       svx += a.scale[g * l.k + k] * s_ctx[g * l.k + k];
     }
-    const float fv = static_cast<float>(sv) / static_cast<float>(m_size);
-    const float fvx = static_cast<float>(svx) / static_cast<float>(m_size);
+    const float fv = l.mean(sv), fvx = l.mean(svx);
     for (int64_t k = 0; k < l.k; ++k) {
       mv[g * l.k + k] = fv;
       mvx[g * l.k + k] = fvx;
@@ -493,7 +415,7 @@ EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch&
 }
 
 template <class S>
-EQX_INLINE void backward_units(const BackwardArgs& a, int64_t u0, int64_t u1) {
+EQX_CLONES void backward_units(const BackwardArgs& a, int64_t u0, int64_t u1) {
   if (a.l.last) {
     Scratch sc(a.l.c, (a.l.s + kPositions - 1) / kPositions);
     for (int64_t n = u0; n < u1; ++n) backward_example_last<S>(a, n, sc);
@@ -501,18 +423,6 @@ EQX_INLINE void backward_units(const BackwardArgs& a, int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) backward_group_first<S>(a, u);
   }
 }
-
-EQX_CLONES void backward_f32(const BackwardArgs& a, int64_t u0, int64_t u1) {
-  backward_units<F32>(a, u0, u1);
-}
-EQX_CLONES void backward_bf16(const BackwardArgs& a, int64_t u0, int64_t u1) {
-  backward_units<BF16>(a, u0, u1);
-}
-#ifdef __FLT16_MAX__
-EQX_CLONES void backward_f16(const BackwardArgs& a, int64_t u0, int64_t u1) {
-  backward_units<F16>(a, u0, u1);
-}
-#endif
 
 using BackwardFn = void (*)(const BackwardArgs&, int64_t, int64_t);
 
@@ -538,17 +448,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
   }
   if (auto e = check_dims("dscale", dscale->dimensions(), {groups, l.c})) return *e;
   if (auto e = check_dims("doffset", doffset->dimensions(), {groups, l.c})) return *e;
-  if (ct.element_type() != x.element_type() || dx->element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("ct and dx must have x's element type");
-  BackwardFn fn;
-  switch (x.element_type()) {
-    case ffi::F32: fn = backward_f32; break;
-    case ffi::BF16: fn = backward_bf16; break;
-#ifdef __FLT16_MAX__
-    case ffi::F16: fn = backward_f16; break;
-#endif
-    default: return ffi::Error::InvalidArgument("unsupported dtype");
-  }
+  const ffi::DataType type = x.element_type();
+  BackwardFn fn = nullptr;
+  if (!with_element_type(type, [&](auto s) { fn = backward_units<decltype(s)>; }))
+    return type_error("x", type, EQX_SERVED);
+  if (ct.element_type() != type)
+    return type_error("ct", ct.element_type(), type_name(type) + " (x's)");
+  if (dx->element_type() != type)
+    return type_error("dx", dx->element_type(), type_name(type) + " (x's)");
   float* out_dscale = dscale->typed_data();
   float* out_doffset = doffset->typed_data();
   if (l.n == 0 || l.s == 0 || l.c == 0) {
@@ -560,10 +467,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
   BackwardArgs a{x.untyped_data(), scale.typed_data(), mean_shift.typed_data(),
                  rstd.typed_data(), ct.untyped_data(), dx->untyped_data(), sums.data(),
                  sums.data() + l.n * l.c, l, want_dx};
-  int64_t units, chunk;
-  units_and_chunk(l, &units, &chunk);
-  parallel_for(pool, (units + chunk - 1) / chunk,
-               [&](int64_t t) { fn(a, t * chunk, std::min(units, (t + 1) * chunk)); });
+  parallel_chunks(pool, units_of(l), chunk_of(l), [&](int64_t u0, int64_t u1) { fn(a, u0, u1); });
   // dscale/doffset per group of examples: the (n, c) partial sums added in n order
   const int64_t per = l.n / groups;
   const int64_t cols = 1024, col_tasks = (l.c + cols - 1) / cols;
@@ -585,7 +489,6 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
 
 }  // namespace
 
-#define EQX_EXPORT extern "C" __attribute__((visibility("default")))
 EQX_EXPORT XLA_FFI_Error* EqxNormGroupsForward(XLA_FFI_CallFrame* call_frame);
 EQX_EXPORT XLA_FFI_Error* EqxNormGroupsBackward(XLA_FFI_CallFrame* call_frame);
 

@@ -10,8 +10,9 @@
 // Statistics are float32; inputs and outputs may be float32, bfloat16 or float16 (where the
 // compiler has _Float16: EqxNormDtypes() says which were built).
 // Safety: a registered target can be called by anyone with any shapes, so every handler
-// checks every buffer's dimensions and element type against x's and returns an error
-// naming the buffer; nothing is read or written before the checks pass.
+// checks every buffer's dimensions and element type and returns an error naming the buffer;
+// nothing is read or written before the checks pass, and then every output is written
+// (mean_shift and rstd NaN for rows of D = 0, a mean over no values).
 // Determinism: the work is cut into chunks by shape only (never by thread count), every
 // sum runs in a fixed order (16 fixed lanes inside a row, chunks reduced in index order),
 // so results are bitwise identical across runs and thread counts.
@@ -24,15 +25,7 @@
 
 namespace {
 
-using namespace eqx;  // element types, lane sums, parallel_for, check_dims (common.h)
-
-// sum of f(i) for i in [0, n), in the fixed lane order (common.h's block sums in double,
-// so that the rounding error grows with 4096 / 16 = 256 terms per lane, not n / 16), rounded
-// to float32.
-template <class F>
-EQX_INLINE float row_sum(int64_t n, F f) {
-  return static_cast<float>(lane_sum(n, f));
-}
+using namespace eqx;  // common.h
 
 // ---------------------------------------------------------------------------------------
 // Forward.
@@ -51,33 +44,15 @@ struct ForwardArgs {
   bool center;
 };
 
-
-// epsilon == 0 and a variance of 0 or inf: rsqrt(mean(c(i)^2)) recomputed as
-// rsqrt(mean((c(i) / s)^2)) / s with s = max |c(i)|, so that squares that under- or overflowed
-// float32 are right; 0 for a constant row, NaN where the answer is not a normal float32.
-// Only such rows pay for it (the XLA path computes the same for every row at epsilon == 0).
-template <class C>
-EQX_INLINE float rescaled_rsqrt(int64_t d, float inv_d, C c) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < d; ++i) s = std::max(s, std::fabs(c(i)));
-  if (!(s > 0.0f)) return 0.0f;
-  float var = row_sum(d, [&](int64_t i) {
-                float v = c(i) / s;
-                return v * v;
-              }) *
-              inv_d;
-  float r = 1.0f / std::sqrt(var) / s;
-  return r > 0.0f ? r : NAN;
-}
-
 // Y: x's and y's element type; H: the residual's and h's (with Residual, the row normalized
 // is h = store_H(load(x) + load(r)), as stored; without, x itself).
 template <class Y, class H, bool Residual>
-EQX_INLINE void forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
+EQX_CLONES void forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t row_end) {
   using T = typename Y::T;
   using TH = typename H::T;
   const int64_t d = a.d;
   const float inv_d = 1.0f / static_cast<float>(d);
+  auto mean = [inv_d](double sum) { return static_cast<float>(sum) * inv_d; };
   for (int64_t row = row_begin; row < row_end; ++row) {
     const T* x = static_cast<const T*>(a.x) + row * d;
     T* y = static_cast<T*>(a.y) + row * d;
@@ -98,30 +73,21 @@ EQX_INLINE void forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t ro
     };
     const float* scale = a.scale;
     const float* offset = a.offset;
-    float shift = 0.0f, m = 0.0f, r;
+    float m = 0.0f, r;
     if (a.center) {
-      shift = v(0);
-      m = row_sum(d, [&](int64_t i) { return v(i) - shift; }) * inv_d;
-      float var = row_sum(d, [&](int64_t i) {
-                    float c = (v(i) - shift) - m;
-                    return c * c;
-                  }) *
-                  inv_d;
-      r = rsqrt_or_zero(var, a.epsilon);
-      if (a.epsilon == 0.0f && (var == 0.0f || var == INFINITY))
-        r = rescaled_rsqrt(d, inv_d, [&](int64_t i) { return (v(i) - shift) - m; });
+      const Stats stats = shifted_stats(d, a.epsilon, mean, v);
+      const float shift = stats.shift;
+      m = stats.mean;
+      r = stats.rstd;
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i)
         y[i] = Y::store(((v(i) - shift) - m) * r * scale[i] + offset[i]);
     } else {
-      float ms = row_sum(d, [&](int64_t i) {
-                   float u = v(i);
-                   return u * u;
-                 }) *
-                 inv_d;
-      r = rsqrt_or_zero(ms, a.epsilon);
-      if (a.epsilon == 0.0f && (ms == 0.0f || ms == INFINITY))
-        r = rescaled_rsqrt(d, inv_d, [&](int64_t i) { return v(i); });
+      const float ms = mean(lane_sum(d, [&](int64_t i) {
+        float u = v(i);
+        return u * u;
+      }));
+      r = rstd_of(ms, a.epsilon, d, mean, v);
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) y[i] = Y::store(v(i) * r * scale[i] + offset[i]);
     }
@@ -130,49 +96,7 @@ EQX_INLINE void forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t ro
   }
 }
 
-#define EQX_FORWARD(NAME, Y, H, RESIDUAL)                                   \
-  EQX_CLONES void NAME(const ForwardArgs& a, int64_t b, int64_t e) {       \
-    forward_rows<Y, H, RESIDUAL>(a, b, e);                                 \
-  }
-EQX_FORWARD(forward_f32, F32, F32, false)
-EQX_FORWARD(forward_bf16, BF16, BF16, false)
-EQX_FORWARD(forward_f32_f32, F32, F32, true)
-EQX_FORWARD(forward_bf16_bf16, BF16, BF16, true)
-EQX_FORWARD(forward_bf16_f32, BF16, F32, true)
-#ifdef __FLT16_MAX__
-EQX_FORWARD(forward_f16, F16, F16, false)
-EQX_FORWARD(forward_f16_f16, F16, F16, true)
-EQX_FORWARD(forward_f16_f32, F16, F32, true)
-#endif
-
-// Rows per task: about 64K elements, at least one row.
-int64_t rows_per_chunk(int64_t d, int64_t elements) {
-  return std::max<int64_t>(1, elements / std::max<int64_t>(d, 1));
-}
-
 using ForwardFn = void (*)(const ForwardArgs&, int64_t, int64_t);
-
-// The forward function for (x's, the residual's) element types; null if not built.
-ForwardFn forward_fn(ffi::DataType x, ffi::DataType r, bool residual) {
-  if (!residual) {
-    switch (x) {
-      case ffi::F32: return forward_f32;
-      case ffi::BF16: return forward_bf16;
-#ifdef __FLT16_MAX__
-      case ffi::F16: return forward_f16;
-#endif
-      default: return nullptr;
-    }
-  }
-  if (x == ffi::F32 && r == ffi::F32) return forward_f32_f32;
-  if (x == ffi::BF16 && r == ffi::BF16) return forward_bf16_bf16;
-  if (x == ffi::BF16 && r == ffi::F32) return forward_bf16_f32;
-#ifdef __FLT16_MAX__
-  if (x == ffi::F16 && r == ffi::F16) return forward_f16_f16;
-  if (x == ffi::F16 && r == ffi::F32) return forward_f16_f32;
-#endif
-  return nullptr;
-}
 
 ffi::Error run_forward(ffi::ThreadPool& pool, ffi::AnyBuffer x, const ffi::AnyBuffer* r,
                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset,
@@ -186,27 +110,42 @@ ffi::Error run_forward(ffi::ThreadPool& pool, ffi::AnyBuffer x, const ffi::AnyBu
   if (auto e = check_dims("y", y->dimensions(), {rows, d})) return *e;
   if (auto e = check_dims("mean_shift", mean_shift->dimensions(), {rows})) return *e;
   if (auto e = check_dims("rstd", rstd->dimensions(), {rows})) return *e;
-  if (y->element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("y must have x's element type");
   if (r != nullptr) {
     if (auto e = check_dims("residual", r->dimensions(), {rows, d})) return *e;
     if (auto e = check_dims("h", h->dimensions(), {rows, d})) return *e;
-    if (h->element_type() != r->element_type())
-      return ffi::Error::InvalidArgument("h must have the residual's element type");
   }
-  ForwardFn fn = forward_fn(x.element_type(), r ? r->element_type() : x.element_type(),
-                            r != nullptr);
-  if (fn == nullptr) return ffi::Error::InvalidArgument("unsupported element types");
-  if (rows == 0 || d == 0) return ffi::Error::Success();
+  // The element types: x's is served, y has x's; the residual (and h) has float32 or x's.
+  const ffi::DataType type = x.element_type();
+  ForwardFn fn = nullptr;
+  bool served = with_element_type(type, [&](auto y_type) {
+    using Y = decltype(y_type);
+    if (r == nullptr) {
+      fn = forward_rows<Y, Y, false>;
+      return;
+    }
+    with_element_type(r->element_type(), [&](auto h_type) {
+      using H = decltype(h_type);
+      if constexpr (std::is_same_v<H, Y> || std::is_same_v<H, F32>) fn = forward_rows<Y, H, true>;
+    });
+  });
+  if (!served) return type_error("x", type, EQX_SERVED);
+  if (y->element_type() != type) return type_error("y", y->element_type(), type_name(type) + " (x's)");
+  if (fn == nullptr)
+    return type_error("residual", r->element_type(),
+                      type == ffi::F32 ? "float32 (x's)" : "float32 or " + type_name(type) + " (x's)");
+  if (r != nullptr && h->element_type() != r->element_type())
+    return type_error("h", h->element_type(), type_name(r->element_type()) + " (the residual's)");
+  if (rows == 0 || d == 0) {  // empty rows: NaN statistics, as a mean over no values
+    std::fill(mean_shift->typed_data(), mean_shift->typed_data() + rows, NAN);
+    std::fill(rstd->typed_data(), rstd->typed_data() + rows, NAN);
+    return ffi::Error::Success();
+  }
   ForwardArgs a{x.untyped_data(), r ? r->untyped_data() : nullptr,
                 h ? h->untyped_data() : nullptr, scale.typed_data(), offset.typed_data(),
                 y->untyped_data(), mean_shift->typed_data(), rstd->typed_data(), d, epsilon,
                 center};
-  const int64_t chunk = rows_per_chunk(d, 1 << 16);
-  const int64_t tasks = (rows + chunk - 1) / chunk;
-  parallel_for(pool, tasks, [&](int64_t t) {
-    fn(a, t * chunk, std::min(rows, (t + 1) * chunk));
-  });
+  parallel_chunks(pool, rows, units_per_chunk(d, 1 << 16),
+                  [&](int64_t r0, int64_t r1) { fn(a, r0, r1); });
   return ffi::Error::Success();
 }
 
@@ -255,8 +194,8 @@ struct BackwardArgs {
 
 // One row's reductions over columns [c0, c1): sum(v) and sum(v * xhat); also adds ct * xhat
 // and ct to the column sums dscale/doffset (indexed from c0).
-// S: x's (h's) and dx's element type; C: the cotangent's; Residual: ct_h is added to dx.
-template <class S, class C, bool Residual>
+// S: x's (h's) and dx's element type; C: the cotangent's.
+template <class S, class C>
 EQX_INLINE void row_sums(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c1, float* sv,
                          float* svx, float* dscale, float* doffset) {
   using T = typename S::T;
@@ -285,6 +224,7 @@ EQX_INLINE void row_sums(const BackwardArgs& a, int64_t row, int64_t c0, int64_t
   *svx = combine(acc_vx);
 }
 
+// Residual: ct_h is added to dx.
 template <class S, class C, bool Residual>
 EQX_INLINE void row_dx(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c1, float sv,
                        float svx) {
@@ -320,15 +260,15 @@ EQX_INLINE void row_dx(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c
   }
 }
 
-// Rows [r0, r1), columns [c0, c1): column sums into dscale/doffset (zeroed first when
-// `zero`); with `fused` (one column block) also dx, else the row sums into sv/svx.
+// Rows [r0, r1), columns [c0, c1): column sums added into dscale/doffset; with `fused` (one
+// column block) also dx, else the row sums into sv/svx.
 template <class S, class C, bool Residual>
 EQX_INLINE void backward_tile(const BackwardArgs& a, int64_t r0, int64_t r1, int64_t c0,
                               int64_t c1, float* dscale, float* doffset, bool fused, float* sv,
                               float* svx) {
   for (int64_t row = r0; row < r1; ++row) {
     float s, sx;
-    row_sums<S, C, Residual>(a, row, c0, c1, &s, &sx, dscale, doffset);
+    row_sums<S, C>(a, row, c0, c1, &s, &sx, dscale, doffset);
     if (!a.want_dx) continue;
     if (fused) {
       row_dx<S, C, Residual>(a, row, c0, c1, s, sx);
@@ -343,7 +283,6 @@ struct Tile {
   int64_t r0, r1, c0, c1;
   float* dscale;   // column sums destination (indexed from c0), or null: per-group output
   float* doffset;
-  int64_t group0;  // first group of the rows (whole-group chunks)
   float* sv;
   float* svx;
   bool fused;
@@ -355,7 +294,7 @@ using DxFn = void (*)(const BackwardArgs&, int64_t row, int64_t c0, int64_t c1, 
                       float svx);
 
 template <class S, class C, bool Residual>
-EQX_INLINE void run_tile(const BackwardArgs& a, const Tile& t, int64_t rows_per_group,
+EQX_CLONES void run_tile(const BackwardArgs& a, const Tile& t, int64_t rows_per_group,
                          float* out_dscale, float* out_doffset) {
   if (t.dscale != nullptr) {  // part of one group: its own partial buffer
     std::fill(t.dscale, t.dscale + (t.c1 - t.c0), 0.0f);
@@ -376,26 +315,12 @@ EQX_INLINE void run_tile(const BackwardArgs& a, const Tile& t, int64_t rows_per_
   }
 }
 
-#define EQX_BACKWARD(SUFFIX, S, C, RESIDUAL)                                                \
-  EQX_CLONES void tile_##SUFFIX(const BackwardArgs& a, const Tile& t, int64_t k, float* s,    \
-                                float* o) {                                                   \
-    run_tile<S, C, RESIDUAL>(a, t, k, s, o);                                                  \
-  }                                                                                           \
-  EQX_CLONES void dx_##SUFFIX(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c1,     \
-                              float s, float sx) {                                            \
-    row_dx<S, C, RESIDUAL>(a, row, c0, c1, s, sx);                                            \
-  }
-// (h's type, the cotangent's type); the residual backward's cotangent is y's, in x's type
-EQX_BACKWARD(f32, F32, F32, false)
-EQX_BACKWARD(bf16, BF16, BF16, false)
-EQX_BACKWARD(res_f32_f32, F32, F32, true)
-EQX_BACKWARD(res_bf16_bf16, BF16, BF16, true)
-EQX_BACKWARD(res_f32_bf16, F32, BF16, true)
-#ifdef __FLT16_MAX__
-EQX_BACKWARD(f16, F16, F16, false)
-EQX_BACKWARD(res_f16_f16, F16, F16, true)
-EQX_BACKWARD(res_f32_f16, F32, F16, true)
-#endif
+// dx of one row's columns [c0, c1) from its sums (rows longer than kLongRow).
+template <class S, class C, bool Residual>
+EQX_CLONES void long_row_dx(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c1,
+                            float sv, float svx) {
+  row_dx<S, C, Residual>(a, row, c0, c1, sv, svx);
+}
 
 EQX_CLONES void add_columns(float* out, const float* parts, int64_t count, int64_t stride,
                             int64_t n) {
@@ -405,34 +330,6 @@ EQX_CLONES void add_columns(float* out, const float* parts, int64_t count, int64
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) out[i] += part[i];
   }
-}
-
-// The tile and dx functions for (h's, the cotangent's) element types; false if not built.
-bool backward_fns(ffi::DataType x, ffi::DataType ct, bool residual, TileFn* tile, DxFn* dx) {
-  auto pick = [&](TileFn t, DxFn d) {
-    *tile = t;
-    *dx = d;
-    return true;
-  };
-  if (!residual) {
-    if (ct != x) return false;
-    switch (x) {
-      case ffi::F32: return pick(tile_f32, dx_f32);
-      case ffi::BF16: return pick(tile_bf16, dx_bf16);
-#ifdef __FLT16_MAX__
-      case ffi::F16: return pick(tile_f16, dx_f16);
-#endif
-      default: return false;
-    }
-  }
-  if (x == ffi::F32 && ct == ffi::F32) return pick(tile_res_f32_f32, dx_res_f32_f32);
-  if (x == ffi::BF16 && ct == ffi::BF16) return pick(tile_res_bf16_bf16, dx_res_bf16_bf16);
-  if (x == ffi::F32 && ct == ffi::BF16) return pick(tile_res_f32_bf16, dx_res_f32_bf16);
-#ifdef __FLT16_MAX__
-  if (x == ffi::F16 && ct == ffi::F16) return pick(tile_res_f16_f16, dx_res_f16_f16);
-  if (x == ffi::F32 && ct == ffi::F16) return pick(tile_res_f32_f16, dx_res_f32_f16);
-#endif
-  return false;
 }
 
 // x is the row normalized (h for the residual backward); with ct_h, dx is h's total
@@ -453,8 +350,6 @@ ffi::Error run_backward(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::Buffer<ffi
   if (auto e = check_dims("ct", ct.dimensions(), {rows, d})) return *e;
   if (ct_h != nullptr) {
     if (auto e = check_dims("ct_h", ct_h->dimensions(), {rows, d})) return *e;
-    if (ct_h->element_type() != x.element_type())
-      return ffi::Error::InvalidArgument("ct_h must have h's element type");
   }
   if (want_dx) {
     if (auto e = check_dims("dx", dx->dimensions(), {rows, d})) return *e;
@@ -463,12 +358,39 @@ ffi::Error run_backward(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::Buffer<ffi
   }
   if (auto e = check_dims("dscale", dscale->dimensions(), {groups, d})) return *e;
   if (auto e = check_dims("doffset", doffset->dimensions(), {groups, d})) return *e;
-  if (dx->element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("dx must have x's element type");
-  TileFn tile_fn;
-  DxFn dx_fn;
-  if (!backward_fns(x.element_type(), ct.element_type(), ct_h != nullptr, &tile_fn, &dx_fn))
-    return ffi::Error::InvalidArgument("unsupported element types of x and ct");
+  // The element types (S x's, C ct's): x's is served, ct has x's, or for the residual
+  // backward y's (h float32, or h's type); ct_h and dx have x's.
+  const ffi::DataType type = x.element_type();
+  TileFn tile_fn = nullptr;
+  DxFn dx_fn = nullptr;
+  bool served = with_element_type(type, [&](auto s_type) {
+    using S = decltype(s_type);
+    with_element_type(ct.element_type(), [&](auto c_type) {
+      using C = decltype(c_type);
+      if constexpr (std::is_same_v<C, S>) {
+        if (ct_h == nullptr) {
+          tile_fn = run_tile<S, C, false>;
+          dx_fn = long_row_dx<S, C, false>;
+        }
+      }
+      if constexpr (std::is_same_v<C, S> || std::is_same_v<S, F32>) {
+        if (ct_h != nullptr) {
+          tile_fn = run_tile<S, C, true>;
+          dx_fn = long_row_dx<S, C, true>;
+        }
+      }
+    });
+  });
+  if (!served) return type_error(ct_h ? "h" : "x", type, EQX_SERVED);
+  if (tile_fn == nullptr) {
+    std::string own = type_name(type) + (ct_h ? " (h's)" : " (x's)");
+    return type_error("ct", ct.element_type(), ct_h && type == ffi::F32 ? EQX_SERVED : own);
+  }
+  if (ct_h != nullptr && ct_h->element_type() != type)
+    return type_error("ct_h", ct_h->element_type(), type_name(type) + " (h's)");
+  if (dx->element_type() != type)
+    return type_error(ct_h ? "dh" : "dx", dx->element_type(),
+                      type_name(type) + (ct_h ? " (h's)" : " (x's)"));
   float* out_dscale = dscale->typed_data();
   float* out_doffset = doffset->typed_data();
   if (rows == 0 || d == 0) {
@@ -483,7 +405,7 @@ ffi::Error run_backward(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::Buffer<ffi
   const int64_t block = long_rows ? kColumnBlock : d;
   const int64_t blocks = (d + block - 1) / block;
   const int64_t per_group = rows / groups;
-  int64_t chunk = rows_per_chunk(block, long_rows ? 1 << 18 : 1 << 17);
+  int64_t chunk = units_per_chunk(block, long_rows ? 1 << 18 : 1 << 17);
   // Chunks are whole groups (chunk a multiple of per_group) or parts of one group.
   const bool whole = per_group <= chunk;
   int64_t parts = 1;  // parts per group
@@ -505,7 +427,7 @@ ffi::Error run_backward(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::Buffer<ffi
       float* sv = long_rows ? sums.data() + b * rows : nullptr;
       float* svx = long_rows ? sums.data() + (blocks + b) * rows : nullptr;
       tiles.push_back(Tile{r0, r1, c0, c1, ds ? ds + c0 : nullptr, db ? db + c0 : nullptr,
-                           0, sv, svx, !long_rows});
+                           sv, svx, !long_rows});
     }
   };
   if (whole) {
@@ -580,9 +502,7 @@ ffi::Error ResidualBackward(ffi::ThreadPool pool, ffi::AnyBuffer h, ffi::Buffer<
 
 }  // namespace
 
-// The handlers and EqxNormDtypes are the library's only exported symbols (built with hidden
-// visibility).
-#define EQX_EXPORT extern "C" __attribute__((visibility("default")))
+// The library's exports: its handlers, EqxNormDtypes and EqxNormPoolThreads.
 EQX_EXPORT XLA_FFI_Error* EqxNormRowsForward(XLA_FFI_CallFrame* call_frame);
 EQX_EXPORT XLA_FFI_Error* EqxNormRowsBackward(XLA_FFI_CallFrame* call_frame);
 EQX_EXPORT XLA_FFI_Error* EqxNormResidualForward(XLA_FFI_CallFrame* call_frame);
@@ -596,6 +516,10 @@ EQX_EXPORT int EqxNormDtypes() {
   return 1 | 2;
 #endif
 }
+
+// The size of XLA's intra-op pool as the last kernel call saw it, 0 before any call: what
+// the work of a call may be shared on (tests check that a thread count changed).
+EQX_EXPORT int64_t EqxNormPoolThreads() { return eqx::pool_threads_seen.load(); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormRowsForward, Forward,
                               ffi::Ffi::Bind()
