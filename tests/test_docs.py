@@ -4,7 +4,9 @@
   temporary folder (examples may write files); the blocks state their claims with
   ``assert``, so a claim that stops holding fails here. A block whose fence line carries
   options, such as ```python title="on every host", is shown and not run (it needs several
-  hosts). The training demo's page is left to the demo's own tests.
+  hosts), except a ```python title="8 devices ..." block, which runs in a fresh process on
+  8 simulated CPU devices (``XLA_FLAGS`` must be set before JAX starts). The training
+  demo's page is left to the demo's own tests.
 * Every error message a page quotes is raised by the code with that text: a fenced block
   right after a ```python block is the output of that block (it is run and its output must
   hold the quoted text), and a block that reads ``SomeError: message`` is raised by the call
@@ -21,8 +23,10 @@ import importlib
 import importlib.util
 import inspect
 import io
+import os
 import pkgutil
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,6 +49,17 @@ BLOCKS = [
     for page in PAGES
     for index, block in enumerate(
         re.findall(r"^```python\n(.*?)^```", page.read_text(), flags=re.DOTALL | re.MULTILINE)
+    )
+]
+DEVICE_BLOCKS = [  # the examples that need 8 devices: run on simulated ones
+    pytest.param(block, id=f"{page.relative_to(REPO)}:8-devices:{index}")
+    for page in PAGES
+    for index, block in enumerate(
+        re.findall(
+            r'^```python title="8 devices[^"\n]*"\n(.*?)^```',
+            page.read_text(),
+            flags=re.DOTALL | re.MULTILINE,
+        )
     )
 ]
 MODULES = sorted(  # the Python modules (not a compiled kernel library beside them)
@@ -121,6 +136,31 @@ def test_readme_has_examples():
 def test_example_runs(block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples may write files
     _run(block)
+
+
+def test_shard_map_examples_are_on_the_layer_norm_and_group_norm_pages():
+    pages = {param.id.split(":")[0] for param in DEVICE_BLOCKS}
+    assert {"docs/layers/layer_norm.md", "docs/layers/group_norm.md"} <= pages, pages
+    for param in DEVICE_BLOCKS:  # the mesh, the device_put, the specs and the gradients
+        for piece in ("jax.make_mesh", "jax.device_put", "in_specs", "jax.set_mesh", "grad("):
+            assert piece in param.values[0], (param.id, piece)
+
+
+@pytest.mark.slow  # a fresh process per example
+@pytest.mark.parametrize("block", DEVICE_BLOCKS)
+def test_example_runs_on_8_simulated_devices(block, tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    source = f"import jax\nassert jax.device_count() == 8, jax.devices()\n{block}"
+    process = subprocess.run(
+        [sys.executable, "-c", source],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert process.returncode == 0, process.stderr[-4000:]
 
 
 def test_pages_quote_messages():
