@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_input
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -31,14 +32,10 @@ if jax.device_count() != 8:  # pragma: no cover - run outside test_beyond_peers.
 DEVICES = np.array(jax.devices())
 
 
-def random(shape, seed, mean=0.0, std=1.0):
-    return mean + std * jax.random.normal(jax.random.key(seed), shape)
-
-
 def check_against_unsharded(sharded_layer, whole_layer, x, mesh, x_spec, param_spec, ref=None):
     """Output and gradients (x, gamma, beta) of the sharded layer under shard_map equal
     the unsharded layer's."""
-    cotangent = random(x.shape, 99)
+    cotangent = random_input(x.shape, 99)
 
     def sharded(x, gamma, beta):
         def one(x, gamma, beta):
@@ -54,7 +51,10 @@ def check_against_unsharded(sharded_layer, whole_layer, x, mesh, x_spec, param_s
     def whole(x, gamma, beta):
         return eqx.tree_at(lambda m: (m.gamma, m.beta), whole_layer, (gamma, beta))(x)
 
-    gamma, beta = random(whole_layer.gamma.shape, 1, 1.0), random(whole_layer.gamma.shape, 2)
+    gamma, beta = (
+        random_input(whole_layer.gamma.shape, 1, 1.0),
+        random_input(whole_layer.gamma.shape, 2),
+    )
     args = (
         jax.device_put(x, NamedSharding(mesh, x_spec)),
         jax.device_put(gamma, NamedSharding(mesh, param_spec)),
@@ -80,7 +80,7 @@ def test_eight_devices():
 @pytest.mark.parametrize("cls", [LayerNorm, RMSNorm])
 def test_trailing_norm_feature_axis_split_over_eight(cls):
     mesh = Mesh(DEVICES, ("model",))
-    x = random((6, 5, 64), 3, mean=100.0, std=3.0)
+    x = random_input((6, 5, 64), 3, mean=100.0, std=3.0)
     ndim_ref = reference.layer_norm if cls is LayerNorm else reference.rms_norm
     check_against_unsharded(
         cls(8, use_bias=True, axis_name="model"),
@@ -95,7 +95,7 @@ def test_trailing_norm_feature_axis_split_over_eight(cls):
 
 def test_layer_norm_batch_and_feature_split_on_a_2x4_mesh():
     mesh = Mesh(DEVICES.reshape(2, 4), ("data", "model"))
-    x = random((8, 32), 4, mean=5.0)
+    x = random_input((8, 32), 4, mean=5.0)
     check_against_unsharded(
         LayerNorm(8, axis_name="model"), LayerNorm(32), x, mesh, P("data", "model"), P("model")
     )
@@ -104,7 +104,7 @@ def test_layer_norm_batch_and_feature_split_on_a_2x4_mesh():
 @pytest.mark.parametrize("num_groups", [1, 4, 16])  # groups over 8, over 2, within 1 shard
 def test_group_norm_channel_axis_split_over_eight(num_groups):
     mesh = Mesh(DEVICES, ("model",))
-    x = random((2, 4, 4, 32), 5, mean=20.0, std=2.0)
+    x = random_input((2, 4, 4, 32), 5, mean=20.0, std=2.0)
     check_against_unsharded(
         GroupNorm(num_groups, 4, axis_name="model"),
         GroupNorm(num_groups, 32),

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_input, random_params
 
 from eqx_norm.functional import layer_norm, rms_norm
 from eqx_norm.kernels import rows as _cpu_kernel
@@ -31,13 +32,10 @@ TOL = 1e-5  # float32 rounding, relative to each output's largest magnitude
 
 
 def _inputs(shape, seed=0):
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(3.0 + rng.standard_normal(shape), jnp.float32)
-    d = shape[-1]
-    gamma = jnp.asarray(1 + 0.1 * rng.standard_normal(d), jnp.float32)
-    beta = jnp.asarray(0.1 * rng.standard_normal(d), jnp.float32)
-    weights = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-    return x, gamma, beta, weights
+    """``(x, gamma, beta, weights)``: x of mean 3 and random parameters (helpers), and the
+    weights of the loss ``sum(weights * y)``."""
+    gamma, beta = random_params(shape[-1], seed)
+    return random_input(shape, seed, mean=3.0), gamma, beta, random_input(shape, seed + 100)
 
 
 def _programs(name, implementation):

@@ -7,10 +7,10 @@ deviations `x - mean` keep the input's absolute rounding), so the bound is
 2e-5 + 2e-7 * mean / std: 2e-3 at mean / std = 1e4, the bar of the mean-1e4 tests.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_input, random_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,17 +28,6 @@ spreads = st.sampled_from([1e-2, 1.0, 1e2])
 seeds = st.integers(0, 2**16)
 
 
-def sample(shape, mean, std, seed):
-    return (mean + std * jax.random.normal(jax.random.key(seed), shape)).astype(jnp.float32)
-
-
-def affine(shape, seed):
-    keys = jax.random.split(jax.random.key(seed + 1), 2)
-    gamma = 1.0 + 0.5 * jax.random.normal(keys[0], shape)
-    beta = 0.3 * jax.random.normal(keys[1], shape)
-    return gamma, beta
-
-
 def tolerance(mean, std):
     return 2e-5 + 2e-7 * max(1.0, abs(mean) / std)
 
@@ -47,8 +36,8 @@ def tolerance(mean, std):
 @given(dims, normalized_dims, offsets, spreads, seeds, st.booleans())
 def test_layer_and_rms_norm_match_float64(batch, normalized, mean, std, seed, rms):
     shape = (*batch, *normalized)
-    gamma, beta = affine(tuple(normalized), seed)
-    x = sample(shape, mean, std, seed)
+    gamma, beta = random_params(tuple(normalized), seed + 1)
+    x = random_input(shape, seed, mean, std)
     if rms:
         layer = eqx_norm.RMSNorm(
             normalized, scale_initializer=gamma, bias_initializer=beta, use_bias=True
@@ -81,8 +70,8 @@ def test_group_norm_matches_float64(
     channels = groups * per_group
     spatial = [3, 4, 2][:spatial_ndim]
     example = [*spatial, channels] if channel_axis == -1 else [channels, *spatial]
-    gamma, beta = affine((channels,), seed)
-    x = sample((*batch, *example), mean, std, seed)
+    gamma, beta = random_params((channels,), seed + 1)
+    x = random_input((*batch, *example), seed, mean, std)
     layer = eqx_norm.GroupNorm(
         groups,
         channels,
@@ -100,7 +89,7 @@ def test_group_norm_matches_float64(
 @SETTINGS
 @given(dims, normalized_dims, st.floats(-1e6, 1e6, width=32), seeds)
 def test_constant_rows_give_beta_exactly(batch, normalized, value, seed):
-    gamma, beta = affine(tuple(normalized), seed)
+    gamma, beta = random_params(tuple(normalized), seed + 1)
     layer = eqx_norm.LayerNorm(normalized, scale_initializer=gamma, bias_initializer=beta)
     x = jnp.full((*batch, *normalized), value, jnp.float32)
     np.testing.assert_array_equal(layer(x), jnp.broadcast_to(beta, x.shape))

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import existing_initializers, random_input
+from helpers import random_input, random_layer
 
 from eqx_norm import LayerNorm, Normal
 
@@ -31,15 +31,6 @@ CONFIGS = {  # name: (input shape, normalized_shape, LayerNorm keyword arguments
 
 
 call = eqx.filter_jit(lambda layer, x: layer(x))  # one compilation instead of op by op
-
-
-def make_layer(normalized_shape, dtype=jnp.float32, seed=0, **kwargs):
-    """A layer with random non-trivial gamma and beta (where it has them)."""
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    scale = (1.0 + 0.5 * jax.random.normal(k1, normalized_shape)).astype(dtype)
-    bias = (0.3 * jax.random.normal(k2, normalized_shape)).astype(dtype)
-    inits = existing_initializers(LayerNorm, scale, bias, kwargs)
-    return LayerNorm(normalized_shape, **inits, param_dtype=dtype, **kwargs)
 
 
 def with_params(layer, gamma, beta):
@@ -108,7 +99,7 @@ def assert_dicts_close(got, expected, **tolerances):
 @pytest.mark.parametrize("config", ["affine", "two_axes", "zero_centered"])
 def test_vmap_matches_reference(config):
     shape, normalized_shape, kwargs = CONFIGS[config]
-    layer = make_layer(normalized_shape, **kwargs)
+    layer = random_layer(LayerNorm, normalized_shape, **kwargs)
     x = random_input((5, *shape), seed=1, mean=2.0, std=3.0)
     expected = reference_call(layer, x, layer.gamma, layer.beta)
     np.testing.assert_allclose(jax.jit(jax.vmap(layer))(x), expected, atol=1e-5)
@@ -120,7 +111,7 @@ def test_vmap_matches_reference(config):
 
 @pytest.mark.slow
 def test_vmap_with_mask():
-    layer = make_layer((8,))
+    layer = random_layer(LayerNorm, (8,))
     x = random_input((4, 3, 8), seed=1)
     mask = jax.random.bernoulli(jax.random.key(2), 0.7, (4, 3, 8))
     y = jax.jit(jax.vmap(lambda x, m: layer(x, mask=m)))(x, mask)
@@ -185,7 +176,7 @@ def test_scan_over_a_stack_of_layers():
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_grad_matches_finite_differences_float64(x64, config):
     shape, normalized_shape, kwargs = CONFIGS[config]
-    layer = make_layer(normalized_shape, dtype=jnp.float64, **kwargs)
+    layer = random_layer(LayerNorm, normalized_shape, param_dtype=jnp.float64, **kwargs)
     x = random_input(shape, seed=1, dtype=jnp.float64, mean=2.0, std=3.0)
     w = random_input(shape, seed=2, dtype=jnp.float64)
 
@@ -200,7 +191,7 @@ def test_grad_matches_finite_differences_float64(x64, config):
 
 @pytest.mark.parametrize(("mean", "atol"), [(2.0, 1e-4), (1e4, 3e-3)])
 def test_grad_float32_matches_float64_reference(mean, atol):
-    layer = make_layer((16,))
+    layer = random_layer(LayerNorm, (16,))
     x = random_input((4, 16), seed=1, mean=mean)  # float32, seen exactly by the reference
     w = random_input((4, 16), seed=2)
     grads = layer_grads(
@@ -215,7 +206,7 @@ def test_grad_float32_matches_float64_reference(mean, atol):
 
 
 def test_grad_with_mask_matches_finite_differences_float64(x64):
-    layer = make_layer((8,), dtype=jnp.float64)
+    layer = random_layer(LayerNorm, (8,), param_dtype=jnp.float64)
     x = random_input((3, 8), seed=1, dtype=jnp.float64)
     w = random_input((3, 8), seed=2, dtype=jnp.float64)
     mask = np.asarray(jax.random.bernoulli(jax.random.key(5), 0.6, (3, 8)))
@@ -231,7 +222,7 @@ def test_grad_with_mask_matches_finite_differences_float64(x64):
 @pytest.mark.parametrize("config", ["affine", "two_axes", "no_affine", "zero_centered"])
 def test_hessian_matches_finite_differences_float64(x64, config):
     shape, normalized_shape, kwargs = CONFIGS[config]
-    layer = make_layer(normalized_shape, dtype=jnp.float64, **kwargs)
+    layer = random_layer(LayerNorm, normalized_shape, param_dtype=jnp.float64, **kwargs)
     x = random_input(shape, seed=1, dtype=jnp.float64, mean=2.0, std=3.0)
     w = random_input(shape, seed=2, dtype=jnp.float64)
     point = parts(layer, x)
@@ -274,7 +265,7 @@ def test_hessian_matches_finite_differences_float64(x64, config):
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_jvp_matches_finite_differences_float64(x64, config):
     shape, normalized_shape, kwargs = CONFIGS[config]
-    layer = make_layer(normalized_shape, dtype=jnp.float64, **kwargs)
+    layer = random_layer(LayerNorm, normalized_shape, param_dtype=jnp.float64, **kwargs)
     x = random_input(shape, seed=1, dtype=jnp.float64, mean=2.0, std=3.0)
     point = parts(layer, x)
     tangent = {
@@ -295,7 +286,7 @@ def test_jvp_matches_finite_differences_float64(x64, config):
 
 
 def test_jvp_float32_matches_float64_reference():
-    layer = make_layer((16,))
+    layer = random_layer(LayerNorm, (16,))
     x = random_input((4, 16), seed=1, mean=1e3, std=1.0)
     t = random_input((4, 16), seed=2)
     _, y_dot = jax.jit(lambda x, t: jax.jvp(layer, (x,), (t,)))(x, t)
@@ -310,7 +301,7 @@ def test_jvp_float32_matches_float64_reference():
 @pytest.mark.parametrize("config", ["affine", "two_axes", "scale_only", "zero_centered"])
 def test_vjp_matches_finite_differences_float64(x64, config):
     shape, normalized_shape, kwargs = CONFIGS[config]
-    layer = make_layer(normalized_shape, dtype=jnp.float64, **kwargs)
+    layer = random_layer(LayerNorm, normalized_shape, param_dtype=jnp.float64, **kwargs)
     x = random_input(shape, seed=1, dtype=jnp.float64, mean=-1.0, std=0.5)
     cotangent = random_input(shape, seed=3, dtype=jnp.float64)
 
@@ -332,7 +323,7 @@ def test_vjp_matches_finite_differences_float64(x64, config):
 
 @pytest.mark.parametrize("policy", [None, jax.checkpoint_policies.nothing_saveable])
 def test_checkpoint_matches_finite_differences_float64(x64, policy):
-    layer = make_layer((3, 4), dtype=jnp.float64)
+    layer = random_layer(LayerNorm, (3, 4), param_dtype=jnp.float64)
     x = random_input((2, 3, 4), seed=1, dtype=jnp.float64, mean=2.0, std=3.0)
     w = random_input((2, 3, 4), seed=2, dtype=jnp.float64)
 
@@ -361,12 +352,14 @@ def test_filter_jit_does_not_recompile_for_same_shapes():
         traces.append(x.shape)  # runs only while tracing, i.e. once per compilation
         return layer(x)
 
-    layer = make_layer((8,))
+    layer = random_layer(LayerNorm, (8,))
     x = random_input((4, 8), seed=1)
     np.testing.assert_allclose(
         apply(layer, x), reference_call(layer, x, layer.gamma, layer.beta), atol=1e-5
     )
-    other_values = make_layer((8,), seed=7)  # new parameter values, same shapes and config
+    other_values = random_layer(
+        LayerNorm, (8,), seed=7
+    )  # new parameter values, same shapes and config
     np.testing.assert_allclose(
         apply(other_values, random_input((4, 8), seed=2)),
         reference_call(
@@ -377,9 +370,9 @@ def test_filter_jit_does_not_recompile_for_same_shapes():
     assert traces == [(4, 8)]
     apply(layer, random_input((5, 8), seed=3))  # a new shape compiles once more
     assert traces == [(4, 8), (5, 8)]
-    apply(make_layer((8,), epsilon=1e-3), x)  # static config is part of the cache key
+    apply(random_layer(LayerNorm, (8,), epsilon=1e-3), x)  # static config is part of the cache key
     assert len(traces) == 3
-    apply(make_layer((8,), epsilon=1e-3, seed=9), x)
+    apply(random_layer(LayerNorm, (8,), epsilon=1e-3, seed=9), x)
     assert len(traces) == 3
 
 
@@ -388,12 +381,14 @@ def test_filter_jit_compiles_once_per_shape_per_jax_log(caplog):
     def apply(layer, x):
         return layer(x) * 2.0
 
-    layer = make_layer((8,))
+    layer = random_layer(LayerNorm, (8,))
     with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
         apply(layer, random_input((6, 8), seed=1)).block_until_ready()
         first = sum("Compiling" in r.getMessage() for r in caplog.records)
         caplog.clear()
-        apply(make_layer((8,), seed=2), random_input((6, 8), seed=2)).block_until_ready()
+        apply(
+            random_layer(LayerNorm, (8,), seed=2), random_input((6, 8), seed=2)
+        ).block_until_ready()
         second = sum("Compiling" in r.getMessage() for r in caplog.records)
     assert first >= 1 and second == 0
 
@@ -404,7 +399,7 @@ def test_filter_jit_compiles_once_per_shape_per_jax_log(caplog):
 @pytest.mark.parametrize("config", ["affine", "no_affine", "scale_only", "bias_only"])
 def test_partition_and_combine(config):
     shape, normalized_shape, kwargs = CONFIGS[config]
-    layer = make_layer(normalized_shape, **kwargs)
+    layer = random_layer(LayerNorm, normalized_shape, **kwargs)
     params, static = eqx.partition(layer, eqx.is_array)
     expected_leaves = [p for p in (layer.gamma, layer.beta) if p is not None]
     assert len(jax.tree.leaves(params)) == len(expected_leaves)
@@ -424,15 +419,18 @@ def test_partition_and_combine(config):
 @pytest.mark.parametrize("config", ["affine", "two_axes", "no_affine", "scale_only", "bias_only"])
 def test_tree_flatten_unflatten(config):
     _, normalized_shape, kwargs = CONFIGS[config]
-    layer = make_layer(normalized_shape, **kwargs)
+    layer = random_layer(LayerNorm, normalized_shape, **kwargs)
     leaves, treedef = jax.tree_util.tree_flatten(layer)
     # exactly the arrays training updates, and no others (config lives in the treedef)
     expected = [p for p in (layer.gamma, layer.beta) if p is not None]
     assert len(leaves) == len(expected) and all(a is b for a, b in zip(leaves, expected))
-    assert jax.tree_util.tree_flatten(make_layer(normalized_shape, seed=5, **kwargs))[1] == treedef
-    assert jax.tree_util.tree_flatten(make_layer(normalized_shape, epsilon=0.1, **kwargs))[1] != (
-        treedef
+    assert (
+        jax.tree_util.tree_flatten(random_layer(LayerNorm, normalized_shape, seed=5, **kwargs))[1]
+        == treedef
     )
+    assert jax.tree_util.tree_flatten(
+        random_layer(LayerNorm, normalized_shape, epsilon=0.1, **kwargs)
+    )[1] != (treedef)
     # unflatten with new leaves gives the same layer with those parameters
     new_leaves = [leaf * 2.0 + 1.0 for leaf in leaves]
     rebuilt = jax.tree_util.tree_unflatten(treedef, new_leaves)
