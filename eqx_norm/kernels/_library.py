@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from ._jax_hooks import missing_hooks
+from ._binding import MISSING
 
 if sys.platform == "win32":
     LIBRARY = "eqx_norm_cpu.dll"
@@ -77,7 +77,7 @@ def unavailable_reason(x: jax.Array | jax.ShapeDtypeStruct) -> str | None:
     the binding needs.
     """
     reason, dtypes = load()
-    reason = reason or missing_hooks()
+    reason = reason or MISSING
     if reason is not None:
         return reason
     dtype = jnp.dtype(x.dtype)
