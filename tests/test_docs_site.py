@@ -9,12 +9,21 @@ box must list a result; the API page's docstring examples must be highlighted co
 (not prose); each entry of a notebook's table of contents must have its heading's text
 and link to an anchor of the page; screenshots of the home page and of the API page's
 first example are written to the temporary folder.
+
+What a reader sees, checked on the rendered pages: the LayerNorm formula's square root has
+its overbar (a row of ink across the radicand in a screenshot of the ``msqrt``), drawn with
+a math font (which docs/stylesheets/extra.css asks for) so that the radical sign joins it;
+every code block that is
+wider than its box scrolls (``overflow-x`` auto) instead of being cut off, on the LayerNorm
+page and the notebook pages; the API page's table of contents lists the layers, their
+``__call__`` and the functions, and no attribute or property (``InstanceNorm.num_groups``).
 """
 
 from __future__ import annotations
 
 import functools
 import http.server
+import io
 import os
 import shutil
 import subprocess
@@ -23,7 +32,9 @@ import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
+from PIL import Image
 from playwright.sync_api import sync_playwright
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +50,40 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 TIMEOUT_MS = 30_000  # per wait; a 2-core machine shared with other work can be slow
+
+
+# every code block (a notebook cell's <pre>, a page's <pre><code>) wider than its box, and
+# how it overflows: "auto" or "scroll" scrolls, "visible" is cut off by its cell
+OVERFLOWING_CODE = """() => [...document.querySelectorAll('article pre, article pre > code')]
+    .filter(e => e.scrollWidth > e.clientWidth + 1)
+    .map(e => [e.textContent.trim().slice(0, 60), getComputedStyle(e).overflowX])"""
+
+
+def _has_overbar(png: bytes) -> bool:
+    """Whether a screenshot of a square root has a bar of ink across most of its width in
+    its top half: the overbar over the radicand."""
+    ink = np.asarray(Image.open(io.BytesIO(png)).convert("L")) < 128
+    return bool(ink[: ink.shape[0] // 2].mean(axis=1).max() >= 0.6)
+
+
+def _fonts(page, selector: str) -> set[str]:
+    """The fonts Chromium drew the text of the first element matching ``selector`` with."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("DOM.enable")
+    cdp.send("CSS.enable")
+    root = cdp.send("DOM.getDocument", {"depth": -1})["root"]["nodeId"]
+    node = cdp.send("DOM.querySelector", {"nodeId": root, "selector": selector})["nodeId"]
+    fonts = cdp.send("CSS.getPlatformFontsForNode", {"nodeId": node})["fonts"]
+    cdp.detach()
+    return {font["familyName"] for font in fonts}
+
+
+def _assert_code_blocks_scroll(page, where: str) -> None:
+    overflowing = page.evaluate(OVERFLOWING_CODE)
+    cut_off = [
+        (text, overflow) for text, overflow in overflowing if overflow not in ("auto", "scroll")
+    ]
+    assert not cut_off, (where, cut_off)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -124,8 +169,33 @@ def test_site_in_headless_chromium(tmp_path):
             first_result.wait_for(state="visible")
             assert "LayerNorm" in first_result.inner_text()
 
+            # the LayerNorm formula: sqrt(Var[x] + eps) with its overbar, not a bare radical
+            visit("layers/layer_norm/")
+            square_root = page.locator("article math msqrt").first
+            square_root.scroll_into_view_if_needed()
+            png = square_root.screenshot(path=tmp_path / "layer_norm_sqrt.png")
+            assert _has_overbar(png), "the square root has no overbar"
+            # Drawn in a text font, the radical sign is a small glyph that stops short of
+            # the bar, which then reads as a second fraction line (sqrt(Var[x]) + eps); a
+            # font with a MATH table (docs/stylesheets/extra.css asks for one; Debian's
+            # fonts-dejavu-extra has DejaVu Math TeX Gyre) joins the two and stretches it.
+            fonts = _fonts(page, "article math msqrt mi")
+            assert any("Math" in font for font in fonts), fonts
+            page.screenshot(path=tmp_path / "layer_norm.png")
+            _assert_code_blocks_scroll(page, "layers/layer_norm/")
+
             visit("api/")
             assert page.title().startswith("API reference")
+            # its table of contents: the objects and their __call__, no attribute/property
+            toc = page.locator("nav.md-nav--secondary a.md-nav__link")
+            entries = [text.strip() for text in toc.all_inner_texts()]
+            assert "estimate_running_statistics" in entries and "__call__" in entries, entries
+            for link in toc.all():
+                anchor = link.get_attribute("href").removeprefix("#")
+                heading = page.locator(f"article [id='{anchor}']")
+                assert heading.count() == 1, anchor
+                assert heading.locator(".doc-symbol-attribute").count() == 0, anchor
+            assert not {"num_groups", "elementwise_affine"} & set(entries), entries
             for name in ("LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm", "load_leaves"):
                 assert page.locator(f"[id='eqx_norm.{name}']").count() == 1, name
             # each layer's call and its arguments (mask=, residual=), also where the class
@@ -149,6 +219,8 @@ def test_site_in_headless_chromium(tmp_path):
 
             for notebook in ("quickstart", "gradient_flow"):
                 visit(f"notebooks/{notebook}/")
+                _assert_code_blocks_scroll(page, notebook)
+                page.screenshot(path=tmp_path / f"{notebook}.png")
                 toc = page.locator("nav.md-nav--secondary a.md-nav__link")
                 assert toc.count() >= 3, notebook
                 for link in toc.all():
@@ -159,6 +231,12 @@ def test_site_in_headless_chromium(tmp_path):
                     text = heading.inner_text().removesuffix("¶").strip()
                     assert link.inner_text().strip() == text, (notebook, anchor)
             assert page.locator("img").count() > 0  # gradient_flow's stored figure
+            # its first cell's long line scrolls into view instead of being cut off
+            scrolled = page.evaluate(
+                """() => { const cell = document.querySelector('.jupyter-wrapper pre');
+                cell.scrollLeft = 10000; return [cell.scrollLeft, cell.scrollWidth > cell.clientWidth]; }"""
+            )
+            assert scrolled[1] and scrolled[0] > 0, scrolled
 
             browser.close()
     finally:
@@ -166,5 +244,6 @@ def test_site_in_headless_chromium(tmp_path):
 
     assert not errors, "\n".join(errors)
     assert not outside, f"pages fetched from other hosts: {outside}"
-    for screenshot in (tmp_path / "home.png", tmp_path / "api_example.png"):
+    for screenshot in ("home.png", "api_example.png", "layer_norm.png", "gradient_flow.png"):
+        screenshot = tmp_path / screenshot
         assert screenshot.stat().st_size > 10_000  # a rendered page, not a blank image
