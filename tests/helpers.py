@@ -1,6 +1,7 @@
 """Helpers shared by the per-family test files: seeded inputs, layers with non-trivial
 parameters, and jitted gradients of ``sum(cotangent * layer(x))``."""
 
+import ctypes
 import inspect
 import os
 import re
@@ -142,3 +143,92 @@ def assert_checks_pass_on_simulated_devices(checks, devices=8, timeout=300):
     last = result.stdout.splitlines()[-1]
     assert "skipped" not in last, report
     assert re.fullmatch(rf"{passed} passed in [\d.]+s( \(.*\))?", last), report
+
+
+# ----------------------------------------------------------------------------------------
+# The compiled kernel's tests (test_cpu_kernel.py, test_group_kernel.py).
+
+
+def kernel_inputs(shape, channels, *, spread=0.1, mean=0.0, dtype=jnp.float32, seed=0):
+    """``(x, scale, offset, cotangent)`` from one seeded NumPy generator, drawn in that
+    order: ``x = mean + N(0, 1)`` and the cotangent ``N(0, 1)`` of ``shape``, rounded to
+    float32 and cast to ``dtype``; float32 ``scale = 1 + spread * N`` and
+    ``offset = spread * N`` of ``(channels,)``."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(mean + rng.standard_normal(shape), jnp.float32).astype(dtype)
+    scale = jnp.asarray(1 + spread * rng.standard_normal(channels), jnp.float32)
+    offset = jnp.asarray(spread * rng.standard_normal(channels), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+    return x, scale, offset, cotangent
+
+
+def max_error_over_terms(got, want, terms=0.0):
+    """``max|got - want|`` over the larger of ``max|want|`` and ``terms`` (the size of the
+    terms that ``want`` sums before they cancel, e.g. a gradient of about 0), in float64: a
+    relative error that stays meaningful where the result cancels; 0 where both are 0."""
+    got = np.asarray(np.asarray(got, np.float32), np.float64)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), terms, 1e-30))
+
+
+def jitted_y_and_gradients(layer, x, cotangent):
+    """``(y, dx, dgamma, dbeta)``: ``layer(x)`` and the gradients of
+    ``sum(cotangent * layer(x))``, from one jitted ``jax.vjp``."""
+    params, static = eqx.partition(layer, eqx.is_inexact_array)
+
+    @jax.jit
+    def run(x, params):
+        y, vjp = jax.vjp(lambda x, p: eqx.combine(p, static)(x), x, params)
+        dx, dp = vjp(cotangent)
+        return y, dx, dp.gamma, dp.beta
+
+    return run(x, params)
+
+
+def call_target(target, outs, *args, **attrs):
+    """``jax.ffi.ffi_call(target, outs)(*args, **attrs)``, jitted: a registered FFI target
+    called directly, as anyone may, with buffers of any shape and element type."""
+    return jax.jit(lambda *a: jax.ffi.ffi_call(target, outs)(*a, **attrs))(*args)
+
+
+def kernel_pool_threads():
+    """The size of XLA's intra-op pool as the compiled kernel's last call in this process
+    saw it (0 before any call), from the loaded library's ``EqxNormPoolThreads`` (Linux:
+    the library is found in /proc/self/maps)."""
+    with open("/proc/self/maps") as maps:
+        path = next(line.split()[-1] for line in maps if "libeqx_norm_cpu" in line)
+    query = ctypes.CDLL(path).EqxNormPoolThreads
+    query.restype = ctypes.c_int64
+    return query()
+
+
+def _results_on_cores(script, cores, out, timeout):
+    """What ``script`` saves with ``np.savez(sys.argv[1], ...)`` when run in a fresh Python
+    allowed only the CPU ``cores`` (set before it imports jax: XLA sizes its intra-op pool
+    by the cores it may use), and the pool size the kernel's last call there saw."""
+    prologue = f"import os\nos.sched_setaffinity(0, {sorted(cores)!r})\n"
+    epilogue = "\nfrom helpers import kernel_pool_threads\nprint(kernel_pool_threads())\n"
+    path = os.pathsep.join([str(_TESTS), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
+    result = subprocess.run(
+        [sys.executable, "-c", prologue + script + epilogue, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(np.load(out)), int(result.stdout.split()[-1])
+
+
+def assert_bitwise_independent_of_thread_count(script, tmp_path, timeout=300):
+    """``script`` (which runs the kernel and saves its results with
+    ``np.savez(sys.argv[1], ...)``) gives bitwise the same results on one core, where the
+    kernel's pool has one thread, as on every core this process may use, where it has
+    more: the pool sizes are checked, so that the two runs do differ in threads."""
+    cores = sorted(os.sched_getaffinity(0))
+    one, one_threads = _results_on_cores(script, cores[:1], tmp_path / "one.npz", timeout)
+    every, threads = _results_on_cores(script, cores, tmp_path / "every.npz", timeout)
+    assert one_threads == 1 and threads > 1, (one_threads, threads)
+    assert sorted(one) == sorted(every)
+    for key in one:
+        np.testing.assert_array_equal(one[key], every[key], err_msg=key)

@@ -77,3 +77,31 @@ def instance_norm(x, spatial_ndim, gamma=None, beta=None, epsilon=1e-5, mask=Non
     n = spatial_ndim + 1
     channels = np.shape(x)[np.ndim(x) - n + channel_axis % n]
     return group_norm(x, channels, spatial_ndim, gamma, beta, epsilon, mask, channel_axis)
+
+
+def group_norm_vjp(x, num_groups, spatial_ndim, gamma, cotangent, epsilon=1e-5, channel_axis=-1):
+    """The gradients ``(dx, dgamma, dbeta)`` of ``sum(cotangent * group_norm(x, ...))`` in
+    float64, by formula: within each group, with x_hat the standardized x, r its
+    1 / sqrt(var + eps) and v = cotangent * gamma, dx = r (v - mean(v) - x_hat mean(v x_hat));
+    dgamma and dbeta sum cotangent * x_hat and cotangent over all but the channel axis."""
+    x = np.asarray(x, dtype=np.float64)
+    n = spatial_ndim + 1
+    axis = x.ndim - n + channel_axis % n
+    x = np.moveaxis(x, axis, -1)  # channels last
+    cotangent = np.moveaxis(np.asarray(cotangent, np.float64), axis, -1)
+    gamma = np.asarray(gamma, np.float64)
+    size = x.shape[-1] // num_groups
+    example_axes = tuple(range(x.ndim - n, x.ndim))
+    x_hat, dx = np.zeros_like(x), np.zeros_like(x)
+    for g in range(num_groups):
+        group = slice(g * size, (g + 1) * size)
+        centered = x[..., group] - x[..., group].mean(axis=example_axes, keepdims=True)
+        r = 1 / np.sqrt((centered**2).mean(axis=example_axes, keepdims=True) + epsilon)
+        x_hat[..., group] = centered * r
+        v = cotangent[..., group] * gamma[group]
+        mean_v = v.mean(axis=example_axes, keepdims=True)
+        mean_vx = (v * x_hat[..., group]).mean(axis=example_axes, keepdims=True)
+        dx[..., group] = r * (v - mean_v - x_hat[..., group] * mean_vx)
+    others = tuple(range(x.ndim - 1))
+    dgamma = (cotangent * x_hat).sum(axis=others)
+    return np.moveaxis(dx, -1, axis), dgamma, cotangent.sum(axis=others)

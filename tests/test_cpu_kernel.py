@@ -1,4 +1,4 @@
-"""The compiled CPU kernel (eqx_norm._cpu_kernel) against float64 and against the XLA path.
+"""The compiled CPU kernel (eqx_norm.kernels.rows) against float64 and against the XLA path.
 
 Oracles: the float64 NumPy reference (tests/reference.py) for values, float64 JAX autodiff
 of a plain two-pass formula for derivatives, and ``eqx_norm._xla.normalize_rows``.
@@ -18,6 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import (
+    assert_bitwise_independent_of_thread_count,
+    call_target,
+    kernel_inputs,
+    max_error_over_terms,
+)
 
 from eqx_norm import _xla
 from eqx_norm.kernels import _library
@@ -26,23 +32,12 @@ from eqx_norm.kernels import rows as _cpu_kernel
 from reference import layer_norm as ref_layer_norm
 from reference import rms_norm as ref_rms_norm
 
-# the quick loop (-m "not slow") skips this file: every transformation of the kernel: long; CI runs it
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(_library.load()[0] is not None, reason=str(_library.load()[0])),
-]
+# The quick loop (-m "not slow") runs a small subset: values and gradients against float64
+# on small shapes, vmap and grad under jit, edge values and the targets' checks; the larger
+# shapes, the other transformations and the subprocess tests are slow.
+pytestmark = pytest.mark.skipif(_library.load()[0] is not None, reason=str(_library.load()[0]))
 
 EPS = 1e-5
-
-
-def _inputs(shape, *, mean=0.0, dtype=jnp.float32, seed=0):
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(mean + rng.standard_normal(shape), jnp.float32).astype(dtype)
-    d = shape[1]
-    scale = jnp.asarray(1 + 0.1 * rng.standard_normal(d), jnp.float32)
-    offset = jnp.asarray(0.1 * rng.standard_normal(d), jnp.float32)
-    ct = jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
-    return x, scale, offset, ct
 
 
 def _reference(x, scale, offset, center, epsilon=EPS):
@@ -78,13 +73,6 @@ def _grads64(x, scale, offset, ct, center, epsilon=EPS):
         ]
 
 
-def _max_rel(a, b, natural=0.0):
-    """Largest error over the largest reference value (or over ``natural``, the size the
-    terms of the result have before they cancel, when that is larger)."""
-    a = np.asarray(np.asarray(a, np.float32), np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), natural, 1e-30))
-
-
 def _dx_size(x, scale, ct, center, epsilon=EPS):
     """max |ct * scale * rstd|: dx's terms before they cancel (dx of a size-1 row is 0 for
     LayerNorm and ~epsilon * rstd^3 for RMSNorm, far below its terms)."""
@@ -102,8 +90,9 @@ SHAPES = [
     pytest.param((8192, 1024), marks=pytest.mark.slow),
     pytest.param((64 * 128, 768), marks=pytest.mark.slow),
     pytest.param((32, 200704), marks=pytest.mark.slow),
-    (64, 1024),
-    (3, 40000),  # rows longer than the kernel's column block
+    pytest.param((64, 1024), marks=pytest.mark.slow),
+    # rows longer than the kernel's column block
+    pytest.param((3, 40000), marks=pytest.mark.slow),
     (1, 300),  # one row
     (7, 1),  # D = 1
     (33, 17),  # D not a multiple of the 16 lanes
@@ -113,32 +102,34 @@ SHAPES = [
 @pytest.mark.parametrize("center", [True, False], ids=["layer", "rms"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_float32_against_float64(shape, center):
-    x, scale, offset, ct = _inputs(shape)
+    x, scale, offset, ct = kernel_inputs(shape, shape[1])
     fn = _kernel(center)
     y, vjp = jax.jit(lambda x, s, o: jax.vjp(fn, x, s, o))(x, scale, offset)
     assert y.dtype == jnp.float32 and y.shape == shape
     np.testing.assert_allclose(y, _reference(x, scale, offset, center), rtol=1e-5, atol=1e-5)
     natural = (_dx_size(x, scale, ct, center), 0.0, 0.0)
     for got, want, size in zip(vjp(ct), _grads64(x, scale, offset, ct, center), natural):
-        assert _max_rel(got, want, size) < 1e-5
+        assert max_error_over_terms(got, want, size) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("center", [True, False], ids=["layer", "rms"])
 def test_mean_1e4_is_accurate(center):
-    x, scale, offset, ct = _inputs((512, 1024), mean=1e4)
+    x, scale, offset, ct = kernel_inputs((512, 1024), 1024, mean=1e4)
     y, vjp = jax.vjp(_kernel(center), x, scale, offset)
     assert (
         float(np.max(np.abs(np.asarray(y, np.float64) - _reference(x, scale, offset, center))))
         <= 1e-5
     )
     for got, want in zip(vjp(ct), _grads64(x, scale, offset, ct, center)):
-        assert _max_rel(got, want) <= 1e-5
+        assert max_error_over_terms(got, want) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("center", [True, False], ids=["layer", "rms"])
 def test_half_precision(dtype, center):
-    x, scale, offset, ct = _inputs((256, 768), dtype=dtype)
+    x, scale, offset, ct = kernel_inputs((256, 768), 768, dtype=dtype)
     y, vjp = jax.vjp(_kernel(center), x, scale, offset)
     assert y.dtype == dtype
     unit = 2.0**-8 if dtype == jnp.bfloat16 else 2.0**-11  # one rounding of the output
@@ -147,11 +138,14 @@ def test_half_precision(dtype, center):
     dx, dscale, doffset = vjp(ct)
     assert dx.dtype == dtype and dscale.dtype == jnp.float32
     want_dx, want_dscale, want_doffset = _grads64(x, scale, offset, ct, center)
-    assert _max_rel(dx, want_dx) < 2 * unit
-    assert _max_rel(dscale, want_dscale) < 1e-5  # float32 sums of exactly-converted inputs
-    assert _max_rel(doffset, want_doffset) < 1e-5
+    assert max_error_over_terms(dx, want_dx) < 2 * unit
+    assert (
+        max_error_over_terms(dscale, want_dscale) < 1e-5
+    )  # float32 sums of exactly-converted inputs
+    assert max_error_over_terms(doffset, want_doffset) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("shape", "dtype"),
     [
@@ -163,7 +157,7 @@ def test_half_precision(dtype, center):
     ],
 )
 def test_matches_xla_path(shape, dtype):
-    x, scale, offset, ct = _inputs(shape, dtype=dtype)
+    x, scale, offset, ct = kernel_inputs(shape, shape[1], dtype=dtype)
 
     def run(fn):
         y, vjp = jax.jit(lambda x, s, o: jax.vjp(fn, x, s, o))(x, scale, offset)
@@ -174,7 +168,10 @@ def test_matches_xla_path(shape, dtype):
     tol = 1e-5 if dtype == jnp.float32 else 2.0**-7
     for a, b in zip(kernel, xla):
         assert (
-            _max_rel(np.asarray(a, np.float32), np.asarray(b.astype(jnp.float32), np.float64)) < tol
+            max_error_over_terms(
+                np.asarray(a, np.float32), np.asarray(b.astype(jnp.float32), np.float64)
+            )
+            < tol
         )
 
 
@@ -185,7 +182,7 @@ def test_constant_rows_give_exactly_offset(epsilon, center):
     rows = np.repeat(values[:, None], 67, axis=1).astype(np.float32)
     if not center:  # RMSNorm of a constant row is sign(x) unless it is 0: check zeros only
         rows = np.zeros_like(rows)
-    _, scale, offset, _ = _inputs((len(values), 67))
+    _, scale, offset, _ = kernel_inputs((len(values), 67), 67)
     y = _cpu_kernel.normalize_rows(jnp.asarray(rows), scale, offset, epsilon=epsilon, center=center)
     np.testing.assert_array_equal(y, np.broadcast_to(offset, rows.shape))
     none = _cpu_kernel.normalize_rows(jnp.asarray(rows), None, None, epsilon=epsilon, center=center)
@@ -193,13 +190,14 @@ def test_constant_rows_give_exactly_offset(epsilon, center):
 
 
 def test_epsilon_zero_matches_reference():
-    x, scale, offset, _ = _inputs((16, 100))
+    x, scale, offset, _ = kernel_inputs((16, 100), 100)
     y = _cpu_kernel.normalize_rows(x, scale, offset, epsilon=0.0, center=True)
     np.testing.assert_allclose(y, _reference(x, scale, offset, True, 0.0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scale_and_offset_none():
-    x, _, _, _ = _inputs((10, 50))
+    x, _, _, _ = kernel_inputs((10, 50), 50)
     y = _cpu_kernel.normalize_rows(x, None, None, epsilon=EPS, center=True)
     np.testing.assert_allclose(
         y, _reference(x, np.ones(50), np.zeros(50), True), rtol=1e-5, atol=1e-5
@@ -215,8 +213,9 @@ def test_scale_and_offset_none():
     np.testing.assert_allclose(gx, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bitwise_deterministic_across_runs():
-    x, scale, offset, ct = _inputs((4096, 1024), mean=3.0)
+    x, scale, offset, ct = kernel_inputs((4096, 1024), 1024, mean=3.0)
     run = jax.jit(lambda x, s, o, ct: jax.vjp(_kernel(True), x, s, o)[1](ct))
     first = run(x, scale, offset, ct)
     for _ in range(3):
@@ -224,9 +223,9 @@ def test_bitwise_deterministic_across_runs():
             np.testing.assert_array_equal(a, b)
 
 
-_ONE_THREAD = """
-import os, sys
-os.sched_setaffinity(0, {0})  # one core: XLA sizes its intra-op pool to one thread
+# run on one core and on every core (helpers.assert_bitwise_independent_of_thread_count)
+_THREADS = """
+import sys
 import jax, jax.numpy as jnp, numpy as np
 from eqx_norm.kernels import rows as _cpu_kernel
 rng = np.random.default_rng(0)
@@ -244,18 +243,11 @@ np.savez(sys.argv[1], **out)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity")
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
 def test_bitwise_deterministic_across_thread_counts(tmp_path):
-    one = tmp_path / "one.npz"
-    subprocess.run([sys.executable, "-c", _ONE_THREAD, str(one)], check=True, timeout=120)
-    both = tmp_path / "both.npz"
-    script = _ONE_THREAD.replace("os.sched_setaffinity(0, {0})", "")
-    subprocess.run([sys.executable, "-c", script, str(both)], check=True, timeout=120)
-    a, b = np.load(one), np.load(both)
-    assert sorted(a) == sorted(b)
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert_bitwise_independent_of_thread_count(_THREADS, tmp_path, timeout=120)
 
 
 # ----------------------------------------------------------------------------------------
@@ -268,9 +260,10 @@ def _f64(*arrays):
 
 @pytest.fixture
 def small():
-    return _inputs((4, 6), mean=1.0)
+    return kernel_inputs((4, 6), 6, mean=1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("center", [True, False], ids=["layer", "rms"])
 def test_jvp(small, center):
     x, scale, offset, _ = small
@@ -285,6 +278,7 @@ def test_jvp(small, center):
     np.testing.assert_allclose(dy, want_dy, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("center", [True, False], ids=["layer", "rms"])
 def test_jacfwd_jacrev_hessian(small, center):
     x, scale, offset, _ = small
@@ -313,6 +307,7 @@ def test_jacfwd_jacrev_hessian(small, center):
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("center", [True, False], ids=["layer", "rms"])
 def test_grad_of_grad(small, center):
     x, scale, offset, _ = small
@@ -338,7 +333,9 @@ def _batched_inputs(batch=3, shape=(5, 8)):
     return x, scales, offset
 
 
-@pytest.mark.parametrize("center", [True, False], ids=["layer", "rms"])
+@pytest.mark.parametrize(
+    "center", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["layer", "rms"]
+)
 def test_vmap_forward_grad_and_per_example_scale(center):
     x, scales, offset = _batched_inputs()
 
@@ -379,6 +376,7 @@ def test_vmap_of_grad_uses_per_example_kernel_sums():
     assert "eqx_norm_rows_backward" in str(jax.make_jaxpr(g)(x, scales[0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("center", [True, False], ids=["layer", "rms"])
 def test_checkpoint_and_scan(center):
     x, scales, offset = _batched_inputs(batch=4)
@@ -405,8 +403,9 @@ def test_checkpoint_and_scan(center):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_export_holds_no_custom_call_and_runs():
-    x, scale, offset, ct = _inputs((16, 40))
+    x, scale, offset, ct = kernel_inputs((16, 40), 40)
 
     def fn(x, s, o):
         y, vjp = jax.vjp(_kernel(True), x, s, o)
@@ -420,7 +419,7 @@ def test_export_holds_no_custom_call_and_runs():
 
 
 def test_jit_runs_the_kernel():
-    x, scale, offset, _ = _inputs((8, 32))
+    x, scale, offset, _ = kernel_inputs((8, 32), 32)
     text = jax.jit(_kernel(True)).lower(x, scale, offset).as_text()
     assert "eqx_norm_rows_forward" in text
 
@@ -540,6 +539,7 @@ def test_multiple_devices():
     assert residual["kernel"] and not residual["all_gather"] and residual["err"] < 1e-3, residual
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("center", [True, False])
 def test_jnp_fallback_agrees_with_the_kernel_where_squares_underflow(center):
     """The fallback (jax.export, other platforms) shares the library's statistics, so at
@@ -562,10 +562,6 @@ def test_jnp_fallback_agrees_with_the_kernel_where_squares_underflow(center):
 # Memory safety: the registered targets check every buffer, whoever calls them.
 
 
-def _ffi(target, outs, *args, **attrs):
-    return jax.jit(lambda *a: jax.ffi.ffi_call(target, outs)(*a, **attrs))(*args)
-
-
 _F32 = jnp.float32
 _GOOD_FORWARD = dict(x=(8, 16), scale=(16,), offset=(16,), y=(8, 16), mean_shift=(8,), rstd=(8,))
 
@@ -580,11 +576,13 @@ def test_forward_target_rejects_a_wrong_buffer_shape(buffer, shape):
     outs = [jax.ShapeDtypeStruct(shapes[name], _F32) for name in ("y", "mean_shift", "rstd")]
     with pytest.raises(Exception, match=rf"{buffer} has dimensions"):
         jax.block_until_ready(
-            _ffi("eqx_norm_rows_forward", outs, *args, epsilon=np.float32(1e-5), center=True)
+            call_target("eqx_norm_rows_forward", outs, *args, epsilon=np.float32(1e-5), center=True)
         )
     good = [jnp.ones(_GOOD_FORWARD[n], _F32) for n in ("x", "scale", "offset")]
     good_outs = [jax.ShapeDtypeStruct(_GOOD_FORWARD[n], _F32) for n in ("y", "mean_shift", "rstd")]
-    y = _ffi("eqx_norm_rows_forward", good_outs, *good, epsilon=np.float32(1e-5), center=True)
+    y = call_target(
+        "eqx_norm_rows_forward", good_outs, *good, epsilon=np.float32(1e-5), center=True
+    )
     assert y[0].shape == (8, 16)  # the same call with the right shapes runs
 
 
@@ -612,7 +610,7 @@ def test_backward_target_rejects_a_wrong_buffer_shape(buffer, shape):
     outs = [jax.ShapeDtypeStruct(shapes[n], _F32) for n in ("dx", "dscale", "doffset")]
     with pytest.raises(Exception, match=rf"{buffer} has dimensions"):
         jax.block_until_ready(
-            _ffi(
+            call_target(
                 "eqx_norm_rows_backward",
                 outs,
                 *args,
@@ -628,15 +626,90 @@ def test_backward_target_rejects_groups_that_do_not_divide_the_rows():
     outs = [jax.ShapeDtypeStruct(s, _F32) for s in ((8, 16), (3, 16), (3, 16))]
     with pytest.raises(Exception, match="groups must be >= 1 and divide"):
         jax.block_until_ready(
-            _ffi(
+            call_target(
                 "eqx_norm_rows_backward", outs, *args, center=True, groups=np.int64(3), want_dx=True
             )
         )
 
 
+_BUFFERS = {  # target: (argument names, result names, good shapes, attributes)
+    "eqx_norm_rows_forward": (
+        ("x", "scale", "offset"), ("y", "mean_shift", "rstd"), _GOOD_FORWARD,
+        dict(epsilon=np.float32(1e-5), center=True),
+    ),
+    "eqx_norm_rows_backward": (
+        ("x", "scale", "mean_shift", "rstd", "ct"), ("dx", "dscale", "doffset"), _GOOD_BACKWARD,
+        dict(center=True, groups=np.int64(2), want_dx=True),
+    ),
+    "eqx_norm_residual_forward": (
+        ("x", "residual", "scale", "offset"), ("y", "h", "mean_shift", "rstd"),
+        {**_GOOD_FORWARD, "residual": (8, 16), "h": (8, 16)},
+        dict(epsilon=np.float32(1e-5), center=True),
+    ),
+    "eqx_norm_residual_backward": (
+        ("h", "scale", "mean_shift", "rstd", "ct", "ct_h"), ("dh", "dscale", "doffset"),
+        {**_GOOD_BACKWARD, "h": (8, 16), "ct_h": (8, 16), "dh": (8, 16)},
+        dict(center=True, groups=np.int64(2)),
+    ),
+}  # fmt: skip
+_I32, _BF16, _F16 = jnp.int32, jnp.bfloat16, jnp.float16
+
+
+@pytest.mark.parametrize(
+    "target, types, message",
+    [
+        ("eqx_norm_rows_forward", {"x": _I32, "y": _I32}, "x has element type int32, expected float32"),
+        ("eqx_norm_rows_forward", {"x": jnp.float64, "y": jnp.float64}, "x has element type float64, expected float32"),
+        ("eqx_norm_rows_forward", {"y": _BF16}, r"y has element type bfloat16, expected float32 \(x's\)"),
+        ("eqx_norm_rows_forward", {"scale": _F16}, "Wrong buffer dtype"),
+        ("eqx_norm_rows_backward", {"x": _I32, "ct": _I32, "dx": _I32}, "x has element type int32"),
+        ("eqx_norm_rows_backward", {"ct": _BF16}, r"ct has element type bfloat16, expected float32 \(x's\)"),
+        ("eqx_norm_rows_backward", {"dx": _BF16}, r"dx has element type bfloat16, expected float32 \(x's\)"),
+        ("eqx_norm_rows_backward", {"mean_shift": _F16}, "Wrong buffer dtype"),
+        ("eqx_norm_residual_forward", {"x": _I32, "y": _I32}, "x has element type int32"),
+        ("eqx_norm_residual_forward", {"x": _BF16, "y": _BF16, "residual": _F16, "h": _F16},
+         r"residual has element type float16, expected float32 or bfloat16 \(x's\)"),
+        ("eqx_norm_residual_forward", {"x": _BF16, "y": _BF16, "residual": _BF16},
+         r"h has element type float32, expected bfloat16 \(the residual's\)"),
+        ("eqx_norm_residual_forward", {"offset": _BF16}, "Wrong buffer dtype"),
+        ("eqx_norm_residual_backward", {"h": _I32, "dh": _I32}, "h has element type int32"),
+        ("eqx_norm_residual_backward", {"h": _BF16, "ct_h": _BF16, "dh": _BF16},
+         r"ct has element type float32, expected bfloat16 \(h's\)"),
+        ("eqx_norm_residual_backward", {"ct_h": _BF16}, r"ct_h has element type bfloat16, expected float32 \(h's\)"),
+        ("eqx_norm_residual_backward", {"dh": _F16}, r"dh has element type float16, expected float32 \(h's\)"),
+        ("eqx_norm_residual_backward", {"rstd": _BF16}, "Wrong buffer dtype"),
+    ],
+)  # fmt: skip
+def test_targets_reject_a_wrong_element_type(target, types, message):
+    """Every buffer's element type is checked: an error naming the buffer, its type and the
+    expected one (the float32 statistics and parameters by XLA's own decoding)."""
+    arg_names, out_names, shapes, attrs = _BUFFERS[target]
+    with jax.enable_x64(jnp.float64 in types.values()):
+        args = [jnp.ones(shapes[n], types.get(n, _F32)) for n in arg_names]
+        outs = [jax.ShapeDtypeStruct(shapes[n], types.get(n, _F32)) for n in out_names]
+        with pytest.raises(Exception, match=message):
+            jax.block_until_ready(call_target(target, outs, *args, **attrs))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_forward_targets_write_nan_statistics_for_rows_of_no_elements(residual):
+    """Rows of D = 0: every output is still written, the statistics NaN, as a mean over
+    nothing."""
+    x = jnp.ones((4, 0))
+    outs = [jax.ShapeDtypeStruct(s, _F32) for s in ((4, 0), (4, 0), (4,), (4,))]
+    attrs = dict(epsilon=np.float32(1e-5), center=True)
+    if residual:
+        args, target = (x, x, jnp.ones(0), jnp.ones(0)), "eqx_norm_residual_forward"
+    else:
+        args, target, outs = (x, jnp.ones(0), jnp.ones(0)), "eqx_norm_rows_forward", outs[1:]
+    *_, mean_shift, rstd = call_target(target, outs, *args, **attrs)
+    assert np.isnan(mean_shift).all() and np.isnan(rstd).all()
+
+
+@pytest.mark.slow
 def test_parameter_only_gradient_writes_no_dx():
     """With x not differentiated, the backward kernel is asked for no dx at all."""
-    x, scale, offset, _ = _inputs((64, 32))
+    x, scale, offset, _ = kernel_inputs((64, 32), 32)
 
     def loss(s, o):
         return (_kernel(True)(x, s, o) ** 2).sum()
@@ -678,6 +751,7 @@ print("ok", reason)
 """
 
 
+@pytest.mark.slow
 def test_missing_jax_hook_disables_the_kernel_with_a_reason():
     """A JAX without one of the internals the binding uses: import works, the kernel says
     why it is off, and every call takes the XLA path."""
@@ -713,11 +787,12 @@ _RESIDUAL_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("center", [True, False])
 @pytest.mark.parametrize("x_dtype, r_dtype, tol", _RESIDUAL_CASES)
 def test_fused_residual_equals_the_unfused_composition(x_dtype, r_dtype, tol, center):
     rng = np.random.default_rng(3)
-    x, scale, offset, ct_y = _inputs((96, 160), dtype=x_dtype)
+    x, scale, offset, ct_y = kernel_inputs((96, 160), 160, dtype=x_dtype)
     r = jnp.asarray(rng.standard_normal((96, 160)), jnp.float32).astype(r_dtype)
     ct_h = jnp.asarray(rng.standard_normal((96, 160)), jnp.float32)
     assert _cpu_kernel.residual_unavailable_reason(x, r) is None
@@ -756,7 +831,7 @@ def test_fused_residual_equals_the_unfused_composition(x_dtype, r_dtype, tol, ce
 
 
 def test_fused_residual_backward_reads_both_cotangents_in_one_kernel():
-    x, scale, offset, _ = _inputs((32, 64))
+    x, scale, offset, _ = kernel_inputs((32, 64), 64)
     r = x[::-1]
     jaxpr = str(
         jax.make_jaxpr(
@@ -771,11 +846,11 @@ def test_fused_residual_backward_reads_both_cotangents_in_one_kernel():
 
 
 def test_residual_targets_reject_wrong_shapes():
-    x, scale, offset, _ = _inputs((8, 16))
+    x, scale, offset, _ = kernel_inputs((8, 16), 16)
     outs = [jax.ShapeDtypeStruct(s, _F32) for s in ((8, 16), (8, 16), (8,), (8,))]
     with pytest.raises(Exception, match="residual has dimensions"):
         jax.block_until_ready(
-            _ffi(
+            call_target(
                 "eqx_norm_residual_forward",
                 outs,
                 x,
@@ -790,5 +865,5 @@ def test_residual_targets_reject_wrong_shapes():
     outs = [jax.ShapeDtypeStruct(s, _F32) for s in ((8, 16), (1, 16), (1, 16))]
     with pytest.raises(Exception, match="ct_h has dimensions"):
         jax.block_until_ready(
-            _ffi("eqx_norm_residual_backward", outs, *args, center=True, groups=np.int64(1))
+            call_target("eqx_norm_residual_backward", outs, *args, center=True, groups=np.int64(1))
         )

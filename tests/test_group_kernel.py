@@ -1,8 +1,9 @@
 """The compiled GroupNorm/InstanceNorm kernel (eqx_norm.kernels.groups), both layouts.
 
-Oracles: the float64 NumPy reference (tests/reference.py) for y, float64 JAX autodiff of a
-plain two-pass formula for dx/dgamma/dbeta, torch.nn.GroupNorm/InstanceNorm2d, finite
-differences in float64 (XLA path), and the XLA path itself for the transformations.
+Oracles: the float64 NumPy references (tests/reference.py) for y and, by formula, for
+dx/dgamma/dbeta, torch.nn.GroupNorm/InstanceNorm2d, finite differences in float64 (XLA
+path), and the XLA path itself for the transformations (jitted: eagerly, op by op, the
+Hessians take tens of seconds).
 Tolerances: float32 about 1e-5 relative (y absolute 1e-5 for O(1) outputs); bfloat16 one
 rounding of the output, 2^-8 relative, on the reference taken from the bf16 input.
 Batch invariance is bitwise: an example's y and dx do not depend on the batch.
@@ -18,7 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import first_example_results
+from helpers import (
+    assert_bitwise_independent_of_thread_count,
+    call_target,
+    first_example_results,
+    jitted_y_and_gradients,
+    kernel_inputs,
+    max_relative_error,
+)
 from jax.test_util import check_grads
 
 import eqx_norm
@@ -27,6 +35,7 @@ from eqx_norm.kernels import _library
 from eqx_norm.kernels import groups as _groups
 
 from reference import group_norm as ref_group_norm
+from reference import group_norm_vjp
 
 pytestmark = pytest.mark.skipif(_library.load()[0] is not None, reason=str(_library.load()[0]))
 
@@ -36,15 +45,6 @@ LAYOUTS = {"last": -1, "first": 0}
 
 def _shape(layout, n, hw, c):
     return (n, *hw, c) if layout == "last" else (n, c, *hw)
-
-
-def _inputs(shape, channels, *, mean=0.0, dtype=jnp.float32, seed=0):
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(mean + rng.standard_normal(shape), jnp.float32).astype(dtype)
-    gamma = jnp.asarray(1 + 0.3 * rng.standard_normal(channels), jnp.float32)
-    beta = jnp.asarray(0.3 * rng.standard_normal(channels), jnp.float32)
-    ct = jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
-    return x, gamma, beta, ct
 
 
 def _layer(groups, channels, layout, gamma, beta, **kwargs):
@@ -59,48 +59,10 @@ def _layer(groups, channels, layout, gamma, beta, **kwargs):
     )
 
 
-def _grads(layer, x, ct):
-    """``(y, dx, dgamma, dbeta)`` of ``sum(ct * layer(x))``, jitted."""
-    params, static = eqx.partition(layer, eqx.is_inexact_array)
-
-    @jax.jit
-    def run(x, params):
-        y, vjp = jax.vjp(lambda x, p: eqx.combine(p, static)(x), x, params)
-        dx, dp = vjp(ct)
-        return y, dx, dp.gamma, dp.beta
-
-    return run(x, params)
-
-
-def _plain64(x, groups, layout, gamma, beta):
-    """Plain two-pass GroupNorm in float64 jnp: the oracle for derivatives."""
-    if layout == "last":
-        x = jnp.moveaxis(x, -1, 1)
-    n, c = x.shape[:2]
-    xg = x.reshape(n, groups, -1)
-    mean = jnp.mean(xg, axis=2, keepdims=True)
-    var = jnp.mean(jnp.square(xg - mean), axis=2, keepdims=True)
-    y = ((xg - mean) / jnp.sqrt(var + EPS)).reshape(x.shape)
-    bshape = (1, c) + (1,) * (x.ndim - 2)
-    y = y * gamma.reshape(bshape) + beta.reshape(bshape)
-    return jnp.moveaxis(y, 1, -1) if layout == "last" else y
-
-
-def _grads64(x, groups, layout, gamma, beta, ct):
-    with jax.enable_x64(True):
-        args = [
-            jnp.asarray(np.asarray(a.astype(jnp.float32), np.float64)) for a in (x, gamma, beta)
-        ]
-        fn = lambda x, g, b: _plain64(x, groups, layout, g, b)  # noqa: E731
-        _, vjp = jax.vjp(fn, *args)
-        return [
-            np.asarray(g) for g in vjp(jnp.asarray(np.asarray(ct.astype(jnp.float32), np.float64)))
-        ]
-
-
-def _max_rel(got, want):
-    want = np.asarray(want, np.float64)
-    return np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+def _grads64(x, groups, layout, gamma, ct):
+    """float64 ``(dx, dgamma, dbeta)`` of ``sum(ct * y)``, by formula."""
+    x64, ct64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (x, ct))
+    return group_norm_vjp(x64, groups, 2, np.asarray(gamma), ct64, EPS, LAYOUTS[layout])
 
 
 def _reference_y(x, groups, layout, gamma, beta):
@@ -122,12 +84,14 @@ SMALL = [((3, (5, 7)), 12, 3), ((2, (4, 4)), 8, 8), ((1, (1, 3)), 4, 1), ((4, (6
 def test_float32_against_float64(layout, dims, channels, groups):
     n, hw = dims
     shape = _shape(layout, n, hw, channels)
-    x, gamma, beta, ct = _inputs(shape, channels, mean=3.0)
-    y, dx, dgamma, dbeta = _grads(_layer(groups, channels, layout, gamma, beta), x, ct)
+    x, gamma, beta, ct = kernel_inputs(shape, channels, mean=3.0, spread=0.3)
+    y, dx, dgamma, dbeta = jitted_y_and_gradients(
+        _layer(groups, channels, layout, gamma, beta), x, ct
+    )
     np.testing.assert_allclose(y, _reference_y(x, groups, layout, gamma, beta), atol=1e-5)
-    want = _grads64(x, groups, layout, gamma, beta, ct)
+    want = _grads64(x, groups, layout, gamma, ct)
     for name, got, w in zip(("dx", "dgamma", "dbeta"), (dx, dgamma, dbeta), want):
-        assert _max_rel(got, w) < 2e-5, name
+        assert max_relative_error(got, w) < 2e-5, name
 
 
 REAL = [
@@ -142,30 +106,35 @@ REAL = [
 @pytest.mark.parametrize("layout, dims, channels, groups", REAL)
 def test_real_sizes_against_float64(layout, dims, channels, groups):
     shape = _shape(layout, dims[0], dims[1], channels)
-    x, gamma, beta, ct = _inputs(shape, channels, mean=1.0)
-    y, dx, dgamma, dbeta = _grads(_layer(groups, channels, layout, gamma, beta), x, ct)
+    x, gamma, beta, ct = kernel_inputs(shape, channels, mean=1.0, spread=0.3)
+    y, dx, dgamma, dbeta = jitted_y_and_gradients(
+        _layer(groups, channels, layout, gamma, beta), x, ct
+    )
     np.testing.assert_allclose(y, _reference_y(x, groups, layout, gamma, beta), atol=1e-5)
-    want = _grads64(x, groups, layout, gamma, beta, ct)
+    want = _grads64(x, groups, layout, gamma, ct)
     # dgamma/dbeta sum 25,088 terms per channel: float32 partial sums, double across
     for name, got, w in zip(("dx", "dgamma", "dbeta"), (dx, dgamma, dbeta), want):
-        assert _max_rel(got, w) < 2e-5, name
+        assert max_relative_error(got, w) < 2e-5, name
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_bfloat16_is_one_rounding_of_the_float32_answer(layout):
     channels, groups = 32, 8
     shape = _shape(layout, 4, (6, 6), channels)
-    x, gamma, beta, ct = _inputs(shape, channels, mean=2.0, dtype=jnp.bfloat16)
-    y, dx, dgamma, dbeta = _grads(_layer(groups, channels, layout, gamma, beta), x, ct)
+    x, gamma, beta, ct = kernel_inputs(shape, channels, mean=2.0, dtype=jnp.bfloat16, spread=0.3)
+    y, dx, dgamma, dbeta = jitted_y_and_gradients(
+        _layer(groups, channels, layout, gamma, beta), x, ct
+    )
     assert y.dtype == dx.dtype == jnp.bfloat16 and dgamma.dtype == jnp.float32
     want = _reference_y(x, groups, layout, gamma, beta)  # from the bf16 input itself
     # the statistics are float32, then one bf16 rounding: 2^-8 of the value
     err = np.abs(np.asarray(y, np.float64) - want) - 2.0**-8 * np.abs(want)
     assert err.max() <= 1e-5
-    want_grads = _grads64(x, groups, layout, gamma, beta, ct)
-    assert _max_rel(dx, want_grads[0]) < 2.0**-7  # one rounding of dx (plus bf16 ct is exact)
+    want_grads = _grads64(x, groups, layout, gamma, ct)
+    # one rounding of dx (and the bf16 ct is exact)
+    assert max_relative_error(dx, want_grads[0]) < 2.0**-7
     for got, w in zip((dgamma, dbeta), want_grads[1:]):
-        assert _max_rel(got, w) < 1e-5  # float32 sums of the exact bf16 values
+        assert max_relative_error(got, w) < 1e-5  # float32 sums of the exact bf16 values
 
 
 @pytest.mark.slow
@@ -174,8 +143,10 @@ def test_bfloat16_is_one_rounding_of_the_float32_answer(layout):
 def test_matches_torch(layout, channels, groups):
     torch = pytest.importorskip("torch")
     shape = _shape(layout, 8, (14, 14), channels)
-    x, gamma, beta, ct = _inputs(shape, channels, mean=1.0)
-    y, dx, dgamma, dbeta = _grads(_layer(groups, channels, layout, gamma, beta), x, ct)
+    x, gamma, beta, ct = kernel_inputs(shape, channels, mean=1.0, spread=0.3)
+    y, dx, dgamma, dbeta = jitted_y_and_gradients(
+        _layer(groups, channels, layout, gamma, beta), x, ct
+    )
     if groups == channels:
         module = torch.nn.InstanceNorm2d(channels, eps=EPS, affine=True)
     else:
@@ -188,9 +159,9 @@ def test_matches_torch(layout, channels, groups):
     yt = module(xt)
     yt.backward(torch.from_numpy(np.ascontiguousarray(to_nchw(ct))))
     np.testing.assert_allclose(to_nchw(y), yt.detach().numpy(), atol=2e-5)
-    assert _max_rel(to_nchw(dx), xt.grad.numpy()) < 2e-5
-    assert _max_rel(dgamma, module.weight.grad.numpy()) < 2e-5
-    assert _max_rel(dbeta, module.bias.grad.numpy()) < 2e-5
+    assert max_relative_error(to_nchw(dx), xt.grad.numpy()) < 2e-5
+    assert max_relative_error(dgamma, module.weight.grad.numpy()) < 2e-5
+    assert max_relative_error(dbeta, module.bias.grad.numpy()) < 2e-5
 
 
 # ----------------------------------------------------------------------------------------
@@ -201,7 +172,7 @@ def test_matches_torch(layout, channels, groups):
 @pytest.mark.parametrize("channels, groups", [(64, 8), (16, 16)])
 def test_mean_1e4_is_accurate(layout, channels, groups):
     shape = _shape(layout, 4, (12, 12), channels)
-    x, gamma, beta, _ = _inputs(shape, channels, mean=1e4)
+    x, gamma, beta, _ = kernel_inputs(shape, channels, mean=1e4, spread=0.3)
     y = _layer(groups, channels, layout, gamma, beta)(x)
     # against float64 of the same float32 input: the kernel's own error only
     np.testing.assert_allclose(y, _reference_y(x, groups, layout, gamma, beta), atol=1e-5)
@@ -212,7 +183,7 @@ def test_mean_1e4_is_accurate(layout, channels, groups):
 def test_constant_group_gives_exactly_beta(layout, epsilon):
     channels, groups = 16, 4
     shape = _shape(layout, 3, (5, 5), channels)
-    x, gamma, beta, _ = _inputs(shape, channels)
+    x, gamma, beta, _ = kernel_inputs(shape, channels, spread=0.3)
     x = np.array(x)
     group = slice(4, 8)  # group 1 of example 1 is constant
     if layout == "last":
@@ -238,13 +209,15 @@ def test_constant_group_gives_exactly_beta(layout, epsilon):
 def test_nan_stays_in_its_group(layout):
     channels, groups = 16, 4
     shape = _shape(layout, 3, (5, 5), channels)
-    x, gamma, beta, ct = _inputs(shape, channels)
+    x, gamma, beta, ct = kernel_inputs(shape, channels, spread=0.3)
     x = np.array(x)
     if layout == "last":
         x[1, 2, 3, 5] = np.nan  # example 1, channel 5: group 1
     else:
         x[1, 5, 2, 3] = np.nan
-    y, dx, _, _ = _grads(_layer(groups, channels, layout, gamma, beta), jnp.asarray(x), ct)
+    y, dx, _, _ = jitted_y_and_gradients(
+        _layer(groups, channels, layout, gamma, beta), jnp.asarray(x), ct
+    )
     for a in (np.asarray(y), np.asarray(dx)):
         cl = a if layout == "last" else np.moveaxis(a, 1, -1)
         bad = np.isnan(cl).reshape(3, -1, groups, channels // groups).any(axis=(1, 3))
@@ -266,7 +239,7 @@ def test_batch_invariance(layout, channels, groups, jit):
     and dx (the kernel's work units are single examples or groups)."""
     # (28, 28) images: at this size the XLA path differs in the last bit (it fails here)
     shape = _shape(layout, 40, (28, 28), channels)
-    x, gamma, beta, ct = _inputs(shape, channels, mean=2.0)
+    x, gamma, beta, ct = kernel_inputs(shape, channels, mean=2.0, spread=0.3)
     layer = _layer(groups, channels, layout, gamma, beta)
     results = first_example_results(layer, (x[:1], x[:7], x), ct, jit=jit)
     for y, dx in results[1:]:
@@ -278,7 +251,7 @@ def test_batch_invariance(layout, channels, groups, jit):
 def test_vmap_of_the_layer_equals_the_batched_call_bitwise(layout):
     channels, groups = 32, 4
     shape = _shape(layout, 9, (8, 8), channels)
-    x, gamma, beta, ct = _inputs(shape, channels, mean=-1.0)
+    x, gamma, beta, ct = kernel_inputs(shape, channels, mean=-1.0, spread=0.3)
     layer = _layer(groups, channels, layout, gamma, beta)
     np.testing.assert_array_equal(jax.vmap(layer)(x), layer(x))
     np.testing.assert_array_equal(
@@ -292,7 +265,7 @@ def test_vmap_of_the_layer_equals_the_batched_call_bitwise(layout):
 
 
 def test_instance_norm_layer_runs_the_kernel_and_is_batch_invariant():
-    x, gamma, beta, _ = _inputs((40, 10, 10, 24), 24, mean=5.0)
+    x, gamma, beta, _ = kernel_inputs((40, 10, 10, 24), 24, mean=5.0, spread=0.3)
     layer = eqx_norm.InstanceNorm(24, scale_initializer=gamma, bias_initializer=beta)
     assert "eqx_norm_groups_forward" in jax.jit(lambda x: layer(x)).lower(x).as_text()
     np.testing.assert_array_equal(layer(x[:1])[0], layer(x)[0])
@@ -302,9 +275,9 @@ def test_instance_norm_layer_runs_the_kernel_and_is_batch_invariant():
     np.testing.assert_allclose(layer(x), xla(x), atol=1e-5)
 
 
-_ONE_THREAD = """
-import os, sys
-os.sched_setaffinity(0, {0})  # one core: XLA sizes its intra-op pool to one thread
+# run on one core and on every core (helpers.assert_bitwise_independent_of_thread_count)
+_THREADS = """
+import sys
 import jax, jax.numpy as jnp, numpy as np
 from eqx_norm.kernels import groups
 rng = np.random.default_rng(0)
@@ -328,15 +301,7 @@ np.savez(sys.argv[1], **out)
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity")
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
 def test_bitwise_independent_of_the_thread_count(tmp_path):
-    one = tmp_path / "one.npz"
-    subprocess.run([sys.executable, "-c", _ONE_THREAD, str(one)], check=True, timeout=300)
-    both = tmp_path / "both.npz"
-    script = _ONE_THREAD.replace("os.sched_setaffinity(0, {0})", "")
-    subprocess.run([sys.executable, "-c", script, str(both)], check=True, timeout=300)
-    a, b = np.load(one), np.load(both)
-    assert sorted(a) == sorted(b)
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert_bitwise_independent_of_thread_count(_THREADS, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -375,7 +340,7 @@ def test_group_norm_takes_implementation():
 
 def test_zero_size_and_feature_vectors():
     # (N, C) feature vectors (spatial_ndim=0) and an empty batch
-    x, gamma, beta, _ = _inputs((6, 8), 8)
+    x, gamma, beta, _ = kernel_inputs((6, 8), 8, spread=0.3)
     got = functional.group_norm(x, 2, gamma, beta, spatial_ndim=0, implementation="kernel")
     want = functional.group_norm(x, 2, gamma, beta, spatial_ndim=0, implementation="xla")
     np.testing.assert_allclose(got, want, atol=1e-6)
@@ -389,7 +354,7 @@ def test_zero_size_and_feature_vectors():
 
 def _small(layout="last"):
     shape = _shape(layout, 2, (3, 3), 4)
-    return _inputs(shape, 4, mean=1.0)
+    return kernel_inputs(shape, 4, mean=1.0, spread=0.3)
 
 
 def _fn(layout, implementation="kernel"):
@@ -405,20 +370,25 @@ def _fn(layout, implementation="kernel"):
 def test_jvp_and_hessian_match_the_xla_path(layout):
     x, gamma, beta, ct = _small(layout)
     tangents = tuple(jnp.ones_like(a) * 0.1 for a in (x, gamma, beta))
-    got = jax.jvp(_fn(layout), (x, gamma, beta), tangents)
-    want = jax.jvp(_fn(layout, "xla"), (x, gamma, beta), tangents)
-    for g, w in zip(got, want):
+
+    def jvp(impl):
+        return jax.jit(lambda *p: jax.jvp(_fn(layout, impl), p, tangents))(x, gamma, beta)
+
+    for g, w in zip(jvp("kernel"), jvp("xla")):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
     def loss(impl):
         return lambda x: jnp.sum(_fn(layout, impl)(x, gamma, beta) ** 3 * ct)
 
     np.testing.assert_allclose(
-        jax.hessian(loss("kernel"))(x), jax.hessian(loss("xla"))(x), rtol=1e-3, atol=1e-3
+        jax.jit(jax.hessian(loss("kernel")))(x),
+        jax.jit(jax.hessian(loss("xla")))(x),
+        rtol=1e-3,
+        atol=1e-3,
     )
     np.testing.assert_allclose(
-        jax.jacfwd(_fn(layout))(x, gamma, beta),
-        jax.jacrev(_fn(layout, "xla"))(x, gamma, beta),
+        jax.jit(jax.jacfwd(_fn(layout)))(x, gamma, beta),
+        jax.jit(jax.jacrev(_fn(layout, "xla")))(x, gamma, beta),
         rtol=1e-4,
         atol=1e-5,
     )
@@ -427,7 +397,7 @@ def test_jvp_and_hessian_match_the_xla_path(layout):
 def test_xla_path_gradient_matches_finite_differences(x64):
     x, gamma, beta, _ = _small()
     args = [jnp.asarray(np.asarray(a), jnp.float64) for a in (x, gamma, beta)]
-    check_grads(_fn("last", "xla"), args, order=2, modes=("fwd", "rev"), eps=1e-4)
+    check_grads(jax.jit(_fn("last", "xla")), args, order=2, modes=("fwd", "rev"), eps=1e-4)
 
 
 def test_kernel_gradient_matches_the_xla_path_and_vmap_per_example_scale():
@@ -436,18 +406,22 @@ def test_kernel_gradient_matches_the_xla_path_and_vmap_per_example_scale():
     def loss(impl):
         return lambda x, g, b: jnp.sum(_fn("last", impl)(x, g, b) * ct)
 
-    for g, w in zip(jax.grad(loss("kernel"), (0, 1, 2))(x, gamma, beta),
-                    jax.grad(loss("xla"), (0, 1, 2))(x, gamma, beta)):  # fmt: skip
+    for g, w in zip(jax.jit(jax.grad(loss("kernel"), (0, 1, 2)))(x, gamma, beta),
+                    jax.jit(jax.grad(loss("xla"), (0, 1, 2)))(x, gamma, beta)):  # fmt: skip
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     # vmap over x with per-example gamma: the jnp formula serves the batched call
     gammas = jnp.stack([gamma, 2 * gamma, -gamma])
     xs = jnp.stack([x, x + 1, 2 * x])
-    got = jax.vmap(_fn("last"), in_axes=(0, 0, None))(xs, gammas, beta)
-    want = jax.vmap(_fn("last", "xla"), in_axes=(0, 0, None))(xs, gammas, beta)
+    got = jax.jit(jax.vmap(_fn("last"), in_axes=(0, 0, None)))(xs, gammas, beta)
+    want = jax.jit(jax.vmap(_fn("last", "xla"), in_axes=(0, 0, None)))(xs, gammas, beta)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
     # per-example parameter gradients under vmap (the backward's `groups` attribute)
-    per = jax.vmap(jax.grad(loss("kernel"), (1, 2)), in_axes=(0, None, None))(xs, gamma, beta)
-    ref = jax.vmap(jax.grad(loss("xla"), (1, 2)), in_axes=(0, None, None))(xs, gamma, beta)
+    def per_example(impl):
+        grads = jax.vmap(jax.grad(loss(impl), (1, 2)), in_axes=(0, None, None))
+        return jax.jit(grads)(xs, gamma, beta)
+
+    per, ref = per_example("kernel"), per_example("xla")
     for g, w in zip(per, ref):
         assert g.shape == (3, 4)
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
@@ -544,10 +518,6 @@ def test_several_devices():
 # Memory safety: the registered targets check every buffer, whoever calls them.
 
 
-def _ffi(target, outs, *args, **attrs):
-    return jax.jit(lambda *a: jax.ffi.ffi_call(target, outs)(*a, **attrs))(*args)
-
-
 _F32 = jnp.float32
 # channels-last x (N=2, S=6, C=8), G=4
 _GOOD_FORWARD = dict(
@@ -565,10 +535,10 @@ def test_forward_target_rejects_a_wrong_buffer_shape(buffer, shape):
     args = [jnp.ones(shapes[n], _F32) for n in ("x", "scale", "offset")]
     outs = [jax.ShapeDtypeStruct(shapes[n], _F32) for n in ("y", "mean_shift", "rstd")]
     with pytest.raises(Exception, match=rf"{buffer} has dimensions"):
-        jax.block_until_ready(_ffi("eqx_norm_groups_forward", outs, *args, **_FORWARD_ATTRS))
+        jax.block_until_ready(call_target("eqx_norm_groups_forward", outs, *args, **_FORWARD_ATTRS))
     good = [jnp.ones(_GOOD_FORWARD[n], _F32) for n in ("x", "scale", "offset")]
     good_outs = [jax.ShapeDtypeStruct(_GOOD_FORWARD[n], _F32) for n in ("y", "mean_shift", "rstd")]
-    y = _ffi("eqx_norm_groups_forward", good_outs, *good, **_FORWARD_ATTRS)
+    y = call_target("eqx_norm_groups_forward", good_outs, *good, **_FORWARD_ATTRS)
     assert y[0].shape == (2, 6, 8)  # the same call with the right shapes runs
 
 
@@ -577,7 +547,7 @@ def test_forward_target_rejects_groups_that_do_not_divide_the_channels():
     outs = [jax.ShapeDtypeStruct(s, _F32) for s in ((2, 6, 8), (2, 3), (2, 3))]
     attrs = {**_FORWARD_ATTRS, "num_groups": np.int64(3)}
     with pytest.raises(Exception, match="num_groups must be >= 1 and divide the channels"):
-        jax.block_until_ready(_ffi("eqx_norm_groups_forward", outs, *args, **attrs))
+        jax.block_until_ready(call_target("eqx_norm_groups_forward", outs, *args, **attrs))
 
 
 _GOOD_BACKWARD = dict(
@@ -612,7 +582,9 @@ def test_backward_target_rejects_a_wrong_buffer_shape(buffer, shape):
     args = [jnp.ones(shapes[n], _F32) for n in ("x", "scale", "mean_shift", "rstd", "ct")]
     outs = [jax.ShapeDtypeStruct(shapes[n], _F32) for n in ("dx", "dscale", "doffset")]
     with pytest.raises(Exception, match=rf"{buffer} has dimensions"):
-        jax.block_until_ready(_ffi("eqx_norm_groups_backward", outs, *args, **_BACKWARD_ATTRS))
+        jax.block_until_ready(
+            call_target("eqx_norm_groups_backward", outs, *args, **_BACKWARD_ATTRS)
+        )
 
 
 def test_backward_target_rejects_bad_groups_and_a_dx_when_none_is_wanted():
@@ -620,18 +592,68 @@ def test_backward_target_rejects_bad_groups_and_a_dx_when_none_is_wanted():
     outs = [jax.ShapeDtypeStruct(s, _F32) for s in ((2, 8, 6), (3, 8), (3, 8))]
     attrs = {**_BACKWARD_ATTRS, "groups": np.int64(3)}
     with pytest.raises(Exception, match="groups must be >= 1 and divide the number of examples"):
-        jax.block_until_ready(_ffi("eqx_norm_groups_backward", outs, *args, **attrs))
+        jax.block_until_ready(call_target("eqx_norm_groups_backward", outs, *args, **attrs))
     outs = [jax.ShapeDtypeStruct(s, _F32) for s in ((2, 8, 6), (2, 8), (2, 8))]
     attrs = {**_BACKWARD_ATTRS, "want_dx": False}
     with pytest.raises(Exception, match="dx must be empty when want_dx is false"):
-        jax.block_until_ready(_ffi("eqx_norm_groups_backward", outs, *args, **attrs))
+        jax.block_until_ready(call_target("eqx_norm_groups_backward", outs, *args, **attrs))
+
+
+_BUFFERS = {  # target: (argument names, result names, good shapes, attributes)
+    "eqx_norm_groups_forward": (
+        ("x", "scale", "offset"), ("y", "mean_shift", "rstd"), _GOOD_FORWARD, _FORWARD_ATTRS
+    ),
+    "eqx_norm_groups_backward": (
+        ("x", "scale", "mean_shift", "rstd", "ct"), ("dx", "dscale", "doffset"),
+        _GOOD_BACKWARD, _BACKWARD_ATTRS,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "target, types, message",
+    [
+        ("eqx_norm_groups_forward", {"x": jnp.int32, "y": jnp.int32}, "x has element type int32, expected float32"),
+        ("eqx_norm_groups_forward", {"x": jnp.float64, "y": jnp.float64}, "x has element type float64, expected float32"),
+        ("eqx_norm_groups_forward", {"y": jnp.bfloat16}, r"y has element type bfloat16, expected float32 \(x's\)"),
+        ("eqx_norm_groups_forward", {"offset": jnp.float16}, "Wrong buffer dtype"),
+        ("eqx_norm_groups_backward", {"x": jnp.int32, "ct": jnp.int32, "dx": jnp.int32}, "x has element type int32"),
+        ("eqx_norm_groups_backward", {"ct": jnp.bfloat16}, r"ct has element type bfloat16, expected float32 \(x's\)"),
+        ("eqx_norm_groups_backward", {"x": jnp.bfloat16, "ct": jnp.bfloat16}, r"dx has element type float32, expected bfloat16 \(x's\)"),
+        ("eqx_norm_groups_backward", {"rstd": jnp.float16}, "Wrong buffer dtype"),
+    ],
+)  # fmt: skip
+def test_targets_reject_a_wrong_element_type(target, types, message):
+    """Every buffer's element type is checked: an error naming the buffer, its type and the
+    expected one (the float32 statistics and parameters by XLA's own decoding)."""
+    arg_names, out_names, shapes, attrs = _BUFFERS[target]
+    with jax.enable_x64(jnp.float64 in types.values()):
+        args = [jnp.ones(shapes[n], types.get(n, _F32)) for n in arg_names]
+        outs = [jax.ShapeDtypeStruct(shapes[n], types.get(n, _F32)) for n in out_names]
+        with pytest.raises(Exception, match=message):
+            jax.block_until_ready(call_target(target, outs, *args, **attrs))
+
+
+@pytest.mark.parametrize(
+    "channels_last, shape", [(True, (2, 0, 8)), (False, (2, 8, 0)), (False, (2, 0, 6))]
+)
+def test_forward_target_writes_nan_statistics_for_empty_groups(channels_last, shape):
+    """Groups of no values (no positions, or no channels): every output is still written,
+    the statistics NaN, as a mean over nothing."""
+    channels = shape[2] if channels_last else shape[1]
+    outs = [jax.ShapeDtypeStruct(s, _F32) for s in (shape, (2, 4), (2, 4))]
+    args = (jnp.ones(shape), jnp.ones(channels), jnp.zeros(channels))
+    attrs = {**_FORWARD_ATTRS, "channels_last": channels_last}
+    y, mean_shift, rstd = call_target("eqx_norm_groups_forward", outs, *args, **attrs)
+    assert y.shape == shape
+    assert np.isnan(mean_shift).all() and np.isnan(rstd).all()
 
 
 def test_jnp_formula_agrees_with_the_kernel():
     """The reference the lowering falls back on (jax.export, other platforms) gives the
     kernel's statistics and outputs."""
     for last, shape in ((True, (3, 20, 12)), (False, (3, 12, 20))):
-        x, gamma, beta, ct = _inputs(shape, 12, mean=50.0)
+        x, gamma, beta, ct = kernel_inputs(shape, 12, mean=50.0, spread=0.3)
         params = dict(epsilon=EPS, num_groups=3, channels_last=last)
         got = _groups._forward_call(x, gamma, beta, **params)
         want = _groups._jnp_forward(x, gamma, beta, **params)
