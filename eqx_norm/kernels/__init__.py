@@ -1,6 +1,5 @@
-"""The compiled CPU kernels and their JAX bindings.
-
-``_library`` loads the shared library built from ``cpu/`` and registers its FFI targets;
-``rows`` binds the LayerNorm/RMSNorm kernel. The pure-JAX path in :mod:`eqx_norm._xla`
-serves wherever a kernel cannot (see ``unavailable_reason``).
+"""The compiled CPU kernels and their JAX bindings: ``_library`` loads the library built
+from ``cpu/`` and registers its FFI targets, ``_binding`` is the one primitive pair,
+``rows`` (LayerNorm/RMSNorm, the fused residual) and ``groups`` (GroupNorm/InstanceNorm)
+what each kernel adds; the pure-JAX path serves wherever one cannot (``unavailable_reason``).
 """

@@ -1,23 +1,16 @@
 r"""One primitive pair binds every compiled kernel (rows, the fused residual, groups).
 
-``forward_p`` runs a kernel's forward; ``linear_p`` is linear in its trailing operands and
-runs either the forward's tangent (``direction="tangent"``, plain ``jnp``: forward mode) or
-its transpose, the backward kernel (``direction="backward"``). A :class:`Kernel` says what
-differs between kernels: its ``jnp`` formulas and its FFI calls. The rules, registered as
-JAX's custom-primitive guide does:
-
-* JVP: the primal by the primitive, the tangent by :func:`jax.jvp` of the ``jnp`` formula,
-  so every order of derivative works;
-* ``vmap``: with the shared operands (scale, offset) unbatched, the batch folds into the
-  rows (the backward then sums ``dscale``/``doffset`` per example), else the formula is
-  vmapped;
-* lowering: on the CPU the kernel call, traced at bind time under ``custom_partitioning``
-  (each device normalizes its own rows, the backward ``psum``\ s ``dscale``/``doffset``;
-  no all-gather); for ``jax.export`` (``ctx.is_forward_compat()``) and other platforms the
-  ``jnp`` formula, so exported artifacts hold no custom call;
-* under ``shard_map`` operands are cast to vary alike (``jax.lax.pcast``), so that a shared
-  operand's cotangent comes out psummed.
-
+``forward_p`` runs a kernel's forward; ``linear_p``, linear in its trailing operands, its
+tangent (``direction="tangent"``: plain ``jnp``, for forward mode) or the tangent's
+transpose, the backward kernel (``"backward"``). A :class:`Kernel` holds what differs: the
+``jnp`` formulas and the FFI calls. The rules are registered as JAX's custom-primitive
+guide does: JVP by :func:`jax.jvp` of the formula (every order works); ``vmap`` folds the
+batch into the rows when scale and offset are shared; on the CPU the kernel call, traced
+at bind time under ``custom_partitioning`` (each device its own rows; ``dscale`` and
+``doffset`` psummed, no all-gather), lowers unless ``ctx.is_forward_compat()`` (the
+lowering is for ``jax.export``): then, and elsewhere, the formula lowers, so that
+exported artifacts hold no custom call. Under ``shard_map`` the operands are cast
+(``jax.lax.pcast``) to vary alike, so that a shared operand's cotangent is psummed.
 If the installed JAX lacks any of this, :data:`MISSING` says what and nothing registers.
 """
 
@@ -30,6 +23,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -51,20 +45,19 @@ except (ImportError, AttributeError) as error:  # a JAX that moved or removed on
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class Kernel:
-    """What differs between kernels. Operands: forward ``(*inputs)``; tangent and backward
-    ``(x, scale, mean_shift, rstd, *linear)``, ``linear`` the tangents named by ``which``
-    or the cotangents of the visible outputs."""
+    """What differs between kernels: the ``jnp`` formulas and the FFI calls, each taking
+    every attribute as a keyword. Forward operands ``(x, [residual,] scale, offset)``, its
+    outputs the ``visible`` ones (``y``, or ``y`` and ``h``), ``mean_shift`` and ``rstd``;
+    the tangent's and backward's ``(x or h, scale, mean_shift, rstd, *linear)``, ``linear``
+    the inputs' tangents named by ``which``, or the visible outputs' cotangents."""
 
     name: str
-    forward: Callable  # jnp formulas ...
+    forward: Callable
     tangent: Callable
     backward: Callable
-    forward_call: Callable  # ... and the FFI calls, all taking the attributes as keywords
+    forward_call: Callable
     backward_call: Callable
-    linear: tuple[str, ...]  # the inputs' tangent names
-    visible: int  # how many forward outputs the caller sees; the rest are statistics
-    saved: Callable  # (inputs, forward outputs) -> (x, scale, mean_shift, rstd)
-    cotangents: Callable  # (backward outputs, attrs) -> {tangent name: cotangent}
+    visible: int = 1
 
     def __repr__(self) -> str:  # the name alone, so that printed jaxprs stay readable
         return self.name
@@ -76,23 +69,27 @@ def _varying(a) -> frozenset:
 
 def result(like, shape, dtype) -> jax.ShapeDtypeStruct:
     """An FFI result's type; under ``shard_map`` it varies as ``like`` does."""
-    aval = jax.typeof(like)
     if not _varying(like):
         return jax.ShapeDtypeStruct(shape, dtype)
+    aval = jax.typeof(like)
     sharding = NamedSharding(aval.sharding.mesh, P())
     return jax.ShapeDtypeStruct(
         shape, dtype, sharding=sharding, manual_axis_type=aval.manual_axis_type
     )
 
 
+def affine(scale, offset, d: int):
+    """``(scale, offset)`` with float32 ones and zeros for None."""
+    scale = jnp.ones((d,), jnp.float32) if scale is None else scale
+    return scale, jnp.zeros((d,), jnp.float32) if offset is None else offset
+
+
 def _roles(params, n):
     """Per operand: ``m`` split by rows like ``x``, ``r`` shared (scale, offset, ...)."""
-    direction = params["direction"]
-    if direction == "forward":
+    if params["direction"] == "forward":
         return "m" * (n - 2) + "rr"
-    if direction == "backward":
-        return "mrmm" + "m" * (n - 4)
-    return "mrmm" + "".join("r" if w in ("dscale", "doffset") else "m" for w in params["which"])
+    linear = params.get("which", ("ct",) * (n - 4))
+    return "mrmm" + "".join("r" if w in ("dscale", "doffset") else "m" for w in linear)
 
 
 def _formula(kernel, params):
@@ -102,27 +99,23 @@ def _formula(kernel, params):
 
 def _partitioned(fn, roles, out_roles, avals, outs):
     """``fn`` under ``custom_partitioning``, split by rows (the leading axis of ``m``
-    operands and results): ``g`` results (per-group sums) are psummed, ``x`` (empty) and
-    ``r`` operands replicated."""
+    operands and results): ``g`` results (per-group sums) are psummed, ``x`` (empty)
+    results and ``r`` operands replicated."""
     # Shardy factors: "r" for the rows, one per (axis from the end, size) for the rest,
     # which stay whole (so that y follows x's sharding wherever x's does)
     names: dict = {}
 
     def factors(role, shape):
+        lead = int(role == "m")
         axes = [names.setdefault((i - len(shape), n), "abcdefghijklmnopqstuvwxyz"[len(names)])
-                for i, n in enumerate(shape)]  # fmt: skip
-        return " ".join(["r", *axes[1:]] if role == "m" else axes)
+                for i, n in enumerate(shape) if i >= lead]  # fmt: skip
+        return " ".join(["r"] * lead + axes)
 
     rule = ", ".join(factors(r, a.shape) for r, a in zip(roles, avals))
     rule += " -> " + ", ".join(factors(r, o.shape) for r, o in zip(out_roles, outs))
-    others = tuple(sorted(set(rule.replace(",", " ").split()) - {"r", "->"}))
-
-    def rows(arg_shapes):
-        spec = arg_shapes[0].sharding.spec
-        return spec[0] if spec else None
 
     def shardings(mesh, arg_shapes, kinds, shapes):
-        lead = rows(arg_shapes)
+        lead = arg_shapes[0].sharding.spec[0] if arg_shapes[0].sharding.spec else None
         specs = [
             P(lead if k == "m" else None, *[None] * (len(a.shape) - 1))
             for k, a in zip(kinds, shapes)
@@ -130,28 +123,22 @@ def _partitioned(fn, roles, out_roles, avals, outs):
         return tuple(NamedSharding(mesh, spec) for spec in specs)
 
     def partition(mesh, arg_shapes, result_shape):
-        lead = rows(arg_shapes)
-        names = () if lead is None else (lead,) if isinstance(lead, str) else tuple(lead)
+        lead = shardings(mesh, arg_shapes, "m", arg_shapes)[0].spec[0]
+        axes = () if lead is None else (lead,) if isinstance(lead, str) else tuple(lead)
 
         def lower(*operands):
-            results = fn(*operands)
-            return [
-                jax.lax.psum(o, names) if k == "g" and names else o
-                for o, k in zip(results, out_roles, strict=True)
-            ]
+            summed = zip(fn(*operands), out_roles, strict=True)
+            return [jax.lax.psum(o, axes) if k == "g" and axes else o for o, k in summed]
 
         ins = shardings(mesh, arg_shapes, roles, arg_shapes)
         return mesh, lower, shardings(mesh, arg_shapes, out_roles, result_shape), ins
 
-    def infer(mesh, arg_shapes, result_shape):
-        return shardings(mesh, arg_shapes, out_roles, result_shape)
-
     wrapped = custom_partitioning(lambda *operands: fn(*operands))
     wrapped.def_partition(
         partition=partition,
-        infer_sharding_from_operands=infer,
+        infer_sharding_from_operands=lambda m, a, r: shardings(m, a, out_roles, r),
         sharding_rule=rule,
-        need_replication_factors=others,
+        need_replication_factors=tuple(sorted(set(names.values()))),
     )
     return wrapped
 
@@ -169,11 +156,9 @@ def _call(kernel, items, avals, shard_mapped):
     plain = jax.make_jaxpr(fn)(*avals)
     if shard_mapped or params.get("groups", 1) != 1:
         return plain
-    outs = plain.out_avals
-    out_roles = "m" * len(outs)
-    if direction == "backward":  # (dx or dh: empty when not wanted, dscale, doffset)
-        rows = avals[0].shape[0]
-        out_roles = "".join("m" if o.shape[0] == rows else "x" for o in outs[:-2]) + "gg"
+    outs, out_roles = plain.out_avals, "m" * len(plain.out_avals)
+    if direction == "backward":  # (dx or dh, empty when not wanted; dscale, doffset)
+        out_roles = ("m" if outs[0].shape[0] == avals[0].shape[0] else "x") + "gg"
     roles = _roles({"direction": direction}, len(avals))
     return jax.make_jaxpr(_partitioned(fn, roles, out_roles, avals, outs))(*avals)
 
@@ -182,12 +167,8 @@ def bind(primitive, *args, kernel, **params):
     """``primitive.bind`` with the operands cast to vary alike under ``shard_map`` (as
     JAX's own primitives do) and the kernel call traced for these operands."""
     axes = frozenset().union(*(_varying(a) for a in args))
-    args = [
-        pcast(a, tuple(sorted(axes - _varying(a))), to="varying") if axes - _varying(a) else a
-        for a in args
-    ]
-    avals = tuple(jax.typeof(a) for a in args)
-    call = _call(kernel, tuple(sorted(params.items())), avals, bool(axes))
+    args = [pcast(a, tuple(sorted(axes - _varying(a))), to="varying") for a in args]
+    call = _call(kernel, tuple(sorted(params.items())), tuple(map(jax.typeof, args)), bool(axes))
     return primitive.bind(*args, kernel=kernel, call=call, **params)
 
 
@@ -197,22 +178,18 @@ def _abstract(*avals, kernel, call, **params):
     return jax.make_jaxpr(_formula(kernel, params))(*avals).out_avals
 
 
-def _lowering(ctx, *args, kernel, call, **params):
-    """The kernel on the CPU, the ``jnp`` formula for ``jax.export`` and for the tangent."""
-    if call is None or ctx.is_forward_compat():
-        return _reference_lowering(ctx, *args, kernel=kernel, call=call, **params)
+def _lowering(ctx, *args, kernel, call, cpu, **params):
+    """The kernel on the CPU; the ``jnp`` formula elsewhere, for the tangent, and for
+    ``jax.export`` (so that exported artifacts hold no custom call)."""
+    if not cpu or call is None or ctx.is_forward_compat():
+        return lower_fun(_formula(kernel, params), multiple_results=True)(ctx, *args)
     return lower_fun(jaxpr_as_fun(call), multiple_results=True)(ctx, *args)
-
-
-def _reference_lowering(ctx, *args, kernel, call, **params):
-    return lower_fun(_formula(kernel, params), multiple_results=True)(ctx, *args)
 
 
 def _jvp(primitive, primals, tangents, *, kernel, call, **params):
     outs = bind(primitive, *primals, kernel=kernel, **params)
-    tangents = [instantiate_zeros(t) for t in tangents]
-    _, out_tangents = jax.jvp(_formula(kernel, params), tuple(primals), tuple(tangents))
-    return outs, list(out_tangents)
+    tangents = tuple(instantiate_zeros(t) for t in tangents)
+    return outs, list(jax.jvp(_formula(kernel, params), tuple(primals), tangents)[1])
 
 
 def _batch(primitive, args, dims, *, kernel, call, **params):
@@ -239,28 +216,28 @@ def _transpose(cts, *args, kernel, call, which, **params):
     """The tangent's transpose: the backward kernel, asked for ``dx`` only if wanted."""
     if all(type(ct) is Zero for ct in cts):
         return [None] * len(args)
-    cts = [instantiate_zeros(ct) for ct in cts]
     attrs = {k: v for k, v in params.items() if k != "direction"}
-    outs = bind(
+    cts = [instantiate_zeros(ct) for ct in cts]
+    dx, dscale, doffset = bind(
         linear_p, *args[:4], *cts, kernel=kernel, direction="backward",
-        groups=1, want_dx="dx" in which, **attrs,
+        groups=1, want_dx="dx" in which or "dr" in which, **attrs,
     )  # fmt: skip
-    found = kernel.cotangents(outs, attrs)
+    # the fused residual's dx is dh: dx in x's dtype, and dr
+    found = {"dx": dx.astype(attrs.get("dtype", dx.dtype)), "dr": dx}
+    found.update(dscale=dscale[0], doffset=doffset[0])
     return [None] * 4 + [found[name] for name in which]
 
 
 def _define(name, transpose=None):
     primitive = Primitive(name)
     primitive.multiple_results = True
-
-    @functools.cache
-    def compiled(items):
-        return jax.jit(functools.partial(primitive.bind, **dict(items)))
-
+    compiled = functools.cache(
+        lambda items: jax.jit(functools.partial(primitive.bind, **dict(items)))
+    )
     primitive.def_impl(lambda *args, **params: compiled(tuple(params.items()))(*args))
     primitive.def_abstract_eval(_abstract)
-    register_lowering(primitive, _reference_lowering)
-    register_lowering(primitive, _lowering, platform="cpu")
+    register_lowering(primitive, functools.partial(_lowering, cpu=False))
+    register_lowering(primitive, functools.partial(_lowering, cpu=True), platform="cpu")
     primitive_jvps[primitive] = functools.partial(_jvp, primitive)
     primitive_batchers[primitive] = functools.partial(_batch, primitive)
     if transpose is not None:
@@ -273,31 +250,27 @@ if MISSING is None:
     linear_p = _define("eqx_norm_linear", _transpose)
 
 
-def normalize(kernel: Kernel, attrs: tuple, *inputs):
-    """The kernel's visible outputs, differentiable in every mode."""
-    return _normalize(kernel, attrs, *inputs)
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _normalize(kernel, attrs, *inputs):
+def normalize(kernel: Kernel, attrs: tuple, *inputs):
+    """The kernel's visible outputs, differentiable in every mode: reverse mode transposes
+    the tangent into the backward kernel."""
     outs = bind(forward_p, *inputs, kernel=kernel, direction="forward", **dict(attrs))
     return tuple(outs[: kernel.visible])
 
 
-@functools.partial(_normalize.defjvp, symbolic_zeros=True)
+@functools.partial(normalize.defjvp, symbolic_zeros=True)
 def _normalize_jvp(kernel, attrs, inputs, tangents):
     outs = bind(forward_p, *inputs, kernel=kernel, direction="forward", **dict(attrs))
     visible = tuple(outs[: kernel.visible])
-    present = [(n, t) for n, t in zip(kernel.linear, tangents, strict=True) if not _zero(t)]
-    if not present:
+    names = (
+        ("dx", "dr", "dscale", "doffset") if kernel.visible == 2 else ("dx", "dscale", "doffset")
+    )
+    named = [(n, t) for n, t in zip(names, tangents) if not isinstance(t, SymbolicZero)]
+    if not named:
         return visible, tuple(jnp.zeros_like(o) for o in visible)
-    which = tuple(name for name, _ in present)
-    out_tangents = bind(
-        linear_p, *kernel.saved(inputs, outs), *(t for _, t in present),
-        kernel=kernel, direction="tangent", which=which, **dict(attrs),
-    )  # fmt: skip
-    return visible, tuple(out_tangents)
-
-
-def _zero(t) -> bool:
-    return isinstance(t, jax.custom_derivatives.SymbolicZero)
+    normalized = inputs[0] if kernel.visible == 1 else outs[1]  # x, or the residual's h
+    saved = (normalized, inputs[-2], *outs[kernel.visible :])  # x, scale, statistics
+    which = tuple(n for n, _ in named)
+    dy = bind(linear_p, *saved, *(t for _, t in named), kernel=kernel, direction="tangent",
+              which=which, **dict(attrs))  # fmt: skip
+    return visible, tuple(dy)

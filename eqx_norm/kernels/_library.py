@@ -19,21 +19,14 @@ import jax.numpy as jnp
 
 from ._binding import MISSING
 
-if sys.platform == "win32":
-    LIBRARY = "eqx_norm_cpu.dll"
-elif sys.platform == "darwin":
-    LIBRARY = "libeqx_norm_cpu.dylib"
-else:
-    LIBRARY = "libeqx_norm_cpu.so"
-
-# FFI target name -> exported handler symbol
+LIBRARY = {"win32": "eqx_norm_cpu.dll", "darwin": "libeqx_norm_cpu.dylib"}.get(
+    sys.platform, "libeqx_norm_cpu.so"
+)
+# FFI target name -> exported handler symbol: eqx_norm_rows_forward -> EqxNormRowsForward
 TARGETS = {
-    "eqx_norm_rows_forward": "EqxNormRowsForward",
-    "eqx_norm_rows_backward": "EqxNormRowsBackward",
-    "eqx_norm_residual_forward": "EqxNormResidualForward",
-    "eqx_norm_residual_backward": "EqxNormResidualBackward",
-    "eqx_norm_groups_forward": "EqxNormGroupsForward",
-    "eqx_norm_groups_backward": "EqxNormGroupsBackward",
+    f"eqx_norm_{kernel}_{way}": f"EqxNorm{kernel.title()}{way.title()}"
+    for kernel in ("rows", "residual", "groups")
+    for way in ("forward", "backward")
 }
 # bits of EqxNormDtypes()
 _DTYPE_BITS = {1: jnp.dtype(jnp.float32), 2: jnp.dtype(jnp.bfloat16), 4: jnp.dtype(jnp.float16)}
@@ -73,11 +66,11 @@ def unavailable_reason(x: jax.Array | jax.ShapeDtypeStruct) -> str | None:
 
     It serves an ``x`` of a dtype the library was built for (float32, bfloat16 and, where
     the compiler has ``_Float16``, float16) that lives on the CPU (a traced ``x``: when
-    JAX's default backend is the CPU), once the library is loaded and JAX offers the hooks
-    the binding needs.
+    JAX's default backend is the CPU), once the library is loaded and JAX offers every
+    public hook the binding needs (else :data:`eqx_norm.kernels._binding.MISSING`).
     """
     reason, dtypes = load()
-    reason = reason or MISSING
+    reason = MISSING or reason
     if reason is not None:
         return reason
     dtype = jnp.dtype(x.dtype)
@@ -94,3 +87,9 @@ def unavailable_reason(x: jax.Array | jax.ShapeDtypeStruct) -> str | None:
     if platforms != {"cpu"}:
         return f"the kernel runs on CPU only, x is on {', '.join(sorted(platforms))}"
     return None
+
+
+def served(reason: str | None) -> None:
+    """Raise with ``reason`` unless it is None: a kernel called where it cannot serve."""
+    if reason is not None:
+        raise ValueError(f"the eqx_norm CPU kernel cannot serve this call: {reason}")

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from .._statistics import centered_statistics
-from ._binding import Kernel, normalize, result
-from ._library import unavailable_reason
+from .._core import centered_statistics
+from ._binding import Kernel, affine, normalize, result
+from ._library import served, unavailable_reason
 
 __all__ = ["normalize_groups", "unavailable_reason"]
 
@@ -55,23 +55,18 @@ def normalize_groups(
     Raises:
         ValueError: where the kernel cannot serve ``x`` (the message says why).
     """
-    reason = unavailable_reason(x)
-    if reason is not None:
-        raise ValueError(f"the eqx_norm CPU kernel cannot serve this call: {reason}")
-    c = x.shape[2] if channels_last else x.shape[1]
-    scale = jnp.ones((c,), jnp.float32) if scale is None else scale
-    offset = jnp.zeros((c,), jnp.float32) if offset is None else offset
-    attrs = (
-        ("channels_last", bool(channels_last)),
-        ("epsilon", float(epsilon)),
-        ("num_groups", int(num_groups)),
+    served(unavailable_reason(x))
+    attrs = dict(
+        channels_last=bool(channels_last), epsilon=float(epsilon), num_groups=int(num_groups)
     )
-    return normalize(GROUPS, attrs, x, scale, offset)[0]
+    scale, offset = affine(scale, offset, x.shape[2] if channels_last else x.shape[1])
+    return normalize(GROUPS, tuple(sorted(attrs.items())), x, scale, offset)[0]
 
 
 # ----------------------------------------------------------------------------------------
-# The jnp formulas: the kernel's reference, its derivatives, and its lowering where the
-# kernel may not run. They work on the grouped view (N, S, G, K) or (N, G, K, S).
+# The jnp formulas (the kernels' reference, their derivatives, and their lowering where the
+# kernel may not run), rows.py's too, on the grouped view (N, S, G, K) or (N, G, K, S);
+# ``center=False`` is RMSNorm's (rows.py).
 
 
 def _grouped(a, num_groups, channels_last):
@@ -98,37 +93,43 @@ def _first(xg, axes):
     return xg[tuple(slice(0, 1) if i in axes else slice(None) for i in range(xg.ndim))]
 
 
-def _xhat(x, mean_shift, rstd, num_groups, channels_last):
+def _xhat(x, mean_shift, rstd, num_groups, channels_last, center):
     xg, axes = _grouped(x.astype(jnp.float32), num_groups, channels_last)
-    centered = (xg - _first(xg, axes)) - _per_group(mean_shift, channels_last)
-    return centered * _per_group(rstd, channels_last), axes
+    if center:
+        xg = (xg - _first(xg, axes)) - _per_group(mean_shift, channels_last)
+    return xg * _per_group(rstd, channels_last), axes
 
 
-def _jnp_forward(x, scale, offset, *, epsilon, num_groups, channels_last, **_):
+def _mean(a, axes):
+    return jnp.mean(a, axis=axes, keepdims=True)
+
+
+def _jnp_forward(x, scale, offset, *, epsilon, num_groups, channels_last, center=True, **_):
     xg, axes = _grouped(x.astype(jnp.float32), num_groups, channels_last)
     # the library's one copy of the statistics; `mean_shift` is the residual the tangent
     # and the backward rebuild xhat from, as the kernel saves it
-    centered, rstd = centered_statistics(xg, axes, epsilon=epsilon)
+    centered, rstd = centered_statistics(xg, axes, epsilon=epsilon, center=center)
     mean_shift = jnp.mean(xg - _first(xg, axes), axis=axes)
+    if not center:
+        mean_shift = jnp.zeros(mean_shift.shape, jnp.float32)
     y = centered * rstd * _per_channel(scale, num_groups, channels_last)
     y = y + _per_channel(offset, num_groups, channels_last)
     return y.reshape(x.shape).astype(x.dtype), mean_shift, rstd.reshape(mean_shift.shape)
 
 
-def _group_mean(a, axes):
-    return jnp.mean(a, axis=axes, keepdims=True)
-
-
-def _jnp_tangent(x, scale, mean_shift, rstd, *linear, num_groups, channels_last, which, **_):
+def _jnp_tangent(
+    x, scale, mean_shift, rstd, *linear, num_groups, channels_last, which, center=True, **_
+):
     """The forward pass's tangent, linear in the operands named by ``which``."""
     named = dict(zip(which, linear, strict=True))
-    xhat, axes = _xhat(x, mean_shift, rstd, num_groups, channels_last)
+    xhat, axes = _xhat(x, mean_shift, rstd, num_groups, channels_last, center)
     dy = jnp.zeros(xhat.shape, jnp.float32)
     if "dx" in named:
         dxg, _ = _grouped(named["dx"].astype(jnp.float32), num_groups, channels_last)
-        inner = (dxg - _group_mean(dxg, axes)) - xhat * _group_mean(dxg * xhat, axes)
-        dxhat = _per_group(rstd, channels_last) * inner
-        dy = dy + dxhat * _per_channel(scale, num_groups, channels_last)
+        inner = (dxg - _mean(dxg, axes) if center else dxg) - xhat * _mean(dxg * xhat, axes)
+        dy = dy + _per_group(rstd, channels_last) * inner * _per_channel(
+            scale, num_groups, channels_last
+        )
     if "dscale" in named:
         dy = dy + xhat * _per_channel(named["dscale"], num_groups, channels_last)
     if "doffset" in named:
@@ -137,11 +138,13 @@ def _jnp_tangent(x, scale, mean_shift, rstd, *linear, num_groups, channels_last,
 
 
 def _jnp_backward(
-    x, scale, mean_shift, rstd, ct, *, num_groups, channels_last, groups, want_dx, **_
-):
+    x, scale, mean_shift, rstd, ct, ct_h=None, *, num_groups, channels_last, groups,
+    want_dx=True, center=True, **_,
+):  # fmt: skip
     """The tangent's transpose: ``(dx, dscale, doffset)``, the last two ``(groups, C)``,
-    summed over each group of ``N / groups`` examples; ``dx`` is empty unless ``want_dx``."""
-    xhat, axes = _xhat(x, mean_shift, rstd, num_groups, channels_last)
+    summed over each group of ``N / groups`` examples; ``dx`` is empty unless ``want_dx``,
+    and has ``ct_h`` added (the fused residual's backward)."""
+    xhat, axes = _xhat(x, mean_shift, rstd, num_groups, channels_last, center)
     g, _ = _grouped(ct.astype(jnp.float32), num_groups, channels_last)
     space = 1 if channels_last else 3  # the position axis of the grouped view
     c = scale.shape[0]
@@ -150,9 +153,11 @@ def _jnp_backward(
     if not want_dx:
         return jnp.zeros((0, *x.shape[1:]), x.dtype), dscale, doffset
     v = g * _per_channel(scale, num_groups, channels_last)
-    inner = (v - _group_mean(v, axes)) - xhat * _group_mean(v * xhat, axes)
-    dx = _per_group(rstd, channels_last) * inner
-    return dx.reshape(x.shape).astype(x.dtype), dscale, doffset
+    inner = (v - _mean(v, axes) if center else v) - xhat * _mean(v * xhat, axes)
+    dx = (_per_group(rstd, channels_last) * inner).reshape(x.shape)
+    if ct_h is not None:
+        dx = dx + ct_h.astype(jnp.float32)
+    return dx.astype(x.dtype), dscale, doffset
 
 
 # ----------------------------------------------------------------------------------------
@@ -161,43 +166,21 @@ def _jnp_backward(
 
 def _forward_call(x, scale, offset, *, epsilon, num_groups, channels_last, **_):
     stats = result(x, (x.shape[0], num_groups), jnp.float32)
-    return jax.ffi.ffi_call("eqx_norm_groups_forward", (result(x, x.shape, x.dtype), stats, stats))(
-        x,
-        scale,
-        offset,
-        epsilon=np.float32(epsilon),
-        num_groups=np.int64(num_groups),
-        channels_last=channels_last,
+    layout = dict(num_groups=np.int64(num_groups), channels_last=channels_last)
+    out = (result(x, x.shape, x.dtype), stats, stats)
+    return jax.ffi.ffi_call("eqx_norm_groups_forward", out)(
+        x, scale, offset, epsilon=np.float32(epsilon), **layout
     )
 
 
-def _backward_call(
-    x, scale, mean_shift, rstd, ct, *, num_groups, channels_last, groups, want_dx, **_
-):
+def _backward_call(x, scale, *stats_ct, num_groups, channels_last, groups, want_dx, **_):
+    """``stats_ct``: ``(mean_shift, rstd, ct)``."""
     sums = result(x, (groups, scale.shape[0]), jnp.float32)
-    dx = result(x, x.shape if want_dx else (0, *x.shape[1:]), x.dtype)
-    return jax.ffi.ffi_call("eqx_norm_groups_backward", (dx, sums, sums))(
-        x,
-        scale,
-        mean_shift,
-        rstd,
-        ct,
-        num_groups=np.int64(num_groups),
-        channels_last=channels_last,
-        groups=np.int64(groups),
-        want_dx=want_dx,
+    out = (result(x, x.shape if want_dx else (0, *x.shape[1:]), x.dtype), sums, sums)
+    layout = dict(num_groups=np.int64(num_groups), channels_last=channels_last)
+    return jax.ffi.ffi_call("eqx_norm_groups_backward", out)(
+        x, scale, *stats_ct, **layout, groups=np.int64(groups), want_dx=want_dx
     )
 
 
-GROUPS = Kernel(
-    name="groups",
-    forward=_jnp_forward,
-    tangent=_jnp_tangent,
-    backward=_jnp_backward,
-    forward_call=_forward_call,
-    backward_call=_backward_call,
-    linear=("dx", "dscale", "doffset"),
-    visible=1,
-    saved=lambda inputs, outs: (inputs[0], inputs[1], outs[1], outs[2]),
-    cotangents=lambda outs, attrs: {"dx": outs[0], "dscale": outs[1][0], "doffset": outs[2][0]},
-)
+GROUPS = Kernel("groups", _jnp_forward, _jnp_tangent, _jnp_backward, _forward_call, _backward_call)

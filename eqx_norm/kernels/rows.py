@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from .._statistics import centered_statistics
-from ._binding import Kernel, normalize, result
-from ._library import unavailable_reason
+from ._binding import Kernel, affine, normalize, result
+from ._library import served, unavailable_reason
+from .groups import _jnp_backward as _groups_backward
+from .groups import _jnp_forward as _groups_forward
+from .groups import _jnp_tangent as _groups_tangent
 
 __all__ = [
     "normalize_rows",
@@ -27,27 +29,8 @@ __all__ = [
 ]
 
 # (x's, the residual's) dtypes the fused kernel serves: h is never narrower than x
-_RESIDUAL_PAIRS = {
-    (jnp.dtype(a), jnp.dtype(b))
-    for a, b in [
-        (jnp.float32, jnp.float32),
-        (jnp.bfloat16, jnp.bfloat16),
-        (jnp.bfloat16, jnp.float32),
-        (jnp.float16, jnp.float16),
-        (jnp.float16, jnp.float32),
-    ]
-}
-
-
-def _served(reason: str | None) -> None:
-    if reason is not None:
-        raise ValueError(f"the eqx_norm CPU kernel cannot serve this call: {reason}")
-
-
-def _affine(scale, offset, d):
-    scale = jnp.ones((d,), jnp.float32) if scale is None else scale
-    offset = jnp.zeros((d,), jnp.float32) if offset is None else offset
-    return scale, offset
+_PAIRS = "float32/float32 bfloat16/bfloat16 bfloat16/float32 float16/float16 float16/float32"
+_RESIDUAL_PAIRS = {tuple(map(jnp.dtype, pair.split("/"))) for pair in _PAIRS.split()}
 
 
 def normalize_rows(
@@ -78,9 +61,9 @@ def normalize_rows(
     Raises:
         ValueError: where the kernel cannot serve ``x`` (the message says why).
     """
-    _served(unavailable_reason(x))
+    served(unavailable_reason(x))
     attrs = (("center", bool(center)), ("epsilon", float(epsilon)))
-    return normalize(ROWS, attrs, x, *_affine(scale, offset, x.shape[1]))[0]
+    return normalize(ROWS, attrs, x, *affine(scale, offset, x.shape[1]))[0]
 
 
 def residual_unavailable_reason(x: jax.Array, residual: jax.Array) -> str | None:
@@ -105,81 +88,42 @@ def normalize_rows_residual(
 ) -> tuple[Float[Array, "rows d"], Float[Array, "rows d"]]:
     """``(normalize_rows(h), h)`` with ``h = (x + residual)`` summed in float32 and stored
     in the residual's dtype, in one pass over memory; ``y`` has x's dtype."""
-    _served(residual_unavailable_reason(x, residual))
+    served(residual_unavailable_reason(x, residual))
     attrs = (("center", bool(center)), ("dtype", jnp.dtype(x.dtype)), ("epsilon", float(epsilon)))
-    y, h = normalize(RESIDUAL, attrs, x, residual, *_affine(scale, offset, x.shape[1]))
+    y, h = normalize(RESIDUAL, attrs, x, residual, *affine(scale, offset, x.shape[1]))
     return y, h
 
 
 # ----------------------------------------------------------------------------------------
-# The jnp formulas: the kernels' reference, their derivatives, and their lowering where the
-# kernel may not run (jax.export, other platforms). Each takes every attribute.
+# The jnp formulas (the kernels' reference, their derivatives, and their lowering where the
+# kernel may not run): groups.py's, a row being one example's one group of D channels.
 
-
-def _xhat(x, mean_shift, rstd, center):
-    """``((x - x[:, :1]) - mean_shift) * rstd`` in float32 (``x * rstd`` for RMSNorm)."""
-    xf = x.astype(jnp.float32)
-    if center:
-        xf = (xf - xf[:, :1]) - mean_shift[:, None]
-    return xf * rstd[:, None]
+_ROW = {"num_groups": 1, "channels_last": True}
 
 
 def _jnp_forward(x, scale, offset, *, epsilon, center, **_):
-    xf = x.astype(jnp.float32)
-    # the library's one copy of the statistics; `mean_shift` is the residual the tangent
-    # and the backward rebuild xhat from, as the kernel saves it
-    centered, rstd = centered_statistics(xf, (1,), epsilon=epsilon, center=center)
-    rstd = rstd[:, 0]
-    if center:
-        mean_shift = jnp.mean(xf - xf[:, :1], axis=1)
-    else:
-        mean_shift = jnp.zeros(x.shape[:1], jnp.float32)
-    y = centered * rstd[:, None] * scale[None, :] + offset[None, :]
-    return y.astype(x.dtype), mean_shift, rstd
+    outs = _groups_forward(x[:, None], scale, offset, epsilon=epsilon, center=center, **_ROW)
+    return [o[:, 0] for o in outs]
 
 
 def _jnp_tangent(x, scale, mean_shift, rstd, *linear, center, which, **_):
-    """The forward pass's tangent, linear in the operands named by ``which``."""
-    named = dict(zip(which, linear, strict=True))
-    xhat = _xhat(x, mean_shift, rstd, center)
-    dy = jnp.zeros(x.shape, jnp.float32)
-    if "dx" in named:
-        dxf = named["dx"].astype(jnp.float32)
-        inner = dxf - jnp.mean(dxf, axis=1, keepdims=True) if center else dxf
-        dxhat = rstd[:, None] * (inner - xhat * jnp.mean(dxf * xhat, axis=1, keepdims=True))
-        dy = dy + dxhat * scale[None, :]
-    if "dscale" in named:
-        dy = dy + xhat * named["dscale"][None, :]
-    if "doffset" in named:
-        dy = dy + named["doffset"][None, :]
-    return [dy.astype(x.dtype)]
+    linear = [t[:, None] if w == "dx" else t for w, t in zip(which, linear, strict=True)]
+    rows = (x[:, None], scale, mean_shift[:, None], rstd[:, None])
+    return [_groups_tangent(*rows, *linear, center=center, which=which, **_ROW)[0][:, 0]]
 
 
 def _jnp_backward(x, scale, mean_shift, rstd, ct, ct_h=None, *, center, groups, want_dx=True, **_):
-    """The tangent's transpose: ``(dx, dscale, doffset)``, the last two summed per group of
-    ``rows / groups`` rows; ``dx`` is empty unless ``want_dx``, and has ``ct_h`` added
-    (the residual backward: then ``x`` is ``h``)."""
-    xhat = _xhat(x, mean_shift, rstd, center)
-    g = ct.astype(jnp.float32)
-    d = x.shape[1]
-    dscale = jnp.sum((g * xhat).reshape(groups, -1, d), axis=1)
-    doffset = jnp.sum(g.reshape(groups, -1, d), axis=1)
-    if not want_dx:
-        return jnp.zeros((0, d), x.dtype), dscale, doffset
-    v = g * scale[None, :]
-    inner = v - jnp.mean(v, axis=1, keepdims=True) if center else v
-    dx = rstd[:, None] * (inner - xhat * jnp.mean(v * xhat, axis=1, keepdims=True))
-    if ct_h is not None:
-        dx = dx + ct_h.astype(jnp.float32)
-    return dx.astype(x.dtype), dscale, doffset
-
-
-def _residual_sum(x, r):
-    return (x.astype(jnp.float32) + r.astype(jnp.float32)).astype(r.dtype)
+    """``ct_h`` is added to ``dx`` (the fused residual's backward, ``x`` then ``h``)."""
+    ct_h = None if ct_h is None else ct_h[:, None]
+    rows = (x[:, None], scale, mean_shift[:, None], rstd[:, None], ct[:, None], ct_h)
+    dx, dscale, doffset = _groups_backward(
+        *rows, center=center, groups=groups, want_dx=want_dx, **_ROW
+    )
+    return dx[:, 0], dscale, doffset
 
 
 def _jnp_res_forward(x, r, scale, offset, *, epsilon, center, **_):
-    h = _residual_sum(x, r)
+    h = (x.astype(jnp.float32) + r.astype(jnp.float32)).astype(r.dtype)
     y, mean_shift, rstd = _jnp_forward(h, scale, offset, epsilon=epsilon, center=center)
     return y.astype(x.dtype), h, mean_shift, rstd
 
@@ -188,10 +132,7 @@ def _jnp_res_tangent(h, scale, mean_shift, rstd, *linear, center, which, dtype, 
     """Tangents ``(dy, dh)``, linear in the operands named by ``which`` (dx, dr, dscale,
     doffset)."""
     named = dict(zip(which, linear, strict=True))
-    dh = jnp.zeros(h.shape, jnp.float32)
-    for name in ("dx", "dr"):
-        if name in named:
-            dh = dh + named[name].astype(jnp.float32)
+    dh = sum((named[n].astype(jnp.float32) for n in ("dx", "dr") if n in named), jnp.zeros(h.shape))
     dh = dh.astype(h.dtype)
     rest = [n for n in ("dscale", "doffset") if n in named]
     (dy,) = _jnp_tangent(
@@ -243,35 +184,6 @@ def _res_backward_call(h, scale, mean_shift, rstd, ct, ct_h, *, center, groups, 
     )
 
 
-def _sums_of(outs):
-    return {"dscale": outs[1][0], "doffset": outs[2][0]}
-
-
-ROWS = Kernel(
-    name="rows",
-    forward=_jnp_forward,
-    tangent=_jnp_tangent,
-    backward=_jnp_backward,
-    forward_call=_forward_call,
-    backward_call=_backward_call,
-    linear=("dx", "dscale", "doffset"),
-    visible=1,
-    saved=lambda inputs, outs: (inputs[0], inputs[1], outs[1], outs[2]),
-    cotangents=lambda outs, attrs: {"dx": outs[0], **_sums_of(outs)},
-)
-RESIDUAL = Kernel(
-    name="residual",
-    forward=_jnp_res_forward,
-    tangent=_jnp_res_tangent,
-    backward=_jnp_res_backward,
-    forward_call=_res_forward_call,
-    backward_call=_res_backward_call,
-    linear=("dx", "dr", "dscale", "doffset"),
-    visible=2,
-    saved=lambda inputs, outs: (outs[1], inputs[2], outs[2], outs[3]),
-    cotangents=lambda outs, attrs: {
-        "dx": outs[0].astype(attrs["dtype"]),
-        "dr": outs[0],
-        **_sums_of(outs),
-    },
-)
+ROWS = Kernel("rows", _jnp_forward, _jnp_tangent, _jnp_backward, _forward_call, _backward_call, 1)
+RESIDUAL = Kernel("residual", _jnp_res_forward, _jnp_res_tangent, _jnp_res_backward,
+                  _res_forward_call, _res_backward_call, visible=2)  # fmt: skip
