@@ -7,6 +7,8 @@ and the running statistics it keeps in an :class:`equinox.nn.State`.
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from collections.abc import Hashable
 from typing import Any
 
@@ -175,6 +177,16 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
         reject_unknown_keywords("BatchNorm", unknown, type(self))
         self.num_features = positive_int(num_features, "num_features")
         self.momentum = check_momentum(momentum)
+        if self.momentum < 0.5:
+            warnings.warn(
+                f"BatchNorm: momentum={self.momentum:g} keeps {self.momentum:.0%} of the "
+                f"running statistics at each step and takes {1 - self.momentum:.0%} of the "
+                "batch's (flax's, haiku's and equinox's convention). torch's `momentum` is the "
+                f"share of the new batch: torch's momentum={self.momentum:g} is "
+                f"momentum={1 - self.momentum:g} here.",
+                UserWarning,
+                stacklevel=_caller_stacklevel(),
+            )
         self.channel_axis = check_channel_axis(channel_axis, "BatchNorm")
         try:
             hash(axis_name)
@@ -328,7 +340,7 @@ def batch_norm_body(
     inference_switch: str,
 ) -> tuple[Array, Array, Array]:
     """The body of :func:`~eqx_norm.functional.batch_norm` and of ``BatchNorm.__call__``:
-    checks, then :func:`eqx_norm._core.normalize_with_moments` over the batch axes (training)
+    checks, then :func:`eqx_norm._core.normalize` over the batch axes (training)
     or one elementwise pass (inference), and the running statistics' update. Errors name
     ``layer``
     and, for a batch too small to train on, the caller's switch to inference
@@ -364,8 +376,15 @@ def batch_norm_body(
                 f"{values}: the variance of one value is 0. Use a batch of at least 2 "
                 f"examples, or {inference_switch} to normalize by the running statistics."
             )
-        y, moments = _core.normalize_with_moments(
-            x, axes, scale, offset, epsilon=epsilon, mask=mask, axis_name=axis_name
+        y, moments = _core.normalize(
+            x,
+            axes,
+            scale,
+            offset,
+            epsilon=epsilon,
+            mask=mask,
+            axis_name=axis_name,
+            with_moments=True,
         )
         new_mean, new_var = update_running(
             running_mean, running_var, moments, momentum=momentum, steps=steps
@@ -520,3 +539,15 @@ def estimate_running_statistics(
         weight = count * (1.0 if layer.debias else 1 - layer.momentum)  # w: 1 when debiased
         state = state.set(layer.state_index, (mean / weight, var / weight))
     return state
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside eqx_norm and equinox (whose module
+    machinery calls ``__init__``), so that a warning points at the user's line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in (
+        "eqx_norm",
+        "equinox",
+    ):
+        frame, level = frame.f_back, level + 1
+    return level

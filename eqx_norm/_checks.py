@@ -472,9 +472,15 @@ _LAYER_PEER_NAMES = {
     },
 }
 _LAYER_PEER_NAMES["RMSNorm"] = _LAYER_PEER_NAMES["LayerNorm"]
-_LAYER_PEER_NAMES["DyT"] = _LAYER_PEER_NAMES["LayerNorm"]
+_LAYER_PEER_NAMES["DyT"] = {
+    **_LAYER_PEER_NAMES["LayerNorm"],
+    "eps": "nothing: DyT computes no statistics, so it has no epsilon; drop it",
+    "init_alpha": "`alpha_init` (the DyT paper's code's `init_alpha`)",
+}
 _LAYER_PEER_NAMES["InstanceNorm"] = {
-    **_LAYER_PEER_NAMES["GroupNorm"],
+    "channels": "`num_channels` (equinox's `channels`)",
+    "num_features": "`num_channels` (torch's and flax's `num_features`)",
+    "axis": "`channel_axis` and `spatial_ndim`",
     "track_running_stats": "nothing: InstanceNorm keeps no running statistics; drop it",
 }
 

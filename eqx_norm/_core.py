@@ -108,60 +108,33 @@ def normalize(
     mask: Bool[Array, "*shape"] | None = None,
     axis_name: Hashable | None = None,
     groups: Groups | None = None,
-) -> Float[Array, "*shape"]:
+    with_moments: bool = False,
+) -> Float[Array, "*shape"] | tuple[Float[Array, "*shape"], Moments]:
     """``(x - E[x]) * rsqrt(Var[x] + epsilon) * scale + offset`` over ``axes``, in x's
     compute dtype; ``x * rsqrt(E[x^2] + epsilon) * scale + offset`` with ``center=False``.
 
     ``scale``/``offset`` broadcast against ``x`` (x's rank, or trailing axes that leading
     size-1 axes complete). Where ``mask`` is False the output is ``offset`` (0 without it).
     With ``axis_name`` the ``axes`` are split across that mapped axis and the statistics
-    are the whole row's (``groups`` for GroupNorm's split channels).
+    are the whole row's (``groups`` for GroupNorm's split channels). ``with_moments``
+    returns ``(y, Moments)``, the statistics it normalized by (BatchNorm's running
+    statistics are updated from them).
 
     Example:
         >>> import jax.numpy as jnp
         >>> normalize(jnp.array([[1.0, 3.0]]), (1,), epsilon=0.0)
         Array([[-1.,  1.]], dtype=float32)
     """
-    return normalize_with_moments(
-        x,
-        axes,
-        scale,
-        offset,
-        epsilon=epsilon,
-        center=center,
-        mask=mask,
-        axis_name=axis_name,
-        groups=groups,
-    )[0]
-
-
-def normalize_with_moments(
-    x: Float[Array, "*shape"],
-    axes: tuple[int, ...],
-    scale: Array | None = None,
-    offset: Array | None = None,
-    *,
-    epsilon: float,
-    center: bool = True,
-    mask: Bool[Array, "*shape"] | None = None,
-    axis_name: Hashable | None = None,
-    groups: Groups | None = None,
-) -> tuple[Float[Array, "*shape"], Moments]:
-    """:func:`normalize` and the :class:`Moments` it normalized by (BatchNorm's running
-    statistics are updated from them)."""
     compute = compute_dtype(x.dtype)
     x = x.astype(compute)
     scale, offset = (
         None if p is None else _expand(p.astype(compute), x.ndim) for p in (scale, offset)
     )
-    static = _Static(
-        tuple(sorted(a % x.ndim for a in axes)), float(epsilon), bool(center), axis_name
-    )
-    group_axis, start, total = (None, None, None) if groups is None else groups
-    y, mean, var, count = _normalize(
-        x, scale, offset, mask, start, static, None if groups is None else (group_axis, total)
-    )
-    return y, Moments(mean, var, count)
+    axes = tuple(sorted(a % x.ndim for a in axes))
+    static = _Static(axes, float(epsilon), bool(center), axis_name)
+    start, across_groups = (None, None) if groups is None else (groups.start, groups[::2])
+    y, *moments = _normalize(x, scale, offset, mask, start, static, across_groups)
+    return (y, Moments(*moments)) if with_moments else y
 
 
 def centered_statistics(
@@ -266,12 +239,12 @@ def _statistics(x: Array, across: _Across, static: _Static):
         centered = x
     var = across.local_sum(jnp.square(centered)) / local_count
     if static.axis_name is not None:
-        shift, var, count, moved = _merge(shift, rounding, var, count, across)
+        mean, var, count, moved = _merge(shift, rounding, var, count, across)
         if static.center:
             centered = centered - moved
-        rounding = jnp.zeros_like(rounding)
+        return centered, inverse_std(var, static.epsilon), Moments(mean, var, count)
     moments = Moments(shift + rounding, var, count)
-    if static.epsilon > 0 or static.axis_name is not None:
+    if static.epsilon > 0:
         return centered, inverse_std(var, static.epsilon), moments
     return centered, _rescaled_inverse_std(centered, across, local_count), moments
 

@@ -65,6 +65,11 @@ class _GroupedNorm(AffineNorm):
     share; each subclass gives the call's ``num_groups``, ``group_size`` (exactly one of
     them) and ``axis_name`` with ``_groups``, and its least ``spatial_ndim``."""
 
+    num_channels: eqx.AbstractVar[int]
+    spatial_ndim: eqx.AbstractVar[int | None]
+    channel_axis: eqx.AbstractVar[int]
+    implementation: eqx.AbstractVar[Implementation]
+
     _name: ClassVar[str]
 
     def __call__(

@@ -43,11 +43,12 @@ def existing_initializers(cls, scale, bias, kwargs):
     affine = kwargs.get("elementwise_affine", True)
     inits = {"scale_initializer": scale, "bias_initializer": bias}
     switches = {"scale_initializer": "use_scale", "bias_initializer": "use_bias"}
-    return {
-        argument: value
-        for argument, value in inits.items()
-        if affine and kwargs.get(switches[argument], defaults.get(switches[argument], True))
-    }
+
+    def on(argument):  # a switch left at None follows elementwise_affine
+        switch = kwargs.get(switches[argument], defaults.get(switches[argument], True))
+        return affine if switch is None else affine and switch
+
+    return {argument: value for argument, value in inits.items() if on(argument)}
 
 
 def jitted_gradients(layer, x, cotangent):

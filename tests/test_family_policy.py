@@ -37,7 +37,7 @@ LAYERS = {
         lambda x, g, b, eps, mask: reference.layer_norm(x, 2, g, b, eps, mask),
     ),
     "RMSNorm": (
-        lambda **kw: RMSNorm(8, **{"use_bias": True, **kw}),
+        lambda **kw: RMSNorm(8, **{"use_bias": kw.get("elementwise_affine", True), **kw}),
         (3, 6, 8),
         (8,),
         lambda x, g, b, eps, mask: reference.rms_norm(x, 1, g, b, eps, mask),

@@ -42,7 +42,8 @@ import reference
 # name: build(**kwargs); RMSNorm with its bias on, so that both parameters exist
 BUILD = {
     "LayerNorm": lambda **kw: LayerNorm(8, **kw),
-    "RMSNorm": lambda **kw: RMSNorm(8, **{"use_bias": True, **kw}),
+    # (elementwise_affine=False switches both off: use_bias=True beside it would contradict)
+    "RMSNorm": lambda **kw: RMSNorm(8, **{"use_bias": kw.get("elementwise_affine", True), **kw}),
     "GroupNorm": lambda **kw: GroupNorm(2, 8, **kw),
     "InstanceNorm": lambda **kw: InstanceNorm(8, **kw),
     "BatchNorm": lambda **kw: BatchNorm(8, **kw),
@@ -57,7 +58,7 @@ BUILD = {
     [
         ({"use_scale": False, "scale_initializer": jax.nn.initializers.ones}, "scale", "use_scale"),
         ({"use_bias": False, "bias_initializer": jax.nn.initializers.zeros}, "bias", "use_bias"),
-        ({"use_bias": False, "bias_initializer": ZeroInit()}, "bias", "use_bias"),
+        ({"use_bias": False, "bias_initializer": eqx_norm.Constant(0.5)}, "bias", "use_bias"),
         (
             {"elementwise_affine": False, "scale_initializer": np.ones(8, np.float32)},
             "scale",
@@ -93,8 +94,10 @@ def test_layer_norm_s_positional_defaults_are_not_contradictions():
     # the seed's positional signature: (normalized_shape, epsilon, bias_initializer,
     # scale_initializer, elementwise_affine)
     assert jax.tree_util.tree_leaves(LayerNorm(3, 1e-5, None, None, False)) == []
+    # the defaults written out are the defaults (tests/test_arguments.py has the variants)
+    assert jax.tree_util.tree_leaves(LayerNorm(3, 1e-5, ZeroInit(), None, False)) == []
     with pytest.raises(ValueError, match=r"`bias_initializer` if `elementwise_affine=False`"):
-        LayerNorm(3, 1e-5, ZeroInit(), None, False)
+        LayerNorm(3, 1e-5, eqx_norm.Constant(0.5), None, False)
     # RMSNorm's bias is off by default: a bias initializer alone asks for use_bias=True
     with pytest.raises(ValueError, match=r"Cannot set `bias_initializer`.*set `use_bias=True`"):
         RMSNorm(3, bias_initializer=ZeroInit())
