@@ -232,6 +232,7 @@ PUBLIC_CALLABLES = [
     ),
     eqx_norm.load_leaves,
     eqx_norm.from_equinox,
+    eqx_norm.estimate_running_statistics,
     *(
         cls.__call__
         for cls in vars(eqx_norm.initializers).values()
