@@ -33,27 +33,13 @@ def normalize_groups(
     channels_last: bool,
     epsilon: float,
 ) -> Float[Array, "n a b"]:
-    """GroupNorm of each ``(n, g)`` group of ``x``, by the compiled kernel.
-
-    ``y = (x - mean) * rsqrt(var + eps) * scale[c] + offset[c]`` with the mean and variance
-    of each example's group of ``C / num_groups`` channels over all positions, float32 and
-    two-pass after subtracting the group's first element; the output has x's dtype. A
-    constant group gives exactly ``offset``.
-
-    Args:
-        x: ``(N, S, C)`` if ``channels_last`` else ``(N, C, S)``, of a dtype the library
-            was built for (see :func:`unavailable_reason`).
-        scale: ``(C,)`` float32, or None (ones).
-        offset: ``(C,)`` float32, or None (zeros).
-        num_groups: ``G``, dividing ``C`` (``C`` for InstanceNorm).
-        channels_last: the layout of ``x``.
-        epsilon: added to the variance, ``>= 0``.
-
-    Returns:
-        An array of x's shape and dtype.
-
-    Raises:
-        ValueError: where the kernel cannot serve ``x`` (the message says why).
+    """GroupNorm of each ``(n, g)`` group of ``x`` ``(N, S, C)`` (``channels_last``) or
+    ``(N, C, S)``, by the compiled kernel, in x's dtype: ``(x - mean) * rsqrt(var + eps) *
+    scale[c] + offset[c]`` over each example's ``C / num_groups`` channels at all positions
+    (``num_groups = C``: InstanceNorm). ``scale``/``offset`` are ``(C,)`` float32 or None.
+    Statistics are float32 and two-pass after subtracting the group's first element; a
+    constant group gives exactly ``offset``. A ValueError says why where the kernel cannot
+    serve ``x`` (see :func:`unavailable_reason`).
     """
     served(unavailable_reason(x))
     attrs = dict(

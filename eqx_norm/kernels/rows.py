@@ -41,25 +41,12 @@ def normalize_rows(
     epsilon: float,
     center: bool,
 ) -> Float[Array, "rows d"]:
-    """``(x - mean) * rsqrt(var + eps) * scale + offset`` per row, by the compiled kernel.
-
-    ``center=False`` gives ``x * rsqrt(mean(x^2) + eps) * scale + offset`` (RMSNorm).
-    Statistics are float32 and two-pass after subtracting each row's first element; the
-    output has x's dtype. With ``epsilon == 0`` a constant row gives exactly ``offset``.
-
-    Args:
-        x: ``(rows, D)``, of a dtype the library was built for (float32, bfloat16, and
-            float16 where the compiler has ``_Float16``: see ``unavailable_reason``).
-        scale: ``(D,)`` float32, or None (ones).
-        offset: ``(D,)`` float32, or None (zeros).
-        epsilon: added to the variance, ``>= 0``.
-        center: False for RMSNorm.
-
-    Returns:
-        ``(rows, D)`` in x's dtype.
-
-    Raises:
-        ValueError: where the kernel cannot serve ``x`` (the message says why).
+    """``(x - mean) * rsqrt(var + eps) * scale + offset`` per row of ``x`` ``(rows, D)``
+    (``center=False``: ``x * rsqrt(mean(x^2) + eps) * scale + offset``, RMSNorm), by the
+    compiled kernel, in x's dtype. ``scale``/``offset`` are ``(D,)`` float32 or None (ones,
+    zeros). Statistics are float32 and two-pass after subtracting each row's first element;
+    with ``epsilon == 0`` a constant row gives exactly ``offset``. A ValueError says why
+    where the kernel cannot serve ``x`` (see :func:`unavailable_reason`).
     """
     served(unavailable_reason(x))
     attrs = (("center", bool(center)), ("epsilon", float(epsilon)))
