@@ -318,14 +318,16 @@ def test_parsed_defaults_and_the_processes_launch(monkeypatch):
 
 def test_coordinator_flags_join_jax_distributed(monkeypatch):
     calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda *a: calls.append(("init", *a)))
+    monkeypatch.setattr(
+        jax.distributed, "initialize", lambda *a, **k: calls.append(("init", *a, k))
+    )
     monkeypatch.setattr(jax.config, "update", lambda *a: calls.append(a))
     monkeypatch.setattr(eqx_norm.demo._cli, "_run", lambda args: calls.append("run") or 0)
     assert main(["--coordinator", "h:1", "--num-processes", "2", "--process-id", "1"]) == 0
     assert calls == [
         ("jax_num_cpu_devices", 1),
         ("jax_cpu_collectives_implementation", "gloo"),
-        ("init", "h:1", 2, 1),
+        ("init", "h:1", 2, 1, {"initialization_timeout": 310}),  # --join-timeout 300 + 10
         "run",
     ]
 

@@ -99,8 +99,10 @@ def test_layer_norm_s_positional_defaults_are_not_contradictions():
     with pytest.raises(ValueError, match=r"`bias_initializer` if `elementwise_affine=False`"):
         LayerNorm(3, 1e-5, eqx_norm.Constant(0.5), None, False)
     # RMSNorm's bias is off by default: a bias initializer alone asks for use_bias=True
+    # (ZeroInit, the default written out, builds no bias)
+    assert RMSNorm(3, bias_initializer=ZeroInit()).beta is None
     with pytest.raises(ValueError, match=r"Cannot set `bias_initializer`.*set `use_bias=True`"):
-        RMSNorm(3, bias_initializer=ZeroInit())
+        RMSNorm(3, bias_initializer=eqx_norm.Constant(0.5))
 
 
 def test_haiku_simple_cases():
