@@ -314,7 +314,7 @@ def _normalize(x, scale, offset, mask, start, static, groups):
     return (_output(centered, rstd, scale, offset, mask), *moments)
 
 
-def is_zero_tangent(tangent) -> bool:
+def _is_zero_tangent(tangent) -> bool:
     """Whether a ``custom_jvp`` tangent (``symbolic_zeros=True``) is known to be zero: a
     ``SymbolicZero`` (an input not differentiated), or None (an absent parameter)."""
     return tangent is None or isinstance(tangent, jax.custom_derivatives.SymbolicZero)
@@ -324,7 +324,7 @@ def _normalize_jvp(static, groups, primals, tangents):
     x, scale, offset, mask, start = primals
     # symbolic_zeros: a tangent known to be zero arrives as a SymbolicZero and its term is
     # left out entirely.
-    dx, dscale, doffset = (None if is_zero_tangent(t) else t for t in tangents[:3])
+    dx, dscale, doffset = (None if _is_zero_tangent(t) else t for t in tangents[:3])
     across = _Across(static.axes, mask, static.axis_name, start, groups)
     centered, rstd, moments = _statistics(x, across, static)
     y = _output(centered, rstd, scale, offset, mask)
