@@ -19,15 +19,15 @@ reverse mode is JAX's transpose of it and forward mode (``jvp``, ``jacfwd``, ``h
 works:
 
 .. math::
-    \dot y = k (\dot x - c\,\overline{\dot x}) - \hat x\, k r\, \overline{\dot x x_c}
-             + \dot s\, \hat x + \dot o, \qquad k = s r,
+    \dot y = s r (\dot x - c\,\overline{\dot x} - \hat x\, \overline{\dot x \hat x})
+             + \dot s\, \hat x + \dot o,
 
 with ``x_c`` the centred ``x`` (``x`` itself when ``center=False``), ``r`` the inverse
 standard deviation, ``\hat x = x_c r``, ``c = 1`` (0 for RMSNorm) and bars for means over
-the normalized elements (masked, and across ``axis_name``). Every full-size product is of
-two arrays and every per-row factor multiplies a per-row mean, so that transposed the
-backward is two reductions (``sum(dy)``, ``sum(dy x_c)``) and one pass that writes ``dx``;
-``r^2`` never forms (it under- or overflows for spreads beyond 1e19 or below 1e-19).
+the normalized elements (masked, and across ``axis_name``). Transposed, the backward is two
+reductions (``sum(g)``, ``sum(g \hat x)`` of ``g = s r \bar y``) and one pass that writes
+``dx``. It is written in ``\hat x`` so that ``r^2`` never forms, in either direction: it
+under- or overflows float32 for spreads beyond 1e19 or below 1e-19 (``epsilon=0``).
 
 **Edges.** With ``epsilon > 0`` an overflowed variance gives NaN, not ``rsqrt(inf) = 0``
 (which would silently return ``offset``). With ``epsilon == 0`` the variance is taken of
@@ -333,14 +333,15 @@ def _normalize_jvp(static, groups, primals, tangents):
     dy = []
     xhat = centered * rstd
     if dx is not None:
-        k = rstd if scale is None else rstd * scale
         mean_dx = across.mean(dx, moments.count) if static.center else zero
-        mean_dx_centered = across.mean(dx * centered, moments.count)
-        # `+ (-k * mean)`: the per-row factors multiply before the broadcast, so that
-        # transposed they scale the per-row sums, not a full-size cotangent.
-        term = dx * k + (-k * mean_dx) + xhat * (-k * (rstd * mean_dx_centered))
+        inner = dx - mean_dx if static.center else dx
+        # `+ xhat * (-mean)` rather than `- ...`: transposed, a subtraction negates the
+        # full-size cotangent, one more op per element. In terms of xhat, not x_c r^2.
+        inner = inner + xhat * -across.mean(dx * xhat, moments.count)
+        term = inner * (rstd if scale is None else rstd * scale)
         dy.append(term if mask is None else jnp.where(mask, term, 0))
-        dmean, dvar = mean_dx, 2 * mean_dx_centered
+        # BatchNorm's moments (unused elsewhere, so XLA drops them)
+        dmean, dvar = mean_dx, 2 * across.mean(dx * centered, moments.count)
     if dscale is not None:
         term = xhat * dscale
         dy.append(term if mask is None else jnp.where(mask, term, 0))

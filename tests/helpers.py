@@ -66,9 +66,11 @@ def jitted_gradients(layer, x, cotangent):
 
 
 def max_relative_error(got, want):
-    """``max|got - want| / max|want|`` in float64."""
+    """``max|got - want| / max|want|`` in float64; ``got`` is read in ``want``'s shape (a
+    reference may return rows where the layer returns ``x``'s shape)."""
     want = np.asarray(want, np.float64)
-    return np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+    got = np.asarray(got).astype(np.float64).reshape(want.shape)
+    return np.abs(got - want).max() / np.abs(want).max()
 
 
 # Tolerances by dtype, for outputs of size ~1 against a float64 reference. Statistics are

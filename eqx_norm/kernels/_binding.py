@@ -57,7 +57,7 @@ class Kernel:
     backward: Callable
     forward_call: Callable
     backward_call: Callable
-    visible: int = 1
+    visible: int  # how many outputs the caller sees: 1 (y), or 2 (y, h)
 
     def __repr__(self) -> str:  # the name alone, so that printed jaxprs stay readable
         return self.name

@@ -169,4 +169,6 @@ def _backward_call(x, scale, *stats_ct, num_groups, channels_last, groups, want_
     )
 
 
-GROUPS = Kernel("groups", _jnp_forward, _jnp_tangent, _jnp_backward, _forward_call, _backward_call)
+GROUPS = Kernel(
+    "groups", _jnp_forward, _jnp_tangent, _jnp_backward, _forward_call, _backward_call, 1
+)
