@@ -85,6 +85,7 @@ def test_layer_norm_keeps_the_seed_positional_signature():
     [OneInit(), Constant(1.0), jax.nn.initializers.ones, np.ones(8, np.float32)],
     ids=["OneInit", "Constant", "jax-ones", "array"],
 )
+@pytest.mark.slow
 def test_zero_centered_scale_stores_what_the_initializer_gives(name, initializer):
     """One rule: the initializer initializes the stored gamma, so every "ones" means a
     scale of 2 under zero_centered_scale; the default stores zeros (a scale of 1)."""
@@ -114,6 +115,7 @@ def test_state_is_passed_through_and_key_ignored(name):
     np.testing.assert_array_equal(y, layer(x))
 
 
+@pytest.mark.slow
 def test_layers_sit_in_equinox_sequential_beside_a_stateful_layer():
     def make(key):
         k1, k2 = jax.random.split(key)
@@ -255,6 +257,7 @@ def test_layers_pass_jaxtyping_runtime_checks(name):
     np.testing.assert_array_equal(checked_call(layer, x), layer(x))
 
 
+@pytest.mark.slow
 def test_functions_pass_jaxtyping_runtime_checks():
     x = random_input((3, 4, 8), seed=0, mean=1.0)
     checked = jaxtyped(typechecker=beartype)(functional.layer_norm)
@@ -299,6 +302,7 @@ def test_no_import_cycles_and_no_imports_hidden_in_functions():
         visit(name, [])
 
 
+@pytest.mark.slow
 def test_importing_the_library_imports_no_demo_and_changes_no_jax_config():
     code = (
         "import sys, jax\n"

@@ -25,6 +25,7 @@ def _assert_all_equal(results):
         np.testing.assert_array_equal(dx, results[0][1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ROW_LAYERS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("jit", [False, True])
@@ -61,6 +62,7 @@ def test_vmap_of_a_row_layer_equals_the_batched_call_bitwise(name):
     np.testing.assert_array_equal(dx(jax.vmap(layer)), dx(layer))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channel_axis, shape", [(-1, (40, 6, 6, 16)), (1, (40, 16, 6, 6))])
 @pytest.mark.parametrize("jit", [False, True])
 def test_batch_norm_in_inference_is_the_same_for_an_image_in_any_batch(channel_axis, shape, jit):
@@ -77,6 +79,7 @@ def test_batch_norm_in_inference_is_the_same_for_an_image_in_any_batch(channel_a
     _assert_all_equal(first_example_results(fn, [x[:n] for n in sizes], ct, jit=jit))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 def test_dyt_is_the_same_for_a_row_in_any_batch(jit):
     layer = eqx_norm.DyT(64)

@@ -350,6 +350,7 @@ def test_inference_returns_running_statistics_unchanged():
 # ----------------------------------------------------------------------------- debiasing
 
 
+@pytest.mark.slow
 def test_debiased_running_statistics():
     # with steps, the running statistics are the momentum-weighted average of the batches
     # seen, with no pull towards their initial 0 and 1 (float64 formula: debiased_average)
@@ -417,6 +418,7 @@ def plain_batch_norm(x, gamma, beta, channel_axis, epsilon=1e-5):
     return (x - mean) / jnp.sqrt(var + epsilon) * gamma.reshape(shape) + beta.reshape(shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channel_axis", [-1, 1])
 def test_transformations_of_the_training_forward(channel_axis):
     # the hand-written derivative (a custom_jvp) against plain autodiff of the formula in
@@ -476,6 +478,7 @@ def test_transformations_of_the_training_forward(channel_axis):
         assert_close_relative(a, b, 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(4096, 64), (64, 128, 96)])
 def test_jitted_gradient_of_x_alone(shape):
     # XLA:CPU's fused reductions crashed or miscompiled other norms' gradients of x alone
@@ -529,6 +532,7 @@ def test_pmap_with_a_closed_over_state_is_told_to_pass_it():
 # ----------------------------------------------------------------------------- accuracy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channel_axis", [-1, 1])
 def test_large_offsets(channel_axis):
     torch = pytest.importorskip("torch")
@@ -570,6 +574,7 @@ def test_large_offsets(channel_axis):
     np.testing.assert_allclose(y_vmap, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_input_float32_statistics(dtype):
     # mean 50, std 1: statistics in bf16 would lose the deviations (bf16 spacing at 50 is
@@ -739,6 +744,7 @@ def test_composes_with_sequential():
         assert not np.array_equal(running(layer, new_state)[0], np.zeros(4))
 
 
+@pytest.mark.slow
 def test_channel_axis_counts_in_the_whole_input():
     # torch's (N, C, H, W) is channel_axis=1 (or -3); channels-last is -1 (or 3)
     x_last = random_input((6, 5, 4, 3), mean=3.0, std=2.0)

@@ -108,6 +108,7 @@ def test_residual_equals_unfused_with_gradients(cls, _, __, x_dtype, r_dtype, im
     np.testing.assert_allclose(as64(y), as64(unfused(layer, x, r)), rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_residual_gradients_match_finite_differences(x64):
     x = random_input((3, 7), seed=7, dtype=jnp.float64)
     r = random_input((3, 7), seed=8, mean=2.0, dtype=jnp.float64)
@@ -122,6 +123,7 @@ def test_residual_gradients_match_finite_differences(x64):
         check_grads(f, (x, r, gamma, beta), order=2, modes=["rev", "fwd"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("cls", "fn", "_"), TRAILING)
 def test_residual_call_forms(cls, fn, _):
     layer = random_layer(cls, 16)
@@ -222,6 +224,7 @@ def test_axis_name_equals_unsharded_with_gradients(cls, fn, ref):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_axis_name_layer_with_mask_and_residual():
     layer = LayerNorm(8, axis_name="features")
     x, r = random_input((3, 32), seed=1), random_input((3, 32), seed=2)
@@ -251,6 +254,7 @@ def test_axis_name_layer_with_mask_and_residual():
         (4, {"group_size": 8}),  # group_size is the same sharded or not
     ],
 )
+@pytest.mark.slow
 def test_group_norm_axis_name_equals_unsharded_with_gradients(shards, kwargs):
     channels = 16
     x = random_input((2, 3, 3, channels), seed=4, mean=50.0, std=2.0)
@@ -314,6 +318,7 @@ def test_axis_name_on_eight_devices_under_shard_map():
 # ----------------------------------------------------------------------------- group_size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("channels", "group_size"), [(12, 1), (12, 3), (12, 12), (8, 4)])
 def test_group_size_equals_num_groups_and_float64(channels, group_size):
     x = random_input((2, 5, 5, channels), seed=1, mean=3.0)

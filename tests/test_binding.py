@@ -143,6 +143,7 @@ print("ok", reason)
     "name",  # a subprocess each: the quick loop keeps one
     [n if n == "ffi_call" else pytest.param(n, marks=pytest.mark.slow) for n in sorted(_REMOVALS)],
 )
+@pytest.mark.slow
 def test_a_missing_jax_hook_turns_the_kernel_off_with_a_reason(name):
     script = _WITHOUT.format(removal=_REMOVALS[name], name=name)
     result = subprocess.run(

@@ -109,6 +109,7 @@ def test_batch_order_is_seeded_epochs_of_permutations():
         batch_order(0, 10, 11, 1)
 
 
+@pytest.mark.slow
 def test_initialisations_have_their_stated_scale():
     # 64 x 256 weights per layer: the sample standard deviation is within ~2% of the true one
     config = TrainConfig(depth=3, width=256, norm="none")
@@ -332,6 +333,7 @@ def test_coordinator_flags_join_jax_distributed(monkeypatch):
     ]
 
 
+@pytest.mark.slow
 def test_missing_demo_extra_is_a_clear_message():
     code = "import sys; sys.modules['sklearn'] = None; import eqx_norm.demo"
     process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
@@ -399,6 +401,7 @@ class _Terminal(io.StringIO):
         return True
 
 
+@pytest.mark.slow
 def test_progress_bar_only_on_a_terminal(data, capsys, monkeypatch):
     """Piped to a file, the demo writes no progress lines (tqdm redraws its bar with \\r:
     about 60 KB of them for the default runs); on a terminal it draws the bar."""

@@ -44,6 +44,7 @@ def random_dyt(shape, alpha_init=0.8, **kwargs):
 @pytest.mark.parametrize(
     ("shape", "normalized"), [((4, 16), 16), ((2, 3, 4, 5), (4, 5)), ((7,), 7)]
 )
+@pytest.mark.slow
 def test_matches_float64(shape, normalized, dtype):
     layer = random_dyt(normalized)
     x = random_input(shape, seed=1, std=2.0, dtype=dtype)
@@ -160,6 +161,7 @@ def test_jit_vmap_grad():
     np.testing.assert_allclose(grads.beta, np.sum(2 * y64, axis=0), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradients_match_finite_differences(x64):
     x = random_input((3, 6), seed=1, std=2.0, dtype=jnp.float64)
     r = random_input((3, 6), seed=2, dtype=jnp.float64)

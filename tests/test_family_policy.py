@@ -88,6 +88,7 @@ def test_dtype_policy(name, dtype, param_dtype):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_output_dtype_option(name):
     layer = random_layer(LAYERS[name][0], dtype=jnp.bfloat16, param_shape=LAYERS[name][2])
@@ -211,6 +212,7 @@ def test_mask_under_jit_and_vmap(name):
     np.testing.assert_allclose(call(jnp.where(mask, x, 1e4), mask), y, atol=TOL[jnp.float32])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_fully_masked_example_is_beta_with_finite_gradients(name):
     layer = random_layer(LAYERS[name][0], param_shape=LAYERS[name][2])

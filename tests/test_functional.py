@@ -90,6 +90,7 @@ def with_parameters(layer, gamma, beta):
     return eqx.tree_at(lambda m: (m.gamma, m.beta), layer, (gamma, beta))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "module", "function", "shape", "param_shape"), PAIRS, ids=IDS)
 def test_one_code_path(name, module, function, shape, param_shape):
     # the module and the function trace to the same program
@@ -223,6 +224,7 @@ def test_gradients_flow_to_all_arguments():
         ),
     ],
 )
+@pytest.mark.slow
 def test_bad_arguments_are_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call(random_input((2, 3, 4, 8), mean=1.0))

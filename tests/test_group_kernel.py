@@ -366,6 +366,7 @@ def _fn(layout, implementation="kernel"):
     return fn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_jvp_and_hessian_match_the_xla_path(layout):
     x, gamma, beta, ct = _small(layout)
@@ -394,6 +395,7 @@ def test_jvp_and_hessian_match_the_xla_path(layout):
     )
 
 
+@pytest.mark.slow
 def test_xla_path_gradient_matches_finite_differences(x64):
     x, gamma, beta, _ = _small()
     args = [jnp.asarray(np.asarray(a), jnp.float64) for a in (x, gamma, beta)]
@@ -649,6 +651,7 @@ def test_forward_target_writes_nan_statistics_for_empty_groups(channels_last, sh
     assert np.isnan(mean_shift).all() and np.isnan(rstd).all()
 
 
+@pytest.mark.slow
 def test_jnp_formula_agrees_with_the_kernel():
     """The reference the lowering falls back on (jax.export, other platforms) gives the
     kernel's statistics and outputs."""

@@ -38,6 +38,7 @@ def to_torch(a, dtype=None):
 # ----------------------------------------------------------------------------- brainpy
 
 
+@pytest.mark.slow
 def test_brainpy_examples():
     # brainpy.dnn.GroupNorm's documented examples, channels-last (N, H, W, C)
     x = random_input((20, 10, 10, 6), mean=1.0, std=2.0)
@@ -81,6 +82,7 @@ LAYOUTS = [  # (input shape, num_groups, num_channels, spatial_ndim, channel_axi
     ("shape", "groups", "channels", "spatial_ndim", "channel_axis", "affine"),
     [(*layout, True) for layout in LAYOUTS] + [(*LAYOUTS[0], False), (*LAYOUTS[5], False)],
 )
+@pytest.mark.slow
 def test_group_norm_matches_float64_numpy(
     shape, groups, channels, spatial_ndim, channel_axis, affine
 ):
@@ -234,6 +236,7 @@ def test_group_norm_jitted_gradients_match_float64_torch(shape, groups, mean):
     assert_gradients_close(jitted_gradients(layer, x, cotangent), expected)
 
 
+@pytest.mark.slow
 def test_instance_norm_jitted_gradients_match_float64_torch():
     torch = pytest.importorskip("torch")
     shape = (8, 32, 32, 64)

@@ -28,6 +28,7 @@ CASES = [  # (input shape, normalized_shape)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("shape", "normalized_shape"), CASES)
 @pytest.mark.parametrize("affine", [True, False])
 def test_matches_float64_numpy(shape, normalized_shape, affine):
@@ -80,6 +81,7 @@ def test_epsilon_zero_constant_row_is_finite():
 @pytest.mark.parametrize(
     ("shape", "normalized_shape"), [((64, 128, 768), 768), ((32, 28, 28, 256), (28, 28, 256))]
 )
+@pytest.mark.slow
 def test_matches_torch_layer_norm(shape, normalized_shape):
     torch = pytest.importorskip("torch")
     layer = random_layer(LayerNorm, normalized_shape)
@@ -92,6 +94,7 @@ def test_matches_torch_layer_norm(shape, normalized_shape):
     np.testing.assert_allclose(eqx.filter_jit(layer)(x), expected, atol=2e-5, rtol=TOL[jnp.float32])
 
 
+@pytest.mark.slow
 def test_matches_equinox_under_vmap():
     ours = random_layer(LayerNorm, (7, 16))
     theirs = eqx.nn.LayerNorm((7, 16), eps=ours.epsilon)
@@ -157,6 +160,7 @@ def test_hessian_against_finite_differences_of_the_gradient(x64):
     np.testing.assert_allclose(hessian, fd, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_jit_vmap_grad_together():
     layer = random_layer(LayerNorm, 10)
     x = random_input((20, 5, 10))
@@ -188,6 +192,7 @@ def test_half_precision_inputs(dtype, param_dtype):
     assert np.isfinite(np.asarray(y, np.float64)).all()
 
 
+@pytest.mark.slow
 def test_mask_drops_elements_from_the_statistics():
     layer = random_layer(LayerNorm, (6, 8))
     x = random_input((4, 6, 8), mean=2.0)

@@ -145,6 +145,7 @@ def test_from_equinox_converts_layers_without_weight_or_bias(equinox_layer):
     np.testing.assert_allclose(ours(x), equinox_layer(x), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(128,), (128, 6), (128, 4, 5), (128, 2, 3, 4)])
 def test_from_equinox_group_norm_takes_one_example_of_any_rank(shape):
     # equinox's test_group_norm: GroupNorm(groups=4, channels=128) on (128,), (128, 4, 5), ...
@@ -188,6 +189,7 @@ class ConvNet(eqx.Module):
         return sum(jnp.sum(jnp.sin(out)) for out in outs)
 
 
+@pytest.mark.slow
 def test_from_equinox_keeps_a_conv1d_conv2d_conv3d_model_s_outputs_and_gradients():
     model = ConvNet(jax.random.key(0))
     converted = from_equinox(model)
@@ -228,6 +230,7 @@ def test_equinox_layer_norm_and_rms_norm_cases(shape, use_weight, use_bias):
 # ----------------------------------------------------------------------------- flax
 
 
+@pytest.mark.slow
 def test_flax_masked_layer_norm_equals_layer_norm_of_the_kept_elements():
     x = random_input((3, 12), mean=2.0)
     lengths = [12, 7, 3]
@@ -310,6 +313,7 @@ def test_messages_name_what_the_caller_called(call, match):
         ((2, 5, 8), (2, 1, 5, 1, 8), "mask.squeeze((1, 3))"),
     ],
 )
+@pytest.mark.slow
 def test_the_mask_hint_is_an_expression_that_is_accepted(x_shape, mask_shape, fix):
     layer = LayerNorm(x_shape[-1], bias_initializer=eqx_norm.Constant(0.5))
     x = random_input(x_shape, mean=1.0)
@@ -322,6 +326,7 @@ def test_the_mask_hint_is_an_expression_that_is_accepted(x_shape, mask_shape, fi
     np.testing.assert_allclose(y, reference.layer_norm(x, 1, beta=0.5, mask=fixed), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_mask_hint_fits_grouped_layouts_and_is_left_out_when_nothing_fits():
     x = random_input((2, 4, 4, 6), mean=1.0)
     with pytest.raises(ValueError, match=r"Use `mask\[\.\.\., None\]`"):  # (N, H, W) on NHWC

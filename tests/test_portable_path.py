@@ -82,6 +82,7 @@ print(float(np.abs(dx).max()) if np.isfinite(dx).all() else "nan")
 @pytest.mark.parametrize(
     "name, d, rows", [("LayerNorm", 64, 4096), ("LayerNorm", 768, 8192), ("RMSNorm", 64, 4096)]
 )
+@pytest.mark.slow
 def test_jitted_gradient_of_x_alone_runs_in_a_subprocess(name, d, rows):
     """The shapes on which XLA:CPU's YNN fused reductions segfaulted on the previous
     structure (a checkpointed tangent): run in a subprocess, so a crash fails this test
@@ -99,6 +100,7 @@ def test_jitted_gradient_of_x_alone_runs_in_a_subprocess(name, d, rows):
     assert 0 < float(done.stdout) < 1e6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LAYERS)
 def test_jitted_gradients_equal_eager_ones(name):
     """On (64, 128, 768), where XLA:CPU miscompiled a haiku-style LayerNorm gradient (dx off
@@ -134,6 +136,7 @@ def test_gpu_check_quick_runs_on_cpu():
     assert "| case | pass |" in done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LAYERS)
 def test_a_vmapped_single_example_keeps_the_batch_shape(name):
     """Called on one example under ``jax.vmap`` (equinox's convention, ``from_equinox``),

@@ -38,6 +38,7 @@ def test_defaults_scale_only():
 @pytest.mark.parametrize(
     "kwargs", [{}, {"use_bias": True}, {"elementwise_affine": False}, {"epsilon": 1e-2}]
 )
+@pytest.mark.slow
 def test_matches_float64_numpy(shape, normalized_shape, kwargs):
     layer = random_layer(RMSNorm, normalized_shape, **kwargs)
     x = random_input(shape, mean=1.0, std=2.0)
@@ -71,6 +72,7 @@ def test_zero_input_gives_beta_with_finite_gradients(epsilon):
 @pytest.mark.parametrize(
     ("shape", "normalized_shape"), [((64, 128, 768), 768), ((8, 14, 14, 64), (14, 14, 64))]
 )
+@pytest.mark.slow
 def test_matches_torch_rms_norm(shape, normalized_shape):
     torch = pytest.importorskip("torch")
     layer = random_layer(RMSNorm, normalized_shape)
@@ -82,6 +84,7 @@ def test_matches_torch_rms_norm(shape, normalized_shape):
     np.testing.assert_allclose(eqx.filter_jit(layer)(x), expected, atol=2e-5, rtol=TOL[jnp.float32])
 
 
+@pytest.mark.slow
 def test_matches_equinox_rms_norm_under_vmap():
     ours = random_layer(RMSNorm, (7, 16), use_bias=True)
     theirs = eqx.nn.RMSNorm((7, 16), eps=ours.epsilon)
@@ -95,6 +98,7 @@ def test_matches_equinox_rms_norm_under_vmap():
     ("shape", "normalized_shape", "mean"),
     [((64, 128, 768), 768, 0.0), ((512, 256), 256, 1e3), ((5, 3, 10), (3, 10), 0.0)],
 )
+@pytest.mark.slow
 def test_jitted_gradients_match_float64_torch(shape, normalized_shape, mean):
     torch = pytest.importorskip("torch")
     layer = random_layer(RMSNorm, normalized_shape)

@@ -96,6 +96,7 @@ def assert_dicts_close(got, expected, **tolerances):
 # ---------------------------------------------------------------- vmap and filter_vmap
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["affine", "two_axes", "zero_centered"])
 def test_vmap_matches_reference(config):
     shape, normalized_shape, kwargs = CONFIGS[config]
@@ -130,6 +131,7 @@ def stacked_layers(num_layers, size):
     return make(keys), keys
 
 
+@pytest.mark.slow
 def test_filter_vmap_builds_a_stack_of_layers():
     stack, keys = stacked_layers(4, 8)
     assert stack.gamma.shape == stack.beta.shape == (4, 8)
@@ -219,6 +221,7 @@ def test_grad_with_mask_matches_finite_differences_float64(x64):
     assert np.all(grads["x"][~mask] == 0)  # masked-out inputs take no part
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["affine", "two_axes", "no_affine", "zero_centered"])
 def test_hessian_matches_finite_differences_float64(x64, config):
     shape, normalized_shape, kwargs = CONFIGS[config]
