@@ -336,17 +336,18 @@ def _normalize_jvp(static, groups, primals, tangents):
     dmean = dvar = zero
     dy = []
     xhat = centered * rstd
+    factors = static.epsilon > 0 and static.axes != (x.ndim - 1,)
     if dx is not None:
         k = rstd if scale is None else rstd * scale
         mean_dx = across.mean(dx, moments.count) if static.center else zero
         mean_dx_centered = across.mean(dx * centered, moments.count)
         # Two groupings of the same tangent, chosen by what XLA:CPU reduces faster
-        # (benchmarks/batch_norm.py, benchmarks/portable_path.py): per-row factors times
-        # per-row means where the reduced axes are not the last (BatchNorm's columns:
-        # 15 against 22 ms forward and backward on (25088, 256)), and the xhat form where
-        # they are (rows: 23 against 27 ms on (8192, 1024)), and always with epsilon == 0,
-        # where r^2 under- or overflows.
-        if static.epsilon > 0 and x.ndim - 1 not in static.axes:
+        # (benchmarks/batch_norm.py, benchmarks/portable_path.py): the xhat form for rows
+        # (the last axis alone: 23 against 27 ms forward and backward on (8192, 1024)) and
+        # always with epsilon == 0, where r^2 under- or overflows; per-row factors times
+        # per-row means for every other set of axes (BatchNorm's columns: 15 against 22 ms
+        # on (25088, 256)).
+        if factors:
             # `+ (-k * mean)`: the factors multiply before the broadcast, so that
             # transposed they scale the per-row sums, not a full-size cotangent
             term = dx * k + (-k * mean_dx) + centered * (-(k * rstd) * (rstd * mean_dx_centered))
@@ -358,8 +359,8 @@ def _normalize_jvp(static, groups, primals, tangents):
             term = inner * k
         dy.append(term if mask is None else jnp.where(mask, term, 0))
         dmean, dvar = mean_dx, 2 * mean_dx_centered
-    if dscale is not None:
-        term = xhat * dscale
+    if dscale is not None:  # with factors, no full-size xhat to keep for the backward
+        term = centered * (dscale * rstd) if factors else xhat * dscale
         dy.append(term if mask is None else jnp.where(mask, term, 0))
     if doffset is not None:
         dy.append(jnp.broadcast_to(doffset, y.shape))
