@@ -80,7 +80,7 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
     The running statistics lag when the network changed during the last
     ``1 / (1 - momentum)`` steps (100 at 0.99): after few steps, or at a high learning
     rate to the end, inference mode then scores below the batch statistics (a small CNN on
-    the digits after 80 steps: 69.5 % against 95.7 %). Lower ``momentum``, train longer,
+    the digits after 80 steps: 68.3 % against 95.7 %). Lower ``momentum``, train longer,
     or re-estimate them from training batches with
     :func:`eqx_norm.estimate_running_statistics` (95.7 % there).
 
@@ -476,7 +476,7 @@ def estimate_running_statistics(
     ``1 / (1 - momentum)`` training steps (100 at the default 0.99). While the network still
     changes quickly (few steps, a high learning rate), those steps saw other weights, so the
     averages lag and inference mode scores below the batch statistics: a small CNN on the
-    digits, after 80 steps, 69.3 % against 95.7 % (the BatchNorm page). This runs
+    digits, after 80 steps, 68.3 % against 95.7 % (the BatchNorm page). This runs
     ``model(batch, state)`` on each batch with every BatchNorm in training mode (the other
     layers as given) and sets each layer's running mean and variance to the average over
     the batches of the batch's mean and unbiased variance (as torch's

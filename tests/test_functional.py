@@ -224,7 +224,6 @@ def test_gradients_flow_to_all_arguments():
         ),
     ],
 )
-@pytest.mark.slow
 def test_bad_arguments_are_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call(random_input((2, 3, 4, 8), mean=1.0))
