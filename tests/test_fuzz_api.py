@@ -117,6 +117,8 @@ EPSILONS = tagged(
     *_pairs([-1e-5, float("nan"), float("inf"), "1e-5", None, True, 1j, np.array(1e-5)], BAD),
 )
 FLAGS = tagged(*_pairs([True, False, np.bool_(True)], OK), *_pairs([None, 1, "yes"], BAD))
+# use_scale/use_bias: None follows elementwise_affine.
+SWITCHES = tagged(*_pairs([None, True, False, np.bool_(True)], OK), *_pairs([1, "yes"], BAD))
 DTYPES = tagged(
     *_pairs([None, jnp.float32, jnp.bfloat16, jnp.float16, "float32", np.float64], OK),
     *_pairs([jnp.int32, bool, jnp.complex64, "nope", [1], object], BAD),
@@ -339,28 +341,30 @@ def trailing_cases(draw, via_layer):
     if via_layer:
         key = draw(st.sampled_from([None, jax.random.key(1)]))
         affine, statuses["elementwise_affine"] = pick.pick("elementwise_affine", FLAGS)
-        use_scale, statuses["use_scale"] = pick.pick("use_scale", FLAGS)
-        use_bias, statuses["use_bias"] = pick.pick("use_bias", FLAGS)
+        use_scale, statuses["use_scale"] = pick.pick("use_scale", SWITCHES)
+        use_bias, statuses["use_bias"] = pick.pick("use_bias", SWITCHES)
         param_dtype, statuses["param_dtype"] = pick.pick("param_dtype", DTYPES)
         inits = {}
-        if statuses["elementwise_affine"] == OK and not affine:
-            # Not checked when elementwise_affine=False (a gap in _base.py, reported): an
-            # invalid use_scale/use_bias is then accepted.
-            for flag in ("use_scale", "use_bias"):
-                statuses[flag] = MAYBE if statuses[flag] == BAD else statuses[flag]
         case_flags = {"use_scale": use_scale, "use_bias": use_bias}
+        affine_off = statuses["elementwise_affine"] == OK and not affine
+        for flag, value in case_flags.items():
+            if affine_off and statuses[flag] == OK and value is not None and value:
+                statuses[flag] = BAD  # asks for a parameter elementwise_affine switches off
         for argument, switch in (
             ("scale_initializer", "use_scale"),
             ("bias_initializer", "use_bias"),
         ):
-            flags = (("elementwise_affine", affine), (switch, case_flags[switch]))
-            off = any(statuses[f] == OK and not v for f, v in flags)
+            value = case_flags[switch]
+            switch_off = statuses[switch] == OK and value is not None and not value
+            off = affine_off or switch_off
             kind = initializer_kind(pick, argument, off)
             value, status = (None, OK) if kind == "None" else initializer(kind, shape, key)
             if shape_status != OK and status == OK:
                 status = MAYBE  # built for a shape the layer was not given
             if off and value is not None:
-                status = BAD  # an initializer for a parameter switched off
+                # An initializer for a parameter switched off, unless it is the default
+                # written out (ZeroInit is the bias's, and the scale's when zero-centred).
+                status = MAYBE if kind == "ZeroInit class" else BAD
             inits[argument], statuses[argument] = value, status
         case.update(
             key=key,
@@ -553,7 +557,9 @@ def grouped_cases(draw, via_layer):
             if statuses["num_channels"] != OK and status == OK:
                 status = MAYBE  # built for x's channels, not for num_channels
             if off and value is not None:
-                status = BAD  # an initializer for a parameter switched off
+                # An initializer for a parameter switched off, unless it is the default
+                # written out (ZeroInit is the bias's, and the scale's when zero-centred).
+                status = MAYBE if kind == "ZeroInit class" else BAD
             case[argument], statuses[argument] = value, status
     else:
         if statuses["num_channels"] == MAYBE:
