@@ -6,8 +6,8 @@ BatchNorm), with an optional mask, scale, offset and residual add, and with the 
 axes optionally split across a mapped axis (``axis_name``).
 
 **One centring.** A shift ``m`` near each row's mean (a first mean, each element scaled
-before the sum so that values near float32's largest cannot overflow it; for BatchNorm's
-column reductions the row's first element, see :func:`_shift`), then the mean ``d`` of
+before the sum so that values near float32's largest cannot overflow it, or on XLA:CPU the
+row's first element, see :func:`shifts_by_first_element`), then the mean ``d`` of
 ``x - m``: ``x - m`` is exact where ``x`` is close to ``m`` (Sterbenz), so ``(x - m) - d`` is
 the centred ``x`` to float32 precision at any mean (mean 1e4 loses nothing), and a constant
 row gives exactly 0. The variance is the mean of its squares
@@ -126,13 +126,15 @@ def normalize(
         >>> normalize(jnp.array([[1.0, 3.0]]), (1,), epsilon=0.0)
         Array([[-1.,  1.]], dtype=float32)
     """
-    compute = compute_dtype(x.dtype)
+    dtype = x.dtype
+    compute = compute_dtype(dtype)
     x = x.astype(compute)
     scale, offset = (
         None if p is None else _expand(p.astype(compute), x.ndim) for p in (scale, offset)
     )
     axes = tuple(sorted(a % x.ndim for a in axes))
-    static = _Static(axes, float(epsilon), bool(center), axis_name)
+    first = shifts_by_first_element(jax.default_backend(), dtype, axes, x.ndim)
+    static = _Static(axes, float(epsilon), bool(center), axis_name, first)
     start, across_groups = (None, None) if groups is None else (groups.start, groups[::2])
     y, *moments = _normalize(x, scale, offset, mask, start, static, across_groups)
     return (y, Moments(*moments)) if with_moments else y
@@ -149,7 +151,9 @@ def centered_statistics(
     """``(x - E[x], rsqrt(Var[x] + epsilon))`` over ``axes`` (``x`` and the mean square's
     with ``center=False``), the second with the reduced axes of size 1: the statistics of
     :func:`normalize`, without its derivative, for the kernels' ``jnp`` formulas."""
-    static = _Static(tuple(sorted(a % x.ndim for a in axes)), float(epsilon), bool(center), None)
+    axes = tuple(sorted(a % x.ndim for a in axes))
+    first = shifts_by_first_element(jax.default_backend(), x.dtype, axes, x.ndim)
+    static = _Static(axes, float(epsilon), bool(center), None, first)
     across = _Across(static.axes, mask, None, None, None)
     centered, rstd, _ = _statistics(x, across, static)
     return centered, rstd
@@ -160,6 +164,27 @@ class _Static(NamedTuple):
     epsilon: float
     center: bool
     axis_name: Hashable | None
+    first_element: bool  # shift by the first element where it can (see _shift)
+
+
+def shifts_by_first_element(backend: str, dtype: DTypeLike, axes: tuple[int, ...], ndim: int):
+    """The one backend-specific choice of the pure-JAX path: whether the centring's shift is
+    each row's first element (a slice, no pass over ``x``) rather than a first mean (one
+    more reduction), where :func:`_shift` allows it.
+
+    Measured on XLA:CPU (``benchmarks/portable_path.py``, ``benchmarks/batch_norm.py``):
+    BatchNorm's column reductions (the leading axis reduced) at any dtype, where a first
+    mean is one more slow column reduction; rows of 32-bit inputs, where the first mean
+    kept XLA from one fused pass (forward 1.30 -> 1.12x the plain formula on (8192, 1024)).
+    Not for half-precision rows, where slicing the converted input cost a pass of its own
+    (1.7 -> 2.2x). Other backends keep the first mean until measured on them
+    (``benchmarks/gpu_check.py``).
+    """
+    if backend != "cpu":
+        return False
+    if 0 in axes and axes != (ndim - 1,):
+        return True
+    return axes == (ndim - 1,) and jnp.finfo(dtype).bits >= 32
 
 
 def _expand(p: Array, ndim: int) -> Array:
@@ -254,24 +279,23 @@ def _statistics(x: Array, across: _Across, static: _Static):
 
 
 def _shift(x: Array, across: _Across, static: _Static) -> Array:
-    """A value near each row's mean, to centre by: its first element where the reduced axes
-    include the leading one (BatchNorm, whose statistics run over the batch: a slice that
-    XLA:CPU broadcasts for free, where a first mean is one more slow column reduction,
-    about 10 against 13.5 ms forward on (32, 28, 28, 256)), else a first mean, each element
-    scaled before the sum so that values near float32's largest do not overflow it (rows:
-    XLA:CPU summed ``x - x[:, :1]`` at half speed). The first mean also serves masks (the
-    first element may be masked out), axes sharded across devices (JAX slices no element
-    out of them) and ``epsilon == 0`` (whose rescaled variance allows spreads up to
-    float32's largest, where ``x - x[0]`` would overflow)."""
+    """A value near each row's mean, to centre by: its first element where
+    :func:`shifts_by_first_element` chose it (a slice, which XLA:CPU broadcasts for free),
+    else a first mean, each element scaled before the sum so that values near float32's
+    largest do not overflow it. The first mean also serves masks (the first element may be
+    masked out), axes sharded across devices (JAX slices no element out of them) and
+    ``epsilon == 0`` (whose rescaled variance allows spreads up to float32's largest, where
+    ``x - x[0]`` would overflow). Either is exact for a constant row; the first element
+    costs accuracy only where it lies far out (the centred values lose about
+    ``eps * |x[0] - mean|``, at most ``sqrt(n)`` standard deviations' worth)."""
     spec = getattr(jax.typeof(x).sharding, "spec", ())
     sharded = any(i < len(spec) and spec[i] is not None for i in across.axes)
     if (
-        static.epsilon > 0
+        static.first_element
+        and static.epsilon > 0
         and across.mask is None
         and static.axis_name is None
         and not sharded
-        and 0 in across.axes  # the batch axis: BatchNorm
-        and across.axes != (x.ndim - 1,)
         and all(x.shape[i] > 0 for i in across.axes)
     ):
         return x[tuple(slice(0, 1) if i in across.axes else slice(None) for i in range(x.ndim))]
