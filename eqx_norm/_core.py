@@ -6,11 +6,11 @@ BatchNorm), with an optional mask, scale, offset and residual add, and with the 
 axes optionally split across a mapped axis (``axis_name``).
 
 **One centring.** A shift ``m`` near each row's mean (a first mean, each element scaled
-before the sum so that values near float32's largest cannot overflow it, or on XLA:CPU the
-row's first element, see :func:`shifts_by_first_element`), then the mean ``d`` of
-``x - m``: ``x - m`` is exact where ``x`` is close to ``m`` (Sterbenz), so ``(x - m) - d`` is
-the centred ``x`` to float32 precision at any mean (mean 1e4 loses nothing), and a constant
-row gives exactly 0. The variance is the mean of its squares
+before the sum so that values near float32's largest cannot overflow it, or on XLA:CPU for
+BatchNorm's columns the first element, see :func:`shifts_by_first_element`), then the mean
+``d`` of ``x - m``: ``x - m`` is exact where ``x`` is close to ``m`` (Sterbenz), so
+``(x - m) - d`` is the centred ``x`` to float32 precision at any mean (mean 1e4 loses
+nothing), and a constant row gives exactly 0. The variance is the mean of its squares
 (two-pass, never ``E[x^2] - E[x]^2``). With ``axis_name`` each shard computes these moments
 of its part and they are merged, count-weighted (Chan et al.), so no shard subtracts large
 squares. Statistics are in at least float32 (:func:`compute_dtype`).
@@ -126,14 +126,13 @@ def normalize(
         >>> normalize(jnp.array([[1.0, 3.0]]), (1,), epsilon=0.0)
         Array([[-1.,  1.]], dtype=float32)
     """
-    dtype = x.dtype
-    compute = compute_dtype(dtype)
+    compute = compute_dtype(x.dtype)
     x = x.astype(compute)
     scale, offset = (
         None if p is None else _expand(p.astype(compute), x.ndim) for p in (scale, offset)
     )
     axes = tuple(sorted(a % x.ndim for a in axes))
-    first = shifts_by_first_element(jax.default_backend(), dtype, axes, x.ndim)
+    first = shifts_by_first_element(jax.default_backend(), axes, x.ndim)
     static = _Static(axes, float(epsilon), bool(center), axis_name, first)
     start, across_groups = (None, None) if groups is None else (groups.start, groups[::2])
     y, *moments = _normalize(x, scale, offset, mask, start, static, across_groups)
@@ -152,7 +151,7 @@ def centered_statistics(
     with ``center=False``), the second with the reduced axes of size 1: the statistics of
     :func:`normalize`, without its derivative, for the kernels' ``jnp`` formulas."""
     axes = tuple(sorted(a % x.ndim for a in axes))
-    first = shifts_by_first_element(jax.default_backend(), x.dtype, axes, x.ndim)
+    first = shifts_by_first_element(jax.default_backend(), axes, x.ndim)
     static = _Static(axes, float(epsilon), bool(center), None, first)
     across = _Across(static.axes, mask, None, None, None)
     centered, rstd, _ = _statistics(x, across, static)
@@ -167,24 +166,21 @@ class _Static(NamedTuple):
     first_element: bool  # shift by the first element where it can (see _shift)
 
 
-def shifts_by_first_element(backend: str, dtype: DTypeLike, axes: tuple[int, ...], ndim: int):
+def shifts_by_first_element(backend: str, axes: tuple[int, ...], ndim: int) -> bool:
     """The one backend-specific choice of the pure-JAX path: whether the centring's shift is
     each row's first element (a slice, no pass over ``x``) rather than a first mean (one
     more reduction), where :func:`_shift` allows it.
 
-    Measured on XLA:CPU (``benchmarks/portable_path.py``, ``benchmarks/batch_norm.py``):
-    BatchNorm's column reductions (the leading axis reduced) at any dtype, where a first
-    mean is one more slow column reduction; rows of 32-bit inputs, where the first mean
-    kept XLA from one fused pass (forward 1.30 -> 1.12x the plain formula on (8192, 1024)).
-    Not for half-precision rows, where slicing the converted input cost a pass of its own
-    (1.7 -> 2.2x). Other backends keep the first mean until measured on them
-    (``benchmarks/gpu_check.py``).
+    Measured on XLA:CPU (``benchmarks/batch_norm.py``, ``benchmarks/portable_path.py``,
+    ``benchmarks/training_steps.py``): BatchNorm's column reductions (the leading axis
+    reduced), where a first mean is one more slow column reduction (training forward 1.23
+    -> 1.08x torch's). Not rows: their forward alone gained about 10 % (1.39-1.49 against
+    1.50-1.67x the plain formula), but the MLP-Mixer's training step, whose norms read
+    transposed activations, lost 20 % (0.96 against 0.79x equinox's), and half-precision
+    rows lost a pass to slicing the converted input. Other backends keep the first mean
+    until measured on them (``benchmarks/gpu_check.py``).
     """
-    if backend != "cpu":
-        return False
-    if 0 in axes and axes != (ndim - 1,):
-        return True
-    return axes == (ndim - 1,) and jnp.finfo(dtype).bits >= 32
+    return backend == "cpu" and 0 in axes and axes != (ndim - 1,)
 
 
 def _expand(p: Array, ndim: int) -> Array:
