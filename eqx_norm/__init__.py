@@ -6,6 +6,7 @@ from . import functional as functional
 from . import initializers as initializers
 from ._batch_norm import BatchNorm as BatchNorm
 from ._batch_norm import estimate_running_statistics as estimate_running_statistics
+from ._dyt import Derf as Derf
 from ._dyt import DyT as DyT
 from ._from_equinox import from_equinox as from_equinox
 from ._group_norm import GroupNorm as GroupNorm

@@ -477,6 +477,14 @@ _LAYER_PEER_NAMES["DyT"] = {
     "eps": "nothing: DyT computes no statistics, so it has no epsilon; drop it",
     "init_alpha": "`alpha_init` (the DyT paper's code's `init_alpha`)",
 }
+_LAYER_PEER_NAMES["Derf"] = {
+    **_LAYER_PEER_NAMES["LayerNorm"],
+    "eps": "nothing: Derf computes no statistics, so it has no epsilon; drop it",
+    "alpha_init_value": "`alpha_init` (the Derf paper's code's `alpha_init_value`)",
+    "shift_init_value": "`shift_init` (the Derf paper's code's `shift_init_value`)",
+    "init_alpha": "`alpha_init`",
+    "init_shift": "`shift_init`",
+}
 _LAYER_PEER_NAMES["InstanceNorm"] = {
     "channels": "`num_channels` (equinox's `channels`)",
     "num_features": "`num_channels` (torch's and flax's `num_features`)",

@@ -1,4 +1,5 @@
-"""DyT (Dynamic Tanh): an elementwise drop-in for LayerNorm, with no statistics."""
+"""DyT (Dynamic Tanh) and Derf (Dynamic erf): elementwise drop-ins for LayerNorm, with no
+statistics."""
 
 from __future__ import annotations
 
@@ -103,41 +104,18 @@ class DyT(eqx.Module):
         reject_unknown_keywords("DyT", unknown, type(self))
         self.normalized_shape = canonical_shape(normalized_shape, "normalized_shape")
         self.dtype = optional_dtype(dtype, "dtype")
-        param_dtype = optional_dtype(param_dtype, "param_dtype") or np.dtype(np.float32)
-        if isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float, np.number)):
-            raise TypeError(
-                f"DyT: `alpha_init` must be a real number, got {type(alpha_init).__name__} "
-                f"{alpha_init!r:.80}."
-            )
-        if not math.isfinite(alpha_init):
-            raise ValueError(f"DyT: `alpha_init` must be finite, got {alpha_init}.")
-        self.alpha = jnp.asarray(alpha_init, param_dtype)
-        has_scale, has_bias = affine_switches(
+        (self.alpha,), self.gamma, self.beta = _pointwise_parameters(
+            "DyT",
+            self.normalized_shape,
+            {"alpha_init": alpha_init},
+            scale_initializer=scale_initializer,
+            bias_initializer=bias_initializer,
             elementwise_affine=elementwise_affine,
             use_scale=use_scale,
             use_bias=use_bias,
-            scale_initializer=scale_initializer,
-            bias_initializer=bias_initializer,
-            default_scale=1.0,
+            param_dtype=param_dtype,
+            key=key,
         )
-        scale_key, bias_key = (None, None) if key is None else _split_key(key)
-        self.gamma = self.beta = None
-        if has_scale:
-            self.gamma = make_parameter(
-                OneInit() if scale_initializer is None else scale_initializer,
-                argument="scale_initializer",
-                key=scale_key,
-                shape=self.normalized_shape,
-                dtype=param_dtype,
-            )
-        if has_bias:
-            self.beta = make_parameter(
-                ZeroInit() if bias_initializer is None else bias_initializer,
-                argument="bias_initializer",
-                key=bias_key,
-                shape=self.normalized_shape,
-                dtype=param_dtype,
-            )
 
     @property
     def elementwise_affine(self) -> bool:
@@ -187,6 +165,181 @@ class DyT(eqx.Module):
         return with_state(y, state)
 
 
+class Derf(eqx.Module):
+    r"""Dynamic erf: ``gamma * erf(alpha * x + shift) + beta``, elementwise, in place of a
+    norm; DyT's successor by the same group.
+
+    .. math:: y = \gamma\, \mathrm{erf}(\alpha x + s) + \beta
+
+    ``alpha`` and ``shift`` (the paper's ``s``) are learnable scalars (``()`` arrays),
+    initialised to ``alpha_init`` and ``shift_init``; ``gamma``/``beta`` hold one value per
+    element of the trailing ``normalized_shape``, as a :class:`LayerNorm`'s. There are no
+    statistics: one elementwise pass, no reduction. Input has shape ``(*batch,
+    *normalized_shape)``; output has x's shape and dtype. Computed in at least float32
+    (bf16/fp16 inputs are upcast). The call forms are LayerNorm's and :class:`DyT`'s
+    (``state``, ``mask``, ``residual``, ``key``).
+
+    Args:
+        normalized_shape: int or sequence of ints: the trailing axes ``gamma``/``beta``
+            cover.
+        alpha_init: initial value of ``alpha``, a finite float (the paper's default 0.5).
+        shift_init: initial value of ``shift``, a finite float (the paper's default 0).
+        scale_initializer: initializer of ``gamma``, in every form :class:`DyT` takes;
+            None (default) means ones.
+        bias_initializer: initializer of ``beta``; None (default) means zeros.
+        elementwise_affine: False switches off both ``gamma`` and ``beta`` (``alpha`` and
+            ``shift`` stay).
+        use_scale: False switches off ``gamma`` alone; None (default) follows
+            ``elementwise_affine``.
+        use_bias: False switches off ``beta`` alone; None (default) follows
+            ``elementwise_affine``.
+        param_dtype: storage dtype of the parameters (default float32).
+        dtype: output dtype (default: the input's).
+        key: PRNG key, needed only by random initializers.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from eqx_norm import Derf
+        >>> x = jax.random.normal(jax.random.key(0), (4, 16, 64))
+        >>> layer = Derf(64)
+        >>> layer.alpha.shape, layer.shift.shape, layer.gamma.shape
+        ((), (), (64,))
+        >>> bool(jnp.allclose(layer(x), jax.scipy.special.erf(0.5 * x)))
+        True
+
+    References:
+        Chen, Lu, Zhu, Sun and Liu, "Stronger Normalization-Free Transformers", 2025.
+        arXiv:2512.10938.
+    """
+
+    alpha: Float[Array, ""]
+    shift: Float[Array, ""]
+    gamma: Float[Array, "..."] | None
+    beta: Float[Array, "..."] | None
+    normalized_shape: tuple[int, ...] = eqx.field(static=True)
+    dtype: np.dtype | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        *,
+        alpha_init: float = 0.5,
+        shift_init: float = 0.0,
+        scale_initializer: InitializerLike | None = None,
+        bias_initializer: InitializerLike | None = None,
+        elementwise_affine: bool = True,
+        use_scale: bool | None = None,
+        use_bias: bool | None = None,
+        param_dtype: DTypeLike | None = None,
+        dtype: DTypeLike | None = None,
+        key: PRNGKeyArray | None = None,
+        **unknown: Any,
+    ):
+        reject_unknown_keywords("Derf", unknown, type(self))
+        self.normalized_shape = canonical_shape(normalized_shape, "normalized_shape")
+        self.dtype = optional_dtype(dtype, "dtype")
+        (self.alpha, self.shift), self.gamma, self.beta = _pointwise_parameters(
+            "Derf",
+            self.normalized_shape,
+            {"alpha_init": alpha_init, "shift_init": shift_init},
+            scale_initializer=scale_initializer,
+            bias_initializer=bias_initializer,
+            elementwise_affine=elementwise_affine,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            param_dtype=param_dtype,
+            key=key,
+        )
+
+    @property
+    def elementwise_affine(self) -> bool:
+        """Whether the layer has ``gamma`` or ``beta``."""
+        return self.gamma is not None or self.beta is not None
+
+    def __call__(
+        self,
+        x: Float[Array, "*shape"],
+        state: Any = NO_STATE,
+        *,
+        mask: Bool[Array, "*shape"] | None = None,
+        residual: Float[Array, "*shape"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        """Apply ``gamma * erf(alpha * x + shift) + beta`` to ``x`` of shape ``(*batch,
+        *normalized_shape)``; the arguments and returns are :meth:`DyT.__call__`'s."""
+        del key
+        with jax.named_scope("eqx_norm.Derf"):
+            y = apply_dyt(
+                "Derf",
+                x,
+                self.normalized_shape,
+                self.alpha,
+                self.gamma,
+                self.beta,
+                erf=True,
+                shift=self.shift,
+                mask=mask,
+                dtype=self.dtype,
+                residual=residual,
+            )
+        return with_state(y, state)
+
+
+def _pointwise_parameters(
+    layer: str,
+    shape: tuple[int, ...],
+    scalars: dict[str, float],
+    *,
+    scale_initializer: InitializerLike | None,
+    bias_initializer: InitializerLike | None,
+    elementwise_affine: bool,
+    use_scale: bool | None,
+    use_bias: bool | None,
+    param_dtype: DTypeLike | None,
+    key: PRNGKeyArray | None,
+) -> tuple[tuple[Array, ...], Array | None, Array | None]:
+    """DyT's and Derf's parameters: the learnable scalars from their ``*_init`` values
+    (checked, errors naming ``layer`` and the argument), then ``gamma``/``beta``."""
+    param_dtype = optional_dtype(param_dtype, "param_dtype") or np.dtype(np.float32)
+    values = []
+    for argument, value in scalars.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise TypeError(
+                f"{layer}: `{argument}` must be a real number, got {type(value).__name__} "
+                f"{value!r:.80}."
+            )
+        if not math.isfinite(value):
+            raise ValueError(f"{layer}: `{argument}` must be finite, got {value}.")
+        values.append(jnp.asarray(value, param_dtype))
+    has_scale, has_bias = affine_switches(
+        elementwise_affine=elementwise_affine,
+        use_scale=use_scale,
+        use_bias=use_bias,
+        scale_initializer=scale_initializer,
+        bias_initializer=bias_initializer,
+        default_scale=1.0,
+    )
+    scale_key, bias_key = (None, None) if key is None else _split_key(key)
+    gamma = beta = None
+    if has_scale:
+        gamma = make_parameter(
+            OneInit() if scale_initializer is None else scale_initializer,
+            argument="scale_initializer",
+            key=scale_key,
+            shape=shape,
+            dtype=param_dtype,
+        )
+    if has_bias:
+        beta = make_parameter(
+            ZeroInit() if bias_initializer is None else bias_initializer,
+            argument="bias_initializer",
+            key=bias_key,
+            shape=shape,
+            dtype=param_dtype,
+        )
+    return tuple(values), gamma, beta
+
+
 def apply_dyt(
     layer: str,
     x: Array,
@@ -195,12 +348,16 @@ def apply_dyt(
     gamma: Array | None,
     beta: Array | None,
     *,
+    erf: bool = False,
+    shift: Array | None = None,
     mask: Array | None,
     dtype: DTypeLike | None,
     residual: Array | None,
 ) -> Array | tuple[Array, Array]:
-    """The body of :func:`~eqx_norm.functional.dyt` and ``DyT.__call__``: checks (errors
-    name ``layer``), then ``gamma * tanh(alpha * x) + beta`` in at least float32."""
+    """The body of :func:`~eqx_norm.functional.dyt`, :func:`~eqx_norm.functional.derf` and
+    the layers' ``__call__``: checks (errors name ``layer``), then ``gamma * tanh(alpha *
+    x) + beta``, or with ``erf`` (Derf) ``gamma * erf(alpha * x + shift) + beta``, in at
+    least float32."""
     shape = canonical_shape(normalized_shape, "normalized_shape")
     x = check_floating(x, layer)
     check_trailing_shape(x.shape, shape, layer)
@@ -208,6 +365,10 @@ def apply_dyt(
     if alpha is None:
         raise TypeError(f"{layer}: `alpha` must be a floating scalar array, got None.")
     alpha = check_parameter(alpha, (), "alpha", layer)
+    if erf:
+        if shift is None:
+            raise TypeError(f"{layer}: `shift` must be a floating scalar array, got None.")
+        shift = check_parameter(shift, (), "shift", layer)
     gamma = check_parameter(gamma, shape, "gamma", layer)
     beta = check_parameter(beta, shape, "beta", layer)
     mask = check_mask(mask, x.shape, layer)
@@ -218,7 +379,8 @@ def apply_dyt(
     compute = _core.compute_dtype(x.dtype)
     full = (1,) * (x.ndim - len(shape)) + shape  # explicit broadcast against x
     scale, offset = _core.affine(gamma, beta, False, compute, full)
-    y = jnp.tanh(alpha.astype(compute) * x.astype(compute))
+    pre = alpha.astype(compute) * x.astype(compute)
+    y = jax.scipy.special.erf(pre + shift.astype(compute)) if erf else jnp.tanh(pre)
     if scale is not None:
         y = y * scale
     if offset is not None:

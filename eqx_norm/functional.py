@@ -36,7 +36,15 @@ from ._dyt import apply_dyt
 from ._group_norm import grouped_norm
 from ._layer_norm import trailing_norm
 
-__all__ = ["batch_norm", "dyt", "group_norm", "instance_norm", "layer_norm", "rms_norm"]
+__all__ = [
+    "batch_norm",
+    "derf",
+    "dyt",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "rms_norm",
+]
 
 
 def layer_norm(
@@ -241,6 +249,67 @@ def dyt(
     """
     return apply_dyt(
         "dyt", x, normalized_shape, alpha, gamma, beta, mask=mask, dtype=dtype, residual=residual
+    )
+
+
+def derf(
+    x: Float[Array, "*shape"],
+    normalized_shape: int | Sequence[int],
+    alpha: Float[Array, ""],
+    shift: Float[Array, ""],
+    gamma: Float[Array, "*normalized"] | None = None,
+    beta: Float[Array, "*normalized"] | None = None,
+    *,
+    mask: Bool[Array, "..."] | None = None,
+    dtype: DTypeLike | None = None,
+    residual: Float[Array, "*shape"] | None = None,
+) -> Float[Array, "*shape"] | tuple[Float[Array, "*shape"], Float[Array, "*shape"]]:
+    r"""Dynamic erf: an elementwise stand-in for a norm layer, with no statistics.
+
+    .. math:: y = \gamma\, \mathrm{erf}(\alpha x + s) + \beta
+
+    ``alpha`` and ``shift`` (``s``) are learnable scalars; ``gamma``/``beta`` hold one
+    value per element of the trailing ``normalized_shape``. Computed in at least float32
+    (bf16/fp16 are upcast). The arguments are :func:`dyt`'s, with ``shift``.
+
+    Args:
+        x: floating array of shape ``(*batch, *normalized_shape)``; ``batch`` may be empty.
+        normalized_shape: the trailing axes that ``gamma``/``beta`` cover.
+        alpha: the scale inside the erf, a floating scalar (shape ``()``).
+        shift: the offset inside the erf, a floating scalar (shape ``()``).
+        gamma: scale of shape ``normalized_shape``, or None for no scale.
+        beta: offset of shape ``normalized_shape``, or None for no offset.
+        mask: as :func:`dyt`'s: where False the output is ``beta`` (0 without beta).
+        dtype: output dtype; default ``x.dtype``.
+        residual: as :func:`dyt`'s: returns ``(y, h)`` with ``h = x + residual``.
+
+    Returns:
+        An array of ``x``'s shape; ``(y, h)`` with ``residual``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from eqx_norm.functional import derf
+        >>> x = jax.random.normal(jax.random.key(0), (4, 8))
+        >>> y = derf(x, 8, jnp.asarray(0.5), jnp.asarray(0.1), jnp.ones(8), jnp.zeros(8))
+        >>> bool(jnp.allclose(y, jax.scipy.special.erf(0.5 * x + 0.1)))
+        True
+
+    References:
+        Chen, Lu, Zhu, Sun and Liu, "Stronger Normalization-Free Transformers", 2025.
+        arXiv:2512.10938.
+    """
+    return apply_dyt(
+        "derf",
+        x,
+        normalized_shape,
+        alpha,
+        gamma,
+        beta,
+        erf=True,
+        shift=shift,
+        mask=mask,
+        dtype=dtype,
+        residual=residual,
     )
 
 

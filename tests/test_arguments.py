@@ -13,6 +13,7 @@ import pytest
 from eqx_norm import (
     BatchNorm,
     Constant,
+    Derf,
     DyT,
     GroupNorm,
     InstanceNorm,
@@ -30,6 +31,7 @@ LAYERS = {
     "InstanceNorm": lambda **kw: InstanceNorm(6, **kw),
     "BatchNorm": lambda **kw: BatchNorm(6, **kw),
     "DyT": lambda **kw: DyT(6, **kw),
+    "Derf": lambda **kw: Derf(6, **kw),
 }
 
 
@@ -121,6 +123,8 @@ PEER_NAMES = [
     ("BatchNorm", "input_size", "`num_features`"),
     ("DyT", "eps", "has no epsilon"),
     ("DyT", "init_alpha", "`alpha_init`"),
+    ("Derf", "eps", "has no epsilon"),
+    ("Derf", "shift_init_value", "`shift_init`"),
     ("InstanceNorm", "num_features", "`num_channels`"),
 ]
 

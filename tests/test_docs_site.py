@@ -200,7 +200,15 @@ def test_site_in_headless_chromium(tmp_path):
                 assert page.locator(f"[id='eqx_norm.{name}']").count() == 1, name
             # each layer's call and its arguments (mask=, residual=), also where the class
             # inherits __call__ from a shared private base
-            for name in ("LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm", "BatchNorm", "DyT"):
+            for name in (
+                "LayerNorm",
+                "RMSNorm",
+                "GroupNorm",
+                "InstanceNorm",
+                "BatchNorm",
+                "DyT",
+                "Derf",
+            ):
                 assert page.locator(f"[id='eqx_norm.{name}.__call__']").count() == 1, name
             assert page.locator("math").count() > 0  # the docstrings' formulas, as MathML
             # the docstrings' examples: code blocks highlighted by pygments (a `>>>` prompt
