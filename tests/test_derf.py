@@ -47,6 +47,7 @@ def random_derf(shape, **kwargs):
 @pytest.mark.parametrize(
     ("shape", "normalized"), [((4, 16), 16), ((2, 3, 4, 5), (4, 5)), ((64, 384), 384)]
 )
+@pytest.mark.slow  # nine compiles: the quick loop skips it, CI runs it
 def test_matches_float64(shape, normalized, dtype):
     layer = random_derf(normalized)
     x = random_input(shape, seed=1, std=2.0, dtype=dtype)
@@ -149,6 +150,7 @@ def test_jit_vmap_grad_against_the_float64_derivative():
     np.testing.assert_allclose(grads.beta, np.sum(2 * y64, axis=0), rtol=1e-5)
 
 
+@pytest.mark.slow  # second-order finite differences: long
 def test_gradients_match_finite_differences(x64):
     x = random_input((3, 6), seed=1, std=2.0, dtype=jnp.float64)
     r = random_input((3, 6), seed=2, dtype=jnp.float64)
