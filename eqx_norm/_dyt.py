@@ -29,7 +29,73 @@ from ._checks import (
 from .initializers import InitializerLike, OneInit, ZeroInit, make_parameter
 
 
-class DyT(eqx.Module):
+class _Pointwise(eqx.Module):
+    """What DyT and Derf share: ``gamma``/``beta`` over the trailing ``normalized_shape``, an
+    output ``dtype``, and the call, which applies Derf's ``erf(alpha * x + shift)`` where
+    the subclass has a ``shift`` (``_shift``), else DyT's ``tanh(alpha * x)``."""
+
+    alpha: eqx.AbstractVar[Float[Array, ""]]
+    gamma: eqx.AbstractVar[Float[Array, "..."] | None]
+    beta: eqx.AbstractVar[Float[Array, "..."] | None]
+    normalized_shape: eqx.AbstractVar[tuple[int, ...]]
+    dtype: eqx.AbstractVar[np.dtype | None]
+
+    def _shift(self) -> Array | None:
+        """The shift inside Derf's erf; None for DyT, whose function has none."""
+        return None
+
+    @property
+    def elementwise_affine(self) -> bool:
+        """Whether the layer has ``gamma`` or ``beta``."""
+        return self.gamma is not None or self.beta is not None
+
+    def __call__(
+        self,
+        x: Float[Array, "*shape"],
+        state: Any = NO_STATE,
+        *,
+        mask: Bool[Array, "*shape"] | None = None,
+        residual: Float[Array, "*shape"] | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> Any:
+        """Apply the layer to ``x`` of shape ``(*batch, *normalized_shape)``: DyT's ``gamma *
+        tanh(alpha * x) + beta``, Derf's ``gamma * erf(alpha * x + shift) + beta``.
+
+        Args:
+            x: floating-point input; integer and boolean inputs are an error.
+            state: optional, returned unchanged: ``layer(x, state)`` gives ``(y, state)``,
+                equinox's call form.
+            mask: optional boolean array of x's rank (size-1 axes broadcast); where False
+                the output is ``beta`` (0 without ``beta``), as a masked LayerNorm's.
+            residual: optional floating array of x's shape: the layer is applied to
+                ``h = x + residual`` (added in float32, stored in residual's dtype) and
+                returns ``(y, h)``, as LayerNorm's ``residual``.
+            key: ignored, as in equinox.
+
+        Returns:
+            An array of x's shape, in x's dtype (or ``dtype`` if set); ``(y, h)`` with
+            ``residual``; either paired with ``state`` when it is given.
+        """
+        del key
+        name, shift = type(self).__name__, self._shift()
+        with jax.named_scope(f"eqx_norm.{name}"):
+            y = apply_dyt(
+                name,
+                x,
+                self.normalized_shape,
+                self.alpha,
+                self.gamma,
+                self.beta,
+                erf=shift is not None,
+                shift=shift,
+                mask=mask,
+                dtype=self.dtype,
+                residual=residual,
+            )
+        return with_state(y, state)
+
+
+class DyT(_Pointwise):
     r"""Dynamic Tanh: ``gamma * tanh(alpha * x) + beta``, elementwise, in place of a norm.
 
     .. math:: y = \gamma \tanh(\alpha x) + \beta
@@ -117,55 +183,8 @@ class DyT(eqx.Module):
             key=key,
         )
 
-    @property
-    def elementwise_affine(self) -> bool:
-        """Whether the layer has ``gamma`` or ``beta``."""
-        return self.gamma is not None or self.beta is not None
 
-    def __call__(
-        self,
-        x: Float[Array, "*shape"],
-        state: Any = NO_STATE,
-        *,
-        mask: Bool[Array, "*shape"] | None = None,
-        residual: Float[Array, "*shape"] | None = None,
-        key: PRNGKeyArray | None = None,
-    ) -> Any:
-        """Apply ``gamma * tanh(alpha * x) + beta`` to ``x`` of shape ``(*batch,
-        *normalized_shape)``.
-
-        Args:
-            x: floating-point input; integer and boolean inputs are an error.
-            state: optional, returned unchanged: ``layer(x, state)`` gives ``(y, state)``,
-                equinox's call form.
-            mask: optional boolean array of x's rank (size-1 axes broadcast); where False
-                the output is ``beta`` (0 without ``beta``), as a masked LayerNorm's.
-            residual: optional floating array of x's shape: the layer is applied to
-                ``h = x + residual`` (added in float32, stored in residual's dtype) and
-                returns ``(y, h)``, as LayerNorm's ``residual``.
-            key: ignored, as in equinox.
-
-        Returns:
-            An array of x's shape, in x's dtype (or ``dtype`` if set); ``(y, h)`` with
-            ``residual``; either paired with ``state`` when it is given.
-        """
-        del key
-        with jax.named_scope("eqx_norm.DyT"):
-            y = apply_dyt(
-                "DyT",
-                x,
-                self.normalized_shape,
-                self.alpha,
-                self.gamma,
-                self.beta,
-                mask=mask,
-                dtype=self.dtype,
-                residual=residual,
-            )
-        return with_state(y, state)
-
-
-class Derf(eqx.Module):
+class Derf(_Pointwise):
     r"""Dynamic erf: ``gamma * erf(alpha * x + shift) + beta``, elementwise, in place of a
     norm; DyT's successor by the same group.
 
@@ -251,38 +270,8 @@ class Derf(eqx.Module):
             key=key,
         )
 
-    @property
-    def elementwise_affine(self) -> bool:
-        """Whether the layer has ``gamma`` or ``beta``."""
-        return self.gamma is not None or self.beta is not None
-
-    def __call__(
-        self,
-        x: Float[Array, "*shape"],
-        state: Any = NO_STATE,
-        *,
-        mask: Bool[Array, "*shape"] | None = None,
-        residual: Float[Array, "*shape"] | None = None,
-        key: PRNGKeyArray | None = None,
-    ) -> Any:
-        """Apply ``gamma * erf(alpha * x + shift) + beta`` to ``x`` of shape ``(*batch,
-        *normalized_shape)``; the arguments and returns are :meth:`DyT.__call__`'s."""
-        del key
-        with jax.named_scope("eqx_norm.Derf"):
-            y = apply_dyt(
-                "Derf",
-                x,
-                self.normalized_shape,
-                self.alpha,
-                self.gamma,
-                self.beta,
-                erf=True,
-                shift=self.shift,
-                mask=mask,
-                dtype=self.dtype,
-                residual=residual,
-            )
-        return with_state(y, state)
+    def _shift(self) -> Array:
+        return self.shift
 
 
 def _pointwise_parameters(

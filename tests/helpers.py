@@ -235,3 +235,24 @@ def assert_bitwise_independent_of_thread_count(script, tmp_path, timeout=300):
     assert sorted(one) == sorted(every)
     for key in one:
         np.testing.assert_array_equal(one[key], every[key], err_msg=key)
+
+
+def assert_layer_norm_call_forms(layer, x):
+    """The call forms of LayerNorm that an elementwise stand-in (DyT, Derf) keeps, on ``x``
+    of shape ``(rows, d)``: ``state`` returned unchanged, ``key`` ignored, ``beta`` where
+    the mask is False, and a drop-in where a LayerNorm stands in ``eqx.nn.Sequential``."""
+    import eqx_norm
+
+    d = x.shape[-1]
+    y = layer(x)
+    y_state, state = layer(x, "state")
+    assert state == "state"
+    np.testing.assert_array_equal(y_state, y)
+    np.testing.assert_array_equal(layer(x, key=jax.random.key(0)), y)  # key ignored
+    mask = jnp.arange(d)[None, :] % 4 != 0
+    np.testing.assert_array_equal(layer(x, mask=mask), jnp.where(mask, y, layer.beta[None, :]))
+    model = eqx.nn.Sequential([eqx.nn.Linear(d, d, key=jax.random.key(0)), type(layer)(d)])
+    as_layer_norm = eqx.tree_at(lambda m: m.layers[1], model, eqx_norm.LayerNorm(d))
+    for m in (model, as_layer_norm):
+        out, state = m(x[0], state=eqx.nn.State(m))
+        assert out.shape == (d,)

@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import max_relative_error, random_input
+from helpers import assert_layer_norm_call_forms, max_relative_error, random_input
 from jax.test_util import check_grads
 from scipy import special
 
-from eqx_norm import Derf, LayerNorm, functional
+from eqx_norm import Derf, functional
 
 TOLERANCE = {jnp.float32: 1e-6, jnp.bfloat16: 2**-8, jnp.float16: 2**-11}
 
@@ -110,24 +110,14 @@ def test_functional_errors():
 def test_call_forms():
     layer = random_derf(16)
     x = random_input((4, 16))
+    assert_layer_norm_call_forms(layer, x)
     y = layer(x)
-    y_state, state = layer(x, "state")
-    assert state == "state"
-    np.testing.assert_array_equal(y_state, y)
-    np.testing.assert_array_equal(layer(x, key=jax.random.key(0)), y)  # key ignored
     args = (layer.alpha, layer.shift, layer.gamma, layer.beta)
     np.testing.assert_array_equal(functional.derf(x, 16, *args), y)
     r = random_input((4, 16), seed=2, mean=1.0)
     (y_r, h), _ = layer(x.astype(jnp.bfloat16), "state", residual=r)
     assert (y_r.dtype, h.dtype) == (jnp.bfloat16, jnp.float32)
     assert max_relative_error(y_r, reference_derf(h, *args)) <= 2**-8
-    mask = jnp.arange(16)[None, :] % 4 != 0
-    np.testing.assert_array_equal(layer(x, mask=mask), jnp.where(mask, y, layer.beta[None, :]))
-    model = eqx.nn.Sequential([eqx.nn.Linear(16, 16, key=jax.random.key(0)), Derf(16)])
-    as_layer_norm = eqx.tree_at(lambda m: m.layers[1], model, LayerNorm(16))
-    for m in (model, as_layer_norm):
-        out, state = m(x[0], state=eqx.nn.State(m))
-        assert out.shape == (16,)
 
 
 def test_jit_vmap_grad_against_the_float64_derivative():

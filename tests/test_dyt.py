@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import max_relative_error, random_input
+from helpers import assert_layer_norm_call_forms, max_relative_error, random_input
 from jax.test_util import check_grads
 
-from eqx_norm import DyT, LayerNorm, Normal, functional
+from eqx_norm import DyT, Normal, functional
 
 TOLERANCE = {jnp.float32: 1e-6, jnp.bfloat16: 2**-8, jnp.float16: 2**-11}
 
@@ -117,11 +117,8 @@ def test_functional_errors():
 def test_call_forms_match_layer_norm():
     layer = random_dyt(16)
     x = random_input((4, 16))
+    assert_layer_norm_call_forms(layer, x)
     y = layer(x)
-    y_state, state = layer(x, "state")
-    assert state == "state"
-    np.testing.assert_array_equal(y_state, y)
-    np.testing.assert_array_equal(layer(x, key=jax.random.key(0)), y)  # key ignored
     np.testing.assert_array_equal(functional.dyt(x, 16, layer.alpha, layer.gamma, layer.beta), y)
     # residual: (y, h) with h = x + r in float32, stored in r's dtype
     r = random_input((4, 16), seed=2, mean=1.0)
@@ -129,16 +126,6 @@ def test_call_forms_match_layer_norm():
     assert (y_r.dtype, h.dtype) == (jnp.bfloat16, jnp.float32)
     np.testing.assert_allclose(h, x.astype(jnp.bfloat16).astype(jnp.float32) + r, rtol=1e-6)
     assert max_relative_error(y_r, reference_dyt(h, layer.alpha, layer.gamma, layer.beta)) <= 2**-8
-    # mask: beta where False, as a masked LayerNorm's
-    mask = jnp.arange(16)[None, :] % 4 != 0
-    y_m = layer(x, mask=mask)
-    np.testing.assert_array_equal(y_m, jnp.where(mask, y, layer.beta[None, :]))
-    # drops in where a LayerNorm stands, in eqx.nn.Sequential with a state
-    model = eqx.nn.Sequential([eqx.nn.Linear(16, 16, key=jax.random.key(0)), DyT(16)])
-    as_layer_norm = eqx.tree_at(lambda m: m.layers[1], model, LayerNorm(16))
-    for m in (model, as_layer_norm):
-        out, state = m(x[0], state=eqx.nn.State(m))
-        assert out.shape == (16,)
 
 
 def test_jit_vmap_grad():
