@@ -131,9 +131,7 @@ def normalize(
     scale, offset = (
         None if p is None else _expand(p.astype(compute), x.ndim) for p in (scale, offset)
     )
-    axes = tuple(sorted(a % x.ndim for a in axes))
-    first = shifts_by_first_element(jax.default_backend(), axes, x.ndim)
-    static = _Static(axes, float(epsilon), bool(center), axis_name, first)
+    static = _Static.of(axes, x.ndim, epsilon, center, axis_name)
     start, across_groups = (None, None) if groups is None else (groups.start, groups[::2])
     y, *moments = _normalize(x, scale, offset, mask, start, static, across_groups)
     return (y, Moments(*moments)) if with_moments else y
@@ -150,9 +148,7 @@ def centered_statistics(
     """``(x - E[x], rsqrt(Var[x] + epsilon))`` over ``axes`` (``x`` and the mean square's
     with ``center=False``), the second with the reduced axes of size 1: the statistics of
     :func:`normalize`, without its derivative, for the kernels' ``jnp`` formulas."""
-    axes = tuple(sorted(a % x.ndim for a in axes))
-    first = shifts_by_first_element(jax.default_backend(), axes, x.ndim)
-    static = _Static(axes, float(epsilon), bool(center), None, first)
+    static = _Static.of(axes, x.ndim, epsilon, center, None)
     across = _Across(static.axes, mask, None, None, None)
     centered, rstd, _ = _statistics(x, across, static)
     return centered, rstd
@@ -164,6 +160,14 @@ class _Static(NamedTuple):
     center: bool
     axis_name: Hashable | None
     first_element: bool  # shift by the first element where it can (see _shift)
+
+    @classmethod
+    def of(cls, axes, ndim: int, epsilon: float, center: bool, axis_name) -> _Static:
+        """The static configuration of a call over ``axes`` of a rank-``ndim`` input, with
+        the backend's choice of shift."""
+        axes = tuple(sorted(a % ndim for a in axes))
+        first = shifts_by_first_element(jax.default_backend(), axes, ndim)
+        return cls(axes, float(epsilon), bool(center), axis_name, first)
 
 
 def shifts_by_first_element(backend: str, axes: tuple[int, ...], ndim: int) -> bool:
