@@ -76,42 +76,72 @@ class AffineNorm(eqx.Module):
         self.epsilon = check_epsilon(epsilon)
         self.zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
         self.dtype = optional_dtype(dtype, "dtype")
-        param_dtype = optional_dtype(param_dtype, "param_dtype") or np.dtype(np.float32)
-        use_scale, use_bias = affine_switches(
+        self.gamma, self.beta = affine_parameters(
+            parameter_shape,
+            scale_initializer=scale_initializer,
+            bias_initializer=bias_initializer,
             elementwise_affine=elementwise_affine,
             use_scale=use_scale,
             use_bias=use_bias,
-            scale_initializer=scale_initializer,
-            bias_initializer=bias_initializer,
             default_scale=0.0 if self.zero_centered_scale else 1.0,
+            param_dtype=param_dtype,
+            key=key,
         )
-        if scale_initializer is None:
-            scale_initializer = ZeroInit() if self.zero_centered_scale else OneInit()
-        if bias_initializer is None:
-            bias_initializer = ZeroInit()
-        scale_key, bias_key = (None, None) if key is None else _split_key(key)
-        self.gamma = self.beta = None
-        if use_scale:
-            self.gamma = make_parameter(
-                scale_initializer,
-                argument="scale_initializer",
-                key=scale_key,
-                shape=parameter_shape,
-                dtype=param_dtype,
-            )
-        if use_bias:
-            self.beta = make_parameter(
-                bias_initializer,
-                argument="bias_initializer",
-                key=bias_key,
-                shape=parameter_shape,
-                dtype=param_dtype,
-            )
 
     @property
     def elementwise_affine(self) -> bool:
         """Whether the layer has any learnable parameter."""
         return self.gamma is not None or self.beta is not None
+
+
+def affine_parameters(
+    shape: tuple[int, ...],
+    *,
+    scale_initializer: InitializerLike | None,
+    bias_initializer: InitializerLike | None,
+    elementwise_affine: bool,
+    use_scale: bool | None,
+    use_bias: bool | None,
+    default_scale: float,
+    param_dtype: DTypeLike | None,
+    key: PRNGKeyArray | None,
+) -> tuple[Array | None, Array | None]:
+    """``(gamma, beta)`` of ``shape`` in ``param_dtype`` (default float32), each None where
+    :func:`affine_switches` switches it off. ``scale_initializer`` None means the constant
+    ``default_scale`` (ones, or zeros for a zero-centred scale), ``bias_initializer`` None
+    zeros; errors name the initializer argument."""
+    param_dtype = optional_dtype(param_dtype, "param_dtype") or np.dtype(np.float32)
+    has_scale, has_bias = affine_switches(
+        elementwise_affine=elementwise_affine,
+        use_scale=use_scale,
+        use_bias=use_bias,
+        scale_initializer=scale_initializer,
+        bias_initializer=bias_initializer,
+        default_scale=default_scale,
+    )
+    if scale_initializer is None:
+        scale_initializer = ZeroInit() if default_scale == 0 else OneInit()
+    if bias_initializer is None:
+        bias_initializer = ZeroInit()
+    scale_key, bias_key = (None, None) if key is None else _split_key(key)
+    gamma = beta = None
+    if has_scale:
+        gamma = make_parameter(
+            scale_initializer,
+            argument="scale_initializer",
+            key=scale_key,
+            shape=shape,
+            dtype=param_dtype,
+        )
+    if has_bias:
+        beta = make_parameter(
+            bias_initializer,
+            argument="bias_initializer",
+            key=bias_key,
+            shape=shape,
+            dtype=param_dtype,
+        )
+    return gamma, beta
 
 
 def affine_switches(

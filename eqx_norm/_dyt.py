@@ -14,7 +14,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from . import _core
-from ._base import NO_STATE, _split_key, affine_switches, with_state
+from ._base import NO_STATE, affine_parameters, with_state
 from ._checks import (
     DTypeLike,
     canonical_shape,
@@ -26,7 +26,7 @@ from ._checks import (
     optional_dtype,
     reject_unknown_keywords,
 )
-from .initializers import InitializerLike, OneInit, ZeroInit, make_parameter
+from .initializers import InitializerLike
 
 
 class _Pointwise(eqx.Module):
@@ -300,32 +300,17 @@ def _pointwise_parameters(
         if not math.isfinite(value):
             raise ValueError(f"{layer}: `{argument}` must be finite, got {value}.")
         values.append(jnp.asarray(value, param_dtype))
-    has_scale, has_bias = affine_switches(
+    gamma, beta = affine_parameters(
+        shape,
+        scale_initializer=scale_initializer,
+        bias_initializer=bias_initializer,
         elementwise_affine=elementwise_affine,
         use_scale=use_scale,
         use_bias=use_bias,
-        scale_initializer=scale_initializer,
-        bias_initializer=bias_initializer,
         default_scale=1.0,
+        param_dtype=param_dtype,
+        key=key,
     )
-    scale_key, bias_key = (None, None) if key is None else _split_key(key)
-    gamma = beta = None
-    if has_scale:
-        gamma = make_parameter(
-            OneInit() if scale_initializer is None else scale_initializer,
-            argument="scale_initializer",
-            key=scale_key,
-            shape=shape,
-            dtype=param_dtype,
-        )
-    if has_bias:
-        beta = make_parameter(
-            ZeroInit() if bias_initializer is None else bias_initializer,
-            argument="bias_initializer",
-            key=bias_key,
-            shape=shape,
-            dtype=param_dtype,
-        )
     return tuple(values), gamma, beta
 
 
