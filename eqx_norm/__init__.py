@@ -9,6 +9,7 @@ from ._batch_norm import estimate_running_statistics as estimate_running_statist
 from ._dyt import Derf as Derf
 from ._dyt import DyT as DyT
 from ._from_equinox import from_equinox as from_equinox
+from ._gated_rms_norm import GatedRMSNorm as GatedRMSNorm
 from ._group_norm import GroupNorm as GroupNorm
 from ._group_norm import InstanceNorm as InstanceNorm
 from ._layer_norm import LayerNorm as LayerNorm

@@ -150,12 +150,42 @@ def check_mask(mask: Any, x_shape: tuple[int, ...], layer: str) -> Array | None:
     return jnp.broadcast_to(mask, x_shape)
 
 
+def check_modulation(value: Any, argument: str, x: Array, example: str, layer: str) -> Any:
+    """None, or a per-example ``scale``/``shift`` (``argument``) as a floating array of x's
+    rank whose every axis is x's size or 1 (broadcast, never added); ``example`` is the
+    shape to suggest, e.g. ``"(B, 1, D)"``."""
+    if value is None:
+        return None
+    try:
+        value = jnp.asarray(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{layer}: `{argument}` must be None or a floating array of x's rank, got "
+            f"{type(value).__name__} {value!r:.80}."
+        ) from None
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise TypeError(
+            f"{layer}: `{argument}` must be a floating array (a per-example modulation, e.g. "
+            f"float32), got dtype {value.dtype}."
+        )
+    if not _fits(value.shape, x.shape):
+        fix = _mask_fix(tuple(value.shape), tuple(x.shape), argument)
+        raise ValueError(
+            f"{layer}: `{argument}` must have x's rank with each axis x's size or 1, such as "
+            f"{example} for x of shape {x.shape}; got shape {value.shape}."
+            + (f" Use `{fix}`, which has the rank of `x`." if fix else "")
+        )
+    return value
+
+
 def _fits(mask_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> bool:
     """Whether a mask of ``mask_shape`` broadcasts to ``x_shape`` without new axes."""
     return len(mask_shape) == len(x_shape) and all(m in (1, s) for m, s in zip(mask_shape, x_shape))
 
 
-def _mask_fix(mask_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> str | None:
+def _mask_fix(
+    mask_shape: tuple[int, ...], x_shape: tuple[int, ...], name: str = "mask"
+) -> str | None:
     """An expression that gives ``mask`` the rank of ``x`` (size-1 axes added where it has
     fewer axes, dropped where it has more), aligned to x's trailing axes first as NumPy
     broadcasting would; None when no such expression fits."""
@@ -163,17 +193,18 @@ def _mask_fix(mask_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> str | No
     if m < n:  # keep the mask's axes at positions `kept` of x, add None elsewhere
         for kept in reversed(list(itertools.combinations(range(n), m))):
             if _fits(mask_shape, tuple(x_shape[i] for i in kept)):
-                return _index_expression([":" if i in kept else "None" for i in range(n)])
+                items = [":" if i in kept else "None" for i in range(n)]
+                return _index_expression(items, name)
     elif m > n:  # drop size-1 axes, the leading ones first
         for dropped in itertools.combinations(range(m), m - n):
             kept = tuple(s for i, s in enumerate(mask_shape) if i not in dropped)
             if all(mask_shape[i] == 1 for i in dropped) and _fits(kept, x_shape):
                 axes = dropped[0] if len(dropped) == 1 else dropped
-                return f"mask.squeeze({axes})"
+                return f"{name}.squeeze({axes})"
     return None
 
 
-def _index_expression(items: list[str]) -> str:
+def _index_expression(items: list[str], name: str = "mask") -> str:
     """``mask[...]`` for per-axis ``items`` (":" keeps an axis, "None" adds one), shortest
     form: ``mask[None]``, ``mask[..., None]``, ``mask[None, ..., None]``."""
     kept = [i for i, item in enumerate(items) if item == ":"]
@@ -182,7 +213,7 @@ def _index_expression(items: list[str]) -> str:
         items = items[: kept[0]] + (["...", *after] if after else [])
     while items[-1] == ":":
         items = items[:-1]
-    return f"mask[{', '.join(items)}]"
+    return f"{name}[{', '.join(items)}]"
 
 
 def check_parameter(value: Any, expected: tuple[int, ...], argument: str, layer: str) -> Any:
@@ -317,29 +348,44 @@ def check_groups(num_groups: Any, group_size: Any, owner: str) -> tuple[int | No
     return None, positive_int(group_size, "group_size")
 
 
-def check_residual(residual: Any, x: Array, layer: str) -> Array | None:
-    """None, or ``residual`` as a floating array of exactly x's shape."""
+def check_residual(residual: Any, x: Array, layer: str, argument: str = "residual") -> Array | None:
+    """None, or ``residual`` (the argument named ``argument``: the residual stream, or a
+    gate) as a floating array of exactly x's shape."""
     if residual is None:
         return None
     try:
         residual = jnp.asarray(residual)
     except (TypeError, ValueError):
         raise TypeError(
-            f"{layer}: `residual` must be None or a floating array of x's shape {x.shape}, "
+            f"{layer}: `{argument}` must be None or a floating array of x's shape {x.shape}, "
             f"got {type(residual).__name__} {residual!r:.80}."
         ) from None
     if not jnp.issubdtype(residual.dtype, jnp.floating):
         raise TypeError(
-            f"{layer}: `residual` must be a floating array (the residual stream, e.g. "
-            f"float32), got dtype {residual.dtype}. Cast it first, e.g. "
-            "`residual.astype(jnp.float32)`."
+            f"{layer}: `{argument}` must be a floating array (e.g. float32), got dtype "
+            f"{residual.dtype}. Cast it first, e.g. `{argument}.astype(jnp.float32)`."
         )
     if residual.shape != x.shape:
+        use = "added to" if argument == "residual" else "multiplied with"
         raise ValueError(
-            f"{layer}: `residual` must have x's shape {x.shape} (it is added to x, never "
+            f"{layer}: `{argument}` must have x's shape {x.shape} (it is {use} x, never "
             f"broadcast), got shape {residual.shape}."
         )
     return residual
+
+
+ACTIVATIONS = ("silu",)
+
+
+def check_activation(activation: Any, layer: str) -> str | None:
+    """None, or the name of an activation applied after the norm (and its modulation)."""
+    if activation is None or (isinstance(activation, str) and activation in ACTIVATIONS):
+        return activation
+    raise ValueError(
+        f"{layer}: `activation` must be None or one of {', '.join(map(repr, ACTIVATIONS))} "
+        f"(applied after the affine and the modulation, fused into the norm), got "
+        f"{activation!r}. Apply any other activation to the output."
+    )
 
 
 def check_batch_norm_implementation(implementation: Any, owner: str) -> str | None:

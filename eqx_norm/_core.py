@@ -74,6 +74,29 @@ def affine(
     return scale, offset
 
 
+def modulate(
+    scale: Array | None,
+    offset: Array | None,
+    modulation_scale: Array | None,
+    modulation_shift: Array | None,
+    dtype: DTypeLike,
+) -> tuple[Array | None, Array | None]:
+    """The per-example ``(scale * (1 + s), offset * (1 + s) + t)`` of a conditional norm,
+    ``normalized * (1 + s) + t`` after the layer's own affine folded into one affine, so
+    that the norm still makes one pass (None stands for ones and zeros). ``s``/``t`` have
+    the rank of the normalized view; ``scale``/``offset`` are expanded to it."""
+    rank = max((m.ndim for m in (modulation_scale, modulation_shift) if m is not None), default=0)
+    scale, offset = (None if p is None else expand(p.astype(dtype), rank) for p in (scale, offset))
+    if modulation_scale is not None:
+        factor = 1 + modulation_scale.astype(dtype)
+        scale = factor if scale is None else scale * factor
+        offset = None if offset is None else offset * factor
+    if modulation_shift is not None:
+        shift = modulation_shift.astype(dtype)
+        offset = shift if offset is None else offset + shift
+    return scale, offset
+
+
 def add_residual(x: Array, residual: Array) -> Array:
     """``x + residual``, added in at least float32 and stored in residual's dtype."""
     wide = jnp.promote_types(compute_dtype(x.dtype), compute_dtype(residual.dtype))
@@ -129,7 +152,7 @@ def normalize(
     compute = compute_dtype(x.dtype)
     x = x.astype(compute)
     scale, offset = (
-        None if p is None else _expand(p.astype(compute), x.ndim) for p in (scale, offset)
+        None if p is None else expand(p.astype(compute), x.ndim) for p in (scale, offset)
     )
     static = _Static.of(axes, x.ndim, epsilon, center, axis_name)
     start, across_groups = (None, None) if groups is None else (groups.start, groups[::2])
@@ -187,7 +210,7 @@ def shifts_by_first_element(backend: str, axes: tuple[int, ...], ndim: int) -> b
     return backend == "cpu" and 0 in axes and axes != (ndim - 1,)
 
 
-def _expand(p: Array, ndim: int) -> Array:
+def expand(p: Array, ndim: int) -> Array:
     """``p`` with leading size-1 axes up to rank ``ndim`` (an explicit broadcast, so that
     ``jax_numpy_rank_promotion="raise"`` accepts it)."""
     return p.reshape((1,) * (ndim - p.ndim) + p.shape)

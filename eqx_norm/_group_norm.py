@@ -22,6 +22,7 @@ from ._checks import (
     DTypeLike,
     Implementation,
     axis_size,
+    check_activation,
     check_epsilon,
     check_flag,
     check_floating,
@@ -29,6 +30,7 @@ from ._checks import (
     check_implementation,
     check_layout,
     check_mask,
+    check_modulation,
     check_parameter,
     describe_layout,
     how_to_set,
@@ -52,6 +54,13 @@ _CALL_DOC = """Normalize ``x`` of shape ``(*batch, *spatial, C)`` (or ``(*batch,
                 ``(*batch, *spatial, 1)`` for padded images). False elements take no part
                 in the statistics and their output is ``beta`` (0 without ``beta``); a
                 fully masked group gives ``beta``, not NaN.
+            scale: optional per-example modulation (the AdaGN of diffusion U-Nets): the
+                result is ``y * (1 + scale) + shift``, after ``gamma``/``beta`` and before
+                the layer's ``activation``, in the norm's one pass. A floating array of x's
+                rank whose axes are x's sizes or 1, e.g. ``(N, 1, 1, C)`` for x of ``(N, H,
+                W, C)``; anything else is an error (never a silent broadcast).
+            shift: optional per-example shift, shaped as ``scale`` (either may be given
+                alone).
             key: ignored, as in equinox.
 
         Returns:
@@ -69,6 +78,7 @@ class _GroupedNorm(AffineNorm):
     spatial_ndim: eqx.AbstractVar[int | None]
     channel_axis: eqx.AbstractVar[int]
     implementation: eqx.AbstractVar[Implementation]
+    activation: eqx.AbstractVar[str | None]
 
     _name: ClassVar[str]
 
@@ -78,6 +88,8 @@ class _GroupedNorm(AffineNorm):
         state: Any = NO_STATE,
         *,
         mask: Bool[Array, "*shape"] | None = None,
+        scale: Float[Array, "*shape"] | None = None,
+        shift: Float[Array, "*shape"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Any:
         del key
@@ -100,6 +112,9 @@ class _GroupedNorm(AffineNorm):
                 dtype=self.dtype,
                 axis_name=axis_name,
                 implementation=self.implementation,
+                scale=scale,
+                shift=shift,
+                activation=self.activation,
             )
         return with_state(y, state)
 
@@ -167,6 +182,9 @@ class GroupNorm(_GroupedNorm):
             the same either way), and each group's statistics are the whole group's,
             equal to the unsharded call. Each shard's channels must hold whole groups or
             lie within one group (checked at call time, when the shard count is known).
+        activation: None (default), or ``"silu"``: ``silu`` applied to the output (after
+            ``gamma``/``beta`` and any per-example modulation), fused into the norm's pass
+            forward and backward, as Stable Diffusion's ``GroupNorm`` then ``SiLU``.
         key: PRNG key, needed only by random initializers.
 
     Example:
@@ -194,6 +212,7 @@ class GroupNorm(_GroupedNorm):
     group_size: int | None = eqx.field(static=True)
     axis_name: Hashable | None = eqx.field(static=True)
     implementation: Implementation = eqx.field(static=True)
+    activation: str | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -214,10 +233,12 @@ class GroupNorm(_GroupedNorm):
         dtype: DTypeLike | None = None,
         axis_name: Hashable | None = None,
         implementation: Implementation = None,
+        activation: str | None = None,
         key: PRNGKeyArray | None = None,
         **unknown: Any,
     ):
         reject_unknown_keywords("GroupNorm", unknown, type(self))
+        self.activation = check_activation(activation, "GroupNorm")
         num_groups, group_size = check_groups(num_groups, group_size, "GroupNorm")
         if num_channels is None:
             raise TypeError("GroupNorm: `num_channels`, the size of the channel axis, is required.")
@@ -306,6 +327,9 @@ class InstanceNorm(_GroupedNorm):
         dtype: output dtype (default: the input's).
         implementation: which code runs the call: None (default), ``"xla"`` or
             ``"kernel"``; see "Implementations" in :mod:`eqx_norm.functional`.
+        activation: None (default), or ``"silu"``: ``silu`` applied to the output (after
+            ``gamma``/``beta`` and any per-example modulation), fused into the norm's pass
+            forward and backward, as Stable Diffusion's ``GroupNorm`` then ``SiLU``.
         key: PRNG key, needed only by random initializers.
 
     Example:
@@ -327,6 +351,7 @@ class InstanceNorm(_GroupedNorm):
     spatial_ndim: int | None = eqx.field(static=True)
     channel_axis: int = eqx.field(static=True)
     implementation: Implementation = eqx.field(static=True)
+    activation: str | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -344,10 +369,12 @@ class InstanceNorm(_GroupedNorm):
         param_dtype: DTypeLike | None = None,
         dtype: DTypeLike | None = None,
         implementation: Implementation = None,
+        activation: str | None = None,
         key: PRNGKeyArray | None = None,
         **unknown: Any,
     ):
         reject_unknown_keywords("InstanceNorm", unknown, type(self))
+        self.activation = check_activation(activation, "InstanceNorm")
         self.num_channels = positive_int(num_channels, "num_channels")
         self.implementation = check_implementation(implementation)
         self.spatial_ndim, self.channel_axis = check_layout(
@@ -399,13 +426,18 @@ def grouped_norm(
     dtype: DTypeLike | None,
     axis_name: Hashable | None = None,
     implementation: Implementation = None,
+    scale: Array | None = None,
+    shift: Array | None = None,
+    activation: str | None = None,
 ) -> Array:
     """The body of :func:`~eqx_norm.functional.group_norm`,
     :func:`~eqx_norm.functional.instance_norm` (``group_size=1``) and the layers' ``__call__``
     (errors name ``layer``): checks, then the kernel on a free 3-D view or
     :func:`eqx_norm._core.normalize` on the grouped view. Exactly
     one of ``num_groups``/``group_size`` is given; ``num_channels=None`` takes the channel
-    count from ``x``. With ``axis_name`` the channel axis is split across its shards."""
+    count from ``x``. With ``axis_name`` the channel axis is split across its shards.
+    ``scale``/``shift`` modulate the result per example and ``activation`` follows, all
+    folded into the norm's pass."""
     spatial_ndim, channel_axis = check_layout(
         spatial_ndim, channel_axis, layer, min_spatial_ndim=min_spatial_ndim
     )
@@ -469,8 +501,30 @@ def grouped_norm(
     mask = check_mask(mask, x.shape, layer)
     zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
     out_dtype = optional_dtype(dtype, "dtype") or x.dtype
+    activation = check_activation(activation, layer)
+    batch_ndim = x.ndim - n
+    example = tuple(channels if i == axis else 1 for i in range(batch_ndim, x.ndim))
+    example = str((*x.shape[:1], *example) if batch_ndim else example)
+    modulation = [
+        check_modulation(m, name, x, example, layer)
+        for m, name in ((scale, "scale"), (shift, "shift"))
+    ]
+    # the channel axis made whole (a size-1 one broadcast), the rest as given
+    modulation = [
+        None
+        if m is None
+        else jnp.broadcast_to(m, (*m.shape[:axis], channels, *m.shape[axis + 1 :]))
+        for m in modulation
+    ]
     reason = common_reason(x, masked=mask is not None, out_dtype=out_dtype, axis_name=axis_name)
     reason = _rows_kernel.unavailable_reason(x) if reason is None else reason
+    if reason is None and any(
+        m is not None and math.prod(m.shape[batch_ndim:]) != channels for m in modulation
+    ):
+        reason = (
+            "a `scale` or `shift` varies over the spatial axes (the kernel takes one per "
+            "example and channel)"
+        )
     if use_kernel(
         check_implementation(implementation), layer, reason
     ):  # on a free 3-D view: (N, S, C) channels-last, (N, C, S) channels-first
@@ -479,8 +533,20 @@ def grouped_norm(
         last = channel_axis != 0
         view = (batch, positions, channels) if last else (batch, channels, positions)
         scale, offset = _core.affine(gamma, beta, zero_centered_scale, jnp.float32, (channels,))
+        if any(m is not None for m in modulation):  # (E, C): E examples of N / E each
+            per_example = [
+                None if m is None else _per_example(m, x.shape[:batch_ndim], channels)
+                for m in modulation
+            ]
+            scale, offset = _core.modulate(scale, offset, *per_example, jnp.float32)
         y = _kernel.normalize_groups(
-            x.reshape(view), scale, offset, num_groups=groups, channels_last=last, epsilon=epsilon
+            x.reshape(view),
+            scale,
+            offset,
+            num_groups=groups,
+            channels_last=last,
+            epsilon=epsilon,
+            activation=activation,
         )
         return y.reshape(x.shape)
 
@@ -492,6 +558,14 @@ def grouped_norm(
     per_channel = (1,) * axis + (groups, channels // groups) + (1,) * (x.ndim - axis - 1)
     compute = _core.compute_dtype(x.dtype)
     scale, offset = _core.affine(gamma, beta, zero_centered_scale, compute, per_channel)
+    if any(m is not None for m in modulation):
+        modulation = [
+            None
+            if m is None
+            else m.reshape(*m.shape[:axis], groups, channels // groups, *m.shape[axis + 1 :])
+            for m in modulation
+        ]
+        scale, offset = _core.modulate(scale, offset, *modulation, compute)
     groups_across = None
     if axis_name is not None:  # this shard's groups are start, start + 1, ... of the whole
         start = (lax.axis_index(axis_name) * channels) // group_size
@@ -506,4 +580,17 @@ def grouped_norm(
         axis_name=axis_name,
         groups=groups_across,
     )
+    if activation == "silu":  # in the compute dtype, where XLA fuses it into the last pass
+        y = jax.nn.silu(y)
     return y.astype(out_dtype).reshape(x.shape)
+
+
+def _per_example(m: Array, batch_shape: tuple[int, ...], channels: int) -> Array:
+    """A modulation ``m`` (x's rank, one value per example and channel) as ``(E, C)`` for
+    the kernel's ``(N, ...)`` view: E examples of ``N / E`` consecutive ones each. The
+    leading batch axes up to the last that ``m`` does not broadcast are its examples
+    (expanded where they are 1)."""
+    b = m.shape[: len(batch_shape)]
+    k = max((i + 1 for i, n in enumerate(b) if n != 1), default=0)
+    m = jnp.broadcast_to(m, (*batch_shape[:k], *m.shape[k:]))
+    return m.reshape(math.prod(batch_shape[:k]), channels)

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from . import _core
@@ -26,6 +27,7 @@ from ._checks import (
     check_floating,
     check_implementation,
     check_mask,
+    check_modulation,
     check_parameter,
     check_residual,
     check_trailing_shape,
@@ -73,6 +75,8 @@ class _TrailingNorm(AffineNorm):
         *,
         mask: Bool[Array, "*shape"] | None = None,
         residual: Float[Array, "*shape"] | None = None,
+        scale: Float[Array, "*shape"] | None = None,
+        shift: Float[Array, "*shape"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Any:
         """Normalize ``x`` of shape ``(*batch, *normalized_shape)``.
@@ -89,6 +93,13 @@ class _TrailingNorm(AffineNorm):
                 layer normalizes ``h = x + residual`` (added in float32, stored in
                 residual's dtype) and returns ``(y, h)``, a pre-norm block's add and norm
                 in one call. A mask applies to ``y``'s statistics only.
+            scale: optional per-example modulation (adaLN, as in DiT): the result is
+                ``y * (1 + scale) + shift``, after ``gamma``/``beta``, in the same single
+                pass. A floating array of x's rank whose axes are x's sizes or 1, e.g.
+                ``(B, 1, D)`` for x of ``(B, T, D)``; anything else is an error (never a
+                silent broadcast). Gradients reach it.
+            shift: optional per-example shift, shaped as ``scale`` (either may be given
+                alone). Masked elements give the modulated ``beta``.
             key: ignored, as in equinox.
 
         Returns:
@@ -112,6 +123,8 @@ class _TrailingNorm(AffineNorm):
                 center=self._center,
                 residual=residual,
                 axis_name=self.axis_name,
+                scale=scale,
+                shift=shift,
             )
         return with_state(y, state)
 
@@ -323,11 +336,14 @@ def trailing_norm(
     center: bool,
     residual: Array | None = None,
     axis_name: Hashable | None = None,
+    scale: Array | None = None,
+    shift: Array | None = None,
 ) -> Array | tuple[Array, Array]:
     """The body of :func:`~eqx_norm.functional.layer_norm`, :func:`~eqx_norm.functional.rms_norm`
     (``center=False``) and the layers' ``__call__``: checks (errors name ``layer``), then the
     kernel on ``(rows, D)``, or :func:`eqx_norm._core.normalize`. With ``residual``:
-    ``(y, h)``, ``y`` the norm of ``h = x + residual``."""
+    ``(y, h)``, ``y`` the norm of ``h = x + residual``. ``scale``/``shift`` modulate the
+    result per example, ``y * (1 + scale) + shift``, folded into the affine (one pass)."""
     shape = canonical_shape(normalized_shape, "normalized_shape")
     x = check_floating(x, layer)
     axes = check_trailing_shape(x.shape, shape, layer)
@@ -338,6 +354,17 @@ def trailing_norm(
     mask = check_mask(mask, x.shape, layer)
     zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
     out_dtype = optional_dtype(dtype, "dtype") or x.dtype
+    batch_ndim = x.ndim - len(shape)
+    example = "(" + ", ".join(map(str, (*x.shape[:1], *(1,) * (batch_ndim - 1), *shape))) + ")"
+    example = example if batch_ndim else str(shape)
+    modulation = [
+        check_modulation(m, n, x, example, layer) for m, n in ((scale, "scale"), (shift, "shift"))
+    ]
+    # their normalized axes made whole (a size-1 one broadcast), the batch axes as given
+    modulation = [
+        None if m is None else jnp.broadcast_to(m, (*m.shape[:batch_ndim], *shape))
+        for m in modulation
+    ]
     if axis_name is not None:
         axis_size(axis_name, layer)  # a NameError naming axis_name where it is not mapped
     reason = common_reason(x, masked=mask is not None, out_dtype=out_dtype, axis_name=axis_name)
@@ -352,6 +379,12 @@ def trailing_norm(
     compute = _core.compute_dtype(x.dtype if residual is None else residual.dtype)
     if kernel:  # on a free (rows, D) view
         scale, offset = _core.affine(gamma, beta, zero_centered_scale, compute, (d,))
+        if any(m is not None for m in modulation):  # (E, D): E examples of contiguous rows
+            per_example = [
+                None if m is None else _per_example_rows(m, x.shape[:batch_ndim], d)
+                for m in modulation
+            ]
+            scale, offset = _core.modulate(scale, offset, *per_example, compute)
         rows = x.reshape(-1, d)
         if residual is None:
             y = _kernel.normalize_rows(rows, scale, offset, epsilon=epsilon, center=center)
@@ -366,10 +399,15 @@ def trailing_norm(
     if mask is None and axis_name is None:
         # A free (*batch, D) view: one reduced axis, and one example under vmap keeps the
         # batch's shape, not one with a size-1 rows axis (which XLA:CPU reduced 4x slower).
-        view, axes, parameter_shape = (*x.shape[: x.ndim - len(shape)], d), (-1,), (d,)
+        view, axes, parameter_shape = (*x.shape[:batch_ndim], d), (-1,), (d,)
+        modulation = [
+            None if m is None else m.reshape(*m.shape[:batch_ndim], d) for m in modulation
+        ]
     else:
         view, parameter_shape = x.shape, shape
     scale, offset = _core.affine(gamma, beta, zero_centered_scale, compute, parameter_shape)
+    if any(m is not None for m in modulation):
+        scale, offset = _core.modulate(scale, offset, *modulation, compute)
     y = _core.normalize(
         x.reshape(view),
         axes,
@@ -382,3 +420,14 @@ def trailing_norm(
     )
     y = y.astype(out_dtype).reshape(x.shape)
     return y if residual is None else (y, hidden)
+
+
+def _per_example_rows(m: Array, batch_shape: tuple[int, ...], d: int) -> Array:
+    """A modulation ``m`` of shape ``(*b, *normalized)`` (each of ``b`` the batch's size or
+    1) as ``(E, D)`` for the kernel's ``(rows, D)`` view: E examples of ``rows / E``
+    contiguous rows each. The leading batch axes up to the last that ``m`` does not
+    broadcast are its examples (expanded where they are 1); the rest are rows within one."""
+    b = m.shape[: len(batch_shape)]
+    k = max((i + 1 for i, n in enumerate(b) if n != 1), default=0)
+    m = jnp.broadcast_to(m, (*batch_shape[:k], *b[k:], *m.shape[len(batch_shape) :]))
+    return m.reshape(math.prod(batch_shape[:k]), d)

@@ -33,6 +33,7 @@ from jaxtyping import Array, Bool, Float
 from ._batch_norm import batch_norm_body
 from ._checks import DTypeLike, Implementation, check_groups, positive_int
 from ._dyt import apply_dyt
+from ._gated_rms_norm import gated_rms_norm as gated_rms_norm_body
 from ._group_norm import grouped_norm
 from ._layer_norm import trailing_norm
 
@@ -40,6 +41,7 @@ __all__ = [
     "batch_norm",
     "derf",
     "dyt",
+    "gated_rms_norm",
     "group_norm",
     "instance_norm",
     "layer_norm",
@@ -60,6 +62,8 @@ def layer_norm(
     implementation: Implementation = None,
     residual: Float[Array, "*shape"] | None = None,
     axis_name: Hashable | None = None,
+    scale: Float[Array, "*shape"] | None = None,
+    shift: Float[Array, "*shape"] | None = None,
 ) -> Float[Array, "*shape"] | tuple[Float[Array, "*shape"], Float[Array, "*shape"]]:
     r"""Layer normalization over the trailing ``normalized_shape`` axes of ``x``.
 
@@ -89,6 +93,11 @@ def layer_norm(
             whole row's (each shard's two-pass moments merged, count-weighted, as
             :func:`batch_norm` merges them), equal to the unsharded call. Runs the XLA
             path: the kernel cannot see the other shards.
+        scale: optional per-example modulation (adaLN): the result is ``y * (1 + scale)
+            + shift``, after ``gamma``/``beta``, folded into the same single pass. A
+            floating array of x's rank whose axes are x's sizes or 1, such as ``(B, 1, D)``
+            for x of ``(B, T, D)`` (the "Conditional normalization" page shows a DiT block).
+        shift: optional per-example shift, shaped as ``scale``; either may come alone.
 
     Returns:
         An array of ``x``'s shape; ``(y, h)`` with ``residual``.
@@ -122,6 +131,8 @@ def layer_norm(
         center=True,
         residual=residual,
         axis_name=axis_name,
+        scale=scale,
+        shift=shift,
     )
 
 
@@ -138,6 +149,8 @@ def rms_norm(
     implementation: Implementation = None,
     residual: Float[Array, "*shape"] | None = None,
     axis_name: Hashable | None = None,
+    scale: Float[Array, "*shape"] | None = None,
+    shift: Float[Array, "*shape"] | None = None,
 ) -> Float[Array, "*shape"] | tuple[Float[Array, "*shape"], Float[Array, "*shape"]]:
     r"""Root-mean-square normalization over the trailing ``normalized_shape`` axes of ``x``.
 
@@ -167,6 +180,11 @@ def rms_norm(
             whole row's (each shard's two-pass moments merged, count-weighted, as
             :func:`batch_norm` merges them), equal to the unsharded call. Runs the XLA
             path: the kernel cannot see the other shards.
+        scale: optional per-example modulation (adaLN): the result is ``y * (1 + scale)
+            + shift``, after ``gamma``/``beta``, folded into the same single pass. A
+            floating array of x's rank whose axes are x's sizes or 1, such as ``(B, 1, D)``
+            for x of ``(B, T, D)`` (the "Conditional normalization" page shows a DiT block).
+        shift: optional per-example shift, shaped as ``scale``; either may come alone.
 
     Returns:
         An array of ``x``'s shape; ``(y, h)`` with ``residual``.
@@ -197,6 +215,71 @@ def rms_norm(
         center=False,
         residual=residual,
         axis_name=axis_name,
+        scale=scale,
+        shift=shift,
+    )
+
+
+def gated_rms_norm(
+    x: Float[Array, "*shape"],
+    gate: Float[Array, "*shape"] | None,
+    normalized_shape: int | Sequence[int],
+    gamma: Float[Array, "*normalized"] | None = None,
+    beta: Float[Array, "*normalized"] | None = None,
+    *,
+    epsilon: float = 1e-5,
+    group_size: int | None = None,
+    norm_before_gate: bool = False,
+    zero_centered_scale: bool = False,
+    dtype: DTypeLike | None = None,
+    implementation: Implementation = None,
+) -> Float[Array, "*shape"]:
+    r"""The gated RMSNorm of Mamba-2: ``rms_norm(x * silu(gate)) * gamma``, or with
+    ``norm_before_gate`` ``rms_norm(x) * gamma * silu(gate)``.
+
+    .. math:: y = \frac{u}{\sqrt{\mathrm{E}[u^2] + \epsilon}} \gamma, \quad
+        u = x \cdot \mathrm{silu}(z)
+
+    Args:
+        x: floating array of shape ``(*batch, *normalized_shape)``.
+        gate: ``z``, a floating array of x's shape, or None (no gate).
+        normalized_shape: the trailing axes to normalize over, an int or a sequence.
+        gamma: scale of shape ``normalized_shape``, or None for no scale.
+        beta: offset of shape ``normalized_shape``, or None (Mamba-2 has none).
+        epsilon: added to the mean square, ``>= 0``.
+        group_size: normalize each run of ``group_size`` consecutive features on its own
+            (Mamba-2's ``d_inner // ngroups``); None: all features together.
+        norm_before_gate: gate after the norm instead of before it.
+        zero_centered_scale: use ``1 + gamma`` as the scale.
+        dtype: output dtype; default ``x.dtype``.
+        implementation: which code runs the norm: None (default), ``"xla"`` or
+            ``"kernel"``; see "Implementations" above. The gate is an elementwise
+            product that XLA fuses beside it.
+
+    Returns:
+        An array of x's shape.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from eqx_norm.functional import gated_rms_norm, rms_norm
+        >>> x, z = jax.random.normal(jax.random.key(0), (2, 4, 64))
+        >>> y = gated_rms_norm(x, z, 64, jnp.ones(64))
+        >>> bool(jnp.allclose(y, rms_norm(x * jax.nn.silu(z), 64, jnp.ones(64)), atol=1e-5))
+        True
+    """
+    return gated_rms_norm_body(
+        "gated_rms_norm",
+        x,
+        gate,
+        normalized_shape,
+        gamma,
+        beta,
+        epsilon=epsilon,
+        group_size=group_size,
+        norm_before_gate=norm_before_gate,
+        zero_centered_scale=zero_centered_scale,
+        dtype=dtype,
+        implementation=implementation,
     )
 
 
@@ -329,6 +412,9 @@ def group_norm(
     dtype: DTypeLike | None = None,
     axis_name: Hashable | None = None,
     implementation: Implementation = None,
+    scale: Float[Array, "*shape"] | None = None,
+    shift: Float[Array, "*shape"] | None = None,
+    activation: str | None = None,
 ) -> Float[Array, "*shape"]:
     r"""Group normalization: statistics over space and each group of channels, per example.
 
@@ -366,6 +452,12 @@ def group_norm(
         implementation: which code runs the call: None (default), ``"xla"`` or
             ``"kernel"``; see "Implementations" in :mod:`eqx_norm.functional`.
 
+        scale: optional per-example modulation (AdaGN): the result is ``y * (1 + scale)
+            + shift``, after ``gamma``/``beta``, in the norm's one pass. A floating array
+            of x's rank whose axes are x's sizes or 1, such as ``(N, 1, 1, C)`` for x of
+            ``(N, H, W, C)``.
+        shift: optional per-example shift, shaped as ``scale``; either may come alone.
+        activation: None, or ``"silu"`` applied last (after the modulation), fused.
     Returns:
         An array of ``x``'s shape.
 
@@ -398,6 +490,9 @@ def group_norm(
         dtype=dtype,
         axis_name=axis_name,
         implementation=implementation,
+        scale=scale,
+        shift=shift,
+        activation=activation,
     )
 
 
@@ -414,6 +509,9 @@ def instance_norm(
     zero_centered_scale: bool = False,
     dtype: DTypeLike | None = None,
     implementation: Implementation = None,
+    scale: Float[Array, "*shape"] | None = None,
+    shift: Float[Array, "*shape"] | None = None,
+    activation: str | None = None,
 ) -> Float[Array, "*shape"]:
     r"""Instance normalization: statistics over space, per example and per channel.
 
@@ -438,6 +536,12 @@ def instance_norm(
         implementation: which code runs the call: None (default), ``"xla"`` or
             ``"kernel"``; see "Implementations" in :mod:`eqx_norm.functional`.
 
+        scale: optional per-example modulation (AdaGN): the result is ``y * (1 + scale)
+            + shift``, after ``gamma``/``beta``, in the norm's one pass. A floating array
+            of x's rank whose axes are x's sizes or 1, such as ``(N, 1, 1, C)`` for x of
+            ``(N, H, W, C)``.
+        shift: optional per-example shift, shaped as ``scale``; either may come alone.
+        activation: None, or ``"silu"`` applied last (after the modulation), fused.
     Returns:
         An array of ``x``'s shape.
 
@@ -469,6 +573,9 @@ def instance_norm(
         zero_centered_scale=zero_centered_scale,
         dtype=dtype,
         implementation=implementation,
+        scale=scale,
+        shift=shift,
+        activation=activation,
     )
 
 

@@ -84,6 +84,30 @@ def affine(scale, offset, d: int):
     return scale, jnp.zeros((d,), jnp.float32) if offset is None else offset
 
 
+def per_example(scale, offset) -> bool:
+    """Whether ``scale``/``offset`` are per example, ``(E, D)``, rather than ``(D,)``."""
+    return any(p is not None and p.ndim == 2 for p in (scale, offset))
+
+
+def apply_per_example(y, scale, offset, channels_last=True):
+    """``y * scale + offset`` with ``(E, D)`` ``scale``/``offset`` (None: ones, zeros), E
+    examples of ``len(y) / E`` consecutive rows each (``channels_last=False``: ``y`` is
+    ``(N, C, S)``)."""
+    e = next(p.shape[0] for p in (scale, offset) if p is not None and p.ndim == 2)
+    shape = y.shape
+    view = y.astype(jnp.float32).reshape(e, -1, *shape[1:])
+
+    def per(p):
+        p = p.reshape(e if p.ndim == 2 else 1, 1, *((1,) * (len(shape) - 2)), -1)
+        return p if channels_last else jnp.swapaxes(p, -1, 2)
+
+    if scale is not None:
+        view = view * per(scale)
+    if offset is not None:
+        view = view + per(offset)
+    return view.reshape(shape).astype(y.dtype)
+
+
 def _roles(params, n):
     """Per operand: ``m`` split by rows like ``x``, ``r`` shared (scale, offset, ...)."""
     if params["direction"] == "forward":

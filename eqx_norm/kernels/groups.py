@@ -18,7 +18,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from .._core import centered_statistics
-from ._binding import Kernel, affine, normalize, result
+from ._binding import Kernel, affine, apply_per_example, normalize, per_example, result
 from ._library import served, unavailable_reason
 
 __all__ = ["normalize_groups", "unavailable_reason"]
@@ -32,11 +32,14 @@ def normalize_groups(
     num_groups: int,
     channels_last: bool,
     epsilon: float,
+    activation: str | None = None,
 ) -> Float[Array, "n a b"]:
     """GroupNorm of each ``(n, g)`` group of ``x`` ``(N, S, C)`` (``channels_last``) or
     ``(N, C, S)``, by the compiled kernel, in x's dtype: ``(x - mean) * rsqrt(var + eps) *
     scale[c] + offset[c]`` over each example's ``C / num_groups`` channels at all positions
-    (``num_groups = C``: InstanceNorm). ``scale``/``offset`` are ``(C,)`` float32 or None.
+    (``num_groups = C``: InstanceNorm). ``scale``/``offset`` are ``(C,)`` float32 or None,
+    or ``(E, C)``: one per example, E examples of ``N / E`` each; ``activation="silu"``
+    applies ``silu`` to the result.
     Statistics are float32 and two-pass after subtracting the group's first element; a
     constant group gives exactly ``offset``. A ValueError says why where the kernel cannot
     serve ``x`` (see :func:`unavailable_reason`).
@@ -45,8 +48,16 @@ def normalize_groups(
     attrs = dict(
         channels_last=bool(channels_last), epsilon=float(epsilon), num_groups=int(num_groups)
     )
-    scale, offset = affine(scale, offset, x.shape[2] if channels_last else x.shape[1])
-    return normalize(GROUPS, tuple(sorted(attrs.items())), x, scale, offset)[0]
+    channels = x.shape[2] if channels_last else x.shape[1]
+    attrs = tuple(sorted(attrs.items()))
+    if per_example(scale, offset):
+        y = normalize(GROUPS, attrs, x, *affine(None, None, channels))[0]
+        y = apply_per_example(y, scale, offset, channels_last)
+    else:
+        y = normalize(GROUPS, attrs, x, *affine(scale, offset, channels))[0]
+    if activation == "silu":
+        y = jax.nn.silu(y.astype(jnp.float32)).astype(y.dtype)
+    return y
 
 
 # ----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._binding import Kernel, affine, normalize, result
+from ._binding import Kernel, affine, apply_per_example, normalize, per_example, result
 from ._library import served, unavailable_reason
 from .groups import _jnp_backward as _groups_backward
 from .groups import _jnp_forward as _groups_forward
@@ -44,12 +44,16 @@ def normalize_rows(
     """``(x - mean) * rsqrt(var + eps) * scale + offset`` per row of ``x`` ``(rows, D)``
     (``center=False``: ``x * rsqrt(mean(x^2) + eps) * scale + offset``, RMSNorm), by the
     compiled kernel, in x's dtype. ``scale``/``offset`` are ``(D,)`` float32 or None (ones,
-    zeros). Statistics are float32 and two-pass after subtracting each row's first element;
+    zeros), or ``(E, D)``: one per example, E examples of ``rows / E`` rows each.
+    Statistics are float32 and two-pass after subtracting each row's first element;
     with ``epsilon == 0`` a constant row gives exactly ``offset``. A ValueError says why
     where the kernel cannot serve ``x`` (see :func:`unavailable_reason`).
     """
     served(unavailable_reason(x))
     attrs = (("center", bool(center)), ("epsilon", float(epsilon)))
+    if per_example(scale, offset):
+        y = normalize(ROWS, attrs, x, *affine(None, None, x.shape[1]))[0]
+        return apply_per_example(y, scale, offset)
     return normalize(ROWS, attrs, x, *affine(scale, offset, x.shape[1]))[0]
 
 
@@ -77,6 +81,9 @@ def normalize_rows_residual(
     in the residual's dtype, in one pass over memory; ``y`` has x's dtype."""
     served(residual_unavailable_reason(x, residual))
     attrs = (("center", bool(center)), ("dtype", jnp.dtype(x.dtype)), ("epsilon", float(epsilon)))
+    if per_example(scale, offset):
+        y, h = normalize(RESIDUAL, attrs, x, residual, *affine(None, None, x.shape[1]))
+        return apply_per_example(y, scale, offset), h
     y, h = normalize(RESIDUAL, attrs, x, residual, *affine(scale, offset, x.shape[1]))
     return y, h
 
