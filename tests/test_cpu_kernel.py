@@ -568,7 +568,15 @@ _GOOD_FORWARD = dict(x=(8, 16), scale=(16,), offset=(16,), y=(8, 16), mean_shift
 
 @pytest.mark.parametrize(
     "buffer, shape",
-    [("scale", (15,)), ("offset", (32,)), ("y", (8, 8)), ("mean_shift", (4,)), ("rstd", (9,))],
+    [
+        ("scale", (15,)),
+        ("scale", (3, 16)),  # per-example rows must divide the 8 rows
+        ("offset", (32,)),
+        ("offset", (8, 15)),
+        ("y", (8, 8)),
+        ("mean_shift", (4,)),
+        ("rstd", (9,)),
+    ],
 )
 def test_forward_target_rejects_a_wrong_buffer_shape(buffer, shape):
     shapes = {**_GOOD_FORWARD, buffer: shape}
@@ -596,6 +604,7 @@ _GOOD_BACKWARD = dict(
     "buffer, shape",
     [
         ("scale", (8,)),
+        ("scale", (3, 16)),
         ("mean_shift", (16,)),
         ("rstd", (1,)),
         ("ct", (8, 8)),

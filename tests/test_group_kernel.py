@@ -9,6 +9,7 @@ rounding of the output, 2^-8 relative, on the reference taken from the bf16 inpu
 Batch invariance is bitwise: an example's y and dx do not depend on the batch.
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -525,12 +526,21 @@ _F32 = jnp.float32
 _GOOD_FORWARD = dict(
     x=(2, 6, 8), scale=(8,), offset=(8,), y=(2, 6, 8), mean_shift=(2, 4), rstd=(2, 4)
 )
-_FORWARD_ATTRS = dict(epsilon=np.float32(EPS), num_groups=np.int64(4), channels_last=True)
+_FORWARD_ATTRS = dict(
+    epsilon=np.float32(EPS), num_groups=np.int64(4), channels_last=True, silu=False
+)
 
 
 @pytest.mark.parametrize(
     "buffer, shape",
-    [("scale", (6,)), ("offset", (16,)), ("y", (2, 8, 6)), ("mean_shift", (2, 8)), ("rstd", (4,))],
+    [
+        ("scale", (6,)),
+        ("scale", (3, 8)),  # per-example rows must divide the 2 examples
+        ("offset", (16,)),
+        ("y", (2, 8, 6)),
+        ("mean_shift", (2, 8)),
+        ("rstd", (4,)),
+    ],
 )
 def test_forward_target_rejects_a_wrong_buffer_shape(buffer, shape):
     shapes = {**_GOOD_FORWARD, buffer: shape}
@@ -555,6 +565,7 @@ def test_forward_target_rejects_groups_that_do_not_divide_the_channels():
 _GOOD_BACKWARD = dict(
     x=(2, 8, 6),
     scale=(8,),
+    offset=(8,),
     mean_shift=(2, 4),
     rstd=(2, 4),
     ct=(2, 8, 6),
@@ -563,7 +574,7 @@ _GOOD_BACKWARD = dict(
     doffset=(2, 8),
 )  # fmt: skip  (channels-first, groups=2: per-example sums)
 _BACKWARD_ATTRS = dict(
-    num_groups=np.int64(4), channels_last=False, groups=np.int64(2), want_dx=True
+    num_groups=np.int64(4), channels_last=False, silu=False, groups=np.int64(2), want_dx=True
 )
 
 
@@ -571,6 +582,7 @@ _BACKWARD_ATTRS = dict(
     "buffer, shape",
     [
         ("scale", (6,)),
+        ("offset", (2, 6)),
         ("mean_shift", (2, 2)),
         ("rstd", (8,)),
         ("ct", (2, 6, 8)),
@@ -581,7 +593,7 @@ _BACKWARD_ATTRS = dict(
 )
 def test_backward_target_rejects_a_wrong_buffer_shape(buffer, shape):
     shapes = {**_GOOD_BACKWARD, buffer: shape}
-    args = [jnp.ones(shapes[n], _F32) for n in ("x", "scale", "mean_shift", "rstd", "ct")]
+    args = [jnp.ones(shapes[n], _F32) for n in ("x", "scale", "offset", "mean_shift", "rstd", "ct")]
     outs = [jax.ShapeDtypeStruct(shapes[n], _F32) for n in ("dx", "dscale", "doffset")]
     with pytest.raises(Exception, match=rf"{buffer} has dimensions"):
         jax.block_until_ready(
@@ -590,7 +602,10 @@ def test_backward_target_rejects_a_wrong_buffer_shape(buffer, shape):
 
 
 def test_backward_target_rejects_bad_groups_and_a_dx_when_none_is_wanted():
-    args = [jnp.ones(_GOOD_BACKWARD[n], _F32) for n in ("x", "scale", "mean_shift", "rstd", "ct")]
+    args = [
+        jnp.ones(_GOOD_BACKWARD[n], _F32)
+        for n in ("x", "scale", "offset", "mean_shift", "rstd", "ct")
+    ]
     outs = [jax.ShapeDtypeStruct(s, _F32) for s in ((2, 8, 6), (3, 8), (3, 8))]
     attrs = {**_BACKWARD_ATTRS, "groups": np.int64(3)}
     with pytest.raises(Exception, match="groups must be >= 1 and divide the number of examples"):
@@ -606,7 +621,7 @@ _BUFFERS = {  # target: (argument names, result names, good shapes, attributes)
         ("x", "scale", "offset"), ("y", "mean_shift", "rstd"), _GOOD_FORWARD, _FORWARD_ATTRS
     ),
     "eqx_norm_groups_backward": (
-        ("x", "scale", "mean_shift", "rstd", "ct"), ("dx", "dscale", "doffset"),
+        ("x", "scale", "offset", "mean_shift", "rstd", "ct"), ("dx", "dscale", "doffset"),
         _GOOD_BACKWARD, _BACKWARD_ATTRS,
     ),
 }  # fmt: skip
@@ -654,16 +669,23 @@ def test_forward_target_writes_nan_statistics_for_empty_groups(channels_last, sh
 @pytest.mark.slow
 def test_jnp_formula_agrees_with_the_kernel():
     """The reference the lowering falls back on (jax.export, other platforms) gives the
-    kernel's statistics and outputs."""
-    for last, shape in ((True, (3, 20, 12)), (False, (3, 12, 20))):
+    kernel's statistics and outputs: shared and per-example affines, with and without the
+    fused SiLU."""
+    cases = itertools.product(((True, (3, 20, 12)), (False, (3, 12, 20))), (None, "silu"), (1, 3))
+    for (last, shape), activation, examples in cases:
         x, gamma, beta, ct = kernel_inputs(shape, 12, mean=50.0, spread=0.3)
-        params = dict(epsilon=EPS, num_groups=3, channels_last=last)
+        if examples > 1:  # one affine row per example
+            rows = jnp.arange(examples, dtype=jnp.float32)[:, None]
+            gamma, beta = gamma[None] * (1 + 0.1 * rows), beta[None] + 0.2 * rows
+        params = dict(epsilon=EPS, num_groups=3, channels_last=last, activation=activation)
         got = _groups._forward_call(x, gamma, beta, **params)
         want = _groups._jnp_forward(x, gamma, beta, **params)
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
-        bparams = dict(num_groups=3, channels_last=last, groups=3, want_dx=True)
-        got = _groups._backward_call(x, gamma, want[1], want[2], ct, **bparams)
-        ref = _groups._jnp_backward(x, gamma, want[1], want[2], ct, **bparams)
+        bparams = dict(
+            num_groups=3, channels_last=last, groups=3, want_dx=True, activation=activation
+        )
+        got = _groups._backward_call(x, gamma, beta, want[1], want[2], ct, **bparams)
+        ref = _groups._jnp_backward(x, gamma, beta, want[1], want[2], ct, **bparams)
         for g, w in zip(got, ref):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

@@ -48,7 +48,7 @@ class Kernel:
     """What differs between kernels: the ``jnp`` formulas and the FFI calls, each taking
     every attribute as a keyword. Forward operands ``(x, [residual,] scale, offset)``, its
     outputs the ``visible`` ones (``y``, or ``y`` and ``h``), ``mean_shift`` and ``rstd``;
-    the tangent's and backward's ``(x or h, scale, mean_shift, rstd, *linear)``, ``linear``
+    the tangent's and backward's ``(x or h, scale, offset, mean_shift, rstd, *linear)``, ``linear``
     the inputs' tangents named by ``which``, or the visible outputs' cotangents."""
 
     name: str
@@ -79,41 +79,27 @@ def result(like, shape, dtype) -> jax.ShapeDtypeStruct:
 
 
 def affine(scale, offset, d: int):
-    """``(scale, offset)`` with float32 ones and zeros for None."""
+    """``(scale, offset)`` with float32 ones and zeros for None, both ``(D,)`` or both
+    ``(E, D)`` (one row per example, where either has one)."""
     scale = jnp.ones((d,), jnp.float32) if scale is None else scale
-    return scale, jnp.zeros((d,), jnp.float32) if offset is None else offset
+    offset = jnp.zeros((d,), jnp.float32) if offset is None else offset
+    examples = max(p.shape[0] if p.ndim == 2 else 1 for p in (scale, offset))
+    shape = (examples, d) if examples > 1 else (d,)
+    both = (jnp.broadcast_to(p.reshape(-1, d), (examples, d)) for p in (scale, offset))
+    return tuple(p.reshape(shape) for p in both)
 
 
-def per_example(scale, offset) -> bool:
-    """Whether ``scale``/``offset`` are per example, ``(E, D)``, rather than ``(D,)``."""
-    return any(p is not None and p.ndim == 2 for p in (scale, offset))
-
-
-def apply_per_example(y, scale, offset, channels_last=True):
-    """``y * scale + offset`` with ``(E, D)`` ``scale``/``offset`` (None: ones, zeros), E
-    examples of ``len(y) / E`` consecutive rows each (``channels_last=False``: ``y`` is
-    ``(N, C, S)``)."""
-    e = next(p.shape[0] for p in (scale, offset) if p is not None and p.ndim == 2)
-    shape = y.shape
-    view = y.astype(jnp.float32).reshape(e, -1, *shape[1:])
-
-    def per(p):
-        p = p.reshape(e if p.ndim == 2 else 1, 1, *((1,) * (len(shape) - 2)), -1)
-        return p if channels_last else jnp.swapaxes(p, -1, 2)
-
-    if scale is not None:
-        view = view * per(scale)
-    if offset is not None:
-        view = view + per(offset)
-    return view.reshape(shape).astype(y.dtype)
+def _per_example(a) -> bool:
+    """Whether an affine operand holds one row per example, ``(E, D)`` with E > 1."""
+    return a.ndim == 2 and a.shape[0] > 1
 
 
 def _roles(params, n):
     """Per operand: ``m`` split by rows like ``x``, ``r`` shared (scale, offset, ...)."""
     if params["direction"] == "forward":
         return "m" * (n - 2) + "rr"
-    linear = params.get("which", ("ct",) * (n - 4))
-    return "mrmm" + "".join("r" if w in ("dscale", "doffset") else "m" for w in linear)
+    linear = params.get("which", ("ct",) * (n - 5))
+    return "mrrmm" + "".join("r" if w in ("dscale", "doffset") else "m" for w in linear)
 
 
 def _formula(kernel, params):
@@ -178,12 +164,15 @@ def _call(kernel, items, avals, shard_mapped):
     fn = kernel.forward_call if direction == "forward" else kernel.backward_call
     fn = functools.partial(fn, **params)
     plain = jax.make_jaxpr(fn)(*avals)
+    roles = _roles({"direction": direction, **params}, len(avals))
     if shard_mapped or params.get("groups", 1) != 1:
         return plain
+    if any(r == "r" and _per_example(a) for r, a in zip(roles, avals)):
+        return plain  # per-example affine rows cannot follow a split of x's rows
+
     outs, out_roles = plain.out_avals, "m" * len(plain.out_avals)
     if direction == "backward":  # (dx or dh, empty when not wanted; dscale, doffset)
         out_roles = ("m" if outs[0].shape[0] == avals[0].shape[0] else "x") + "gg"
-    roles = _roles({"direction": direction}, len(avals))
     return jax.make_jaxpr(_partitioned(fn, roles, out_roles, avals, outs))(*avals)
 
 
@@ -226,7 +215,7 @@ def _batch(primitive, args, dims, *, kernel, call, **params):
         return outs, [0] * len(outs)
     folded = []
     for a, d, r in zip(args, dims, roles):
-        if r == "m":
+        if r == "m" or _per_example(a):  # a per-example affine repeats for each of `size`
             a = jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
             a = a.reshape(-1, *a.shape[2:])
         folded.append(a)
@@ -242,14 +231,16 @@ def _transpose(cts, *args, kernel, call, which, **params):
         return [None] * len(args)
     attrs = {k: v for k, v in params.items() if k != "direction"}
     cts = [instantiate_zeros(ct) for ct in cts]
+    scale = args[1]  # (D,), or (E, D): then one set of sums per example
+    examples = scale.shape[0] if scale.ndim == 2 else 1
     dx, dscale, doffset = bind(
-        linear_p, *args[:4], *cts, kernel=kernel, direction="backward",
-        groups=1, want_dx="dx" in which or "dr" in which, **attrs,
+        linear_p, *args[:5], *cts, kernel=kernel, direction="backward",
+        groups=examples, want_dx="dx" in which or "dr" in which, **attrs,
     )  # fmt: skip
     # the fused residual's dx is dh: dx in x's dtype, and dr
     found = {"dx": dx.astype(attrs.get("dtype", dx.dtype)), "dr": dx}
-    found.update(dscale=dscale[0], doffset=doffset[0])
-    return [None] * 4 + [found[name] for name in which]
+    found.update(dscale=dscale.reshape(scale.shape), doffset=doffset.reshape(scale.shape))
+    return [None] * 5 + [found[name] for name in which]
 
 
 def _define(name, transpose=None):
@@ -293,7 +284,7 @@ def _normalize_jvp(kernel, attrs, inputs, tangents):
     if not named:
         return visible, tuple(jnp.zeros_like(o) for o in visible)
     normalized = inputs[0] if kernel.visible == 1 else outs[1]  # x, or the residual's h
-    saved = (normalized, inputs[-2], *outs[kernel.visible :])  # x, scale, statistics
+    saved = (normalized, *inputs[-2:], *outs[kernel.visible :])  # x, affine, statistics
     which = tuple(n for n, _ in named)
     dy = bind(linear_p, *saved, *(t for _, t in named), kernel=kernel, direction="tangent",
               which=which, **dict(attrs))  # fmt: skip

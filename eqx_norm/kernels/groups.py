@@ -18,7 +18,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from .._core import centered_statistics
-from ._binding import Kernel, affine, apply_per_example, normalize, per_example, result
+from ._binding import Kernel, affine, normalize, result
 from ._library import served, unavailable_reason
 
 __all__ = ["normalize_groups", "unavailable_reason"]
@@ -48,16 +48,9 @@ def normalize_groups(
     attrs = dict(
         channels_last=bool(channels_last), epsilon=float(epsilon), num_groups=int(num_groups)
     )
-    channels = x.shape[2] if channels_last else x.shape[1]
-    attrs = tuple(sorted(attrs.items()))
-    if per_example(scale, offset):
-        y = normalize(GROUPS, attrs, x, *affine(None, None, channels))[0]
-        y = apply_per_example(y, scale, offset, channels_last)
-    else:
-        y = normalize(GROUPS, attrs, x, *affine(scale, offset, channels))[0]
-    if activation == "silu":
-        y = jax.nn.silu(y.astype(jnp.float32)).astype(y.dtype)
-    return y
+    attrs["activation"] = activation
+    scale, offset = affine(scale, offset, x.shape[2] if channels_last else x.shape[1])
+    return normalize(GROUPS, tuple(sorted(attrs.items())), x, scale, offset)[0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -74,10 +67,20 @@ def _grouped(a, num_groups, channels_last):
     return a.reshape(n, num_groups, first // num_groups, second), (2, 3)
 
 
-def _per_channel(v, num_groups, channels_last):
-    """A ``(C,)`` vector broadcastable against the grouped view."""
-    shape = (1, 1, num_groups, -1) if channels_last else (1, num_groups, -1, 1)
+def _per_channel(v, num_groups, channels_last, n=1):
+    """A ``(C,)`` vector, or ``(E, C)`` one per example of ``n / E`` consecutive ones,
+    broadcastable against the grouped view of ``n`` examples."""
+    if v.ndim == 2 and v.shape[0] > 1:
+        v = jnp.repeat(v, n // v.shape[0], axis=0)  # one per example: (n, C)
+    lead = v.shape[0] if v.ndim == 2 else 1
+    shape = (lead, 1, num_groups, -1) if channels_last else (lead, num_groups, -1, 1)
     return v.reshape(shape)
+
+
+def _silu_slope(pre):
+    """``silu'(pre) = sigmoid(pre) * (1 + pre * (1 - sigmoid(pre)))``."""
+    sig = jax.nn.sigmoid(pre)
+    return sig * (1 + pre * (1 - sig))
 
 
 def _per_group(v, channels_last):
@@ -101,55 +104,74 @@ def _mean(a, axes):
     return jnp.mean(a, axis=axes, keepdims=True)
 
 
-def _jnp_forward(x, scale, offset, *, epsilon, num_groups, channels_last, center=True, **_):
+def _jnp_forward(
+    x, scale, offset, *, epsilon, num_groups, channels_last, center=True, activation=None, **_
+):
     xg, axes = _grouped(x.astype(jnp.float32), num_groups, channels_last)
+    n = x.shape[0]
     # the library's one copy of the statistics; `mean_shift` is the residual the tangent
     # and the backward rebuild xhat from, as the kernel saves it
     centered, rstd = centered_statistics(xg, axes, epsilon=epsilon, center=center)
     mean_shift = jnp.mean(xg - _first(xg, axes), axis=axes)
     if not center:
         mean_shift = jnp.zeros(mean_shift.shape, jnp.float32)
-    y = centered * rstd * _per_channel(scale, num_groups, channels_last)
-    y = y + _per_channel(offset, num_groups, channels_last)
+    y = centered * rstd * _per_channel(scale, num_groups, channels_last, n)
+    y = y + _per_channel(offset, num_groups, channels_last, n)
+    if activation == "silu":
+        y = jax.nn.silu(y)
     return y.reshape(x.shape).astype(x.dtype), mean_shift, rstd.reshape(mean_shift.shape)
 
 
 def _jnp_tangent(
-    x, scale, mean_shift, rstd, *linear, num_groups, channels_last, which, center=True, **_
-):
+    x, scale, offset, mean_shift, rstd, *linear, num_groups, channels_last, which, center=True,
+    activation=None, **_,
+):  # fmt: skip
     """The forward pass's tangent, linear in the operands named by ``which``."""
     named = dict(zip(which, linear, strict=True))
     xhat, axes = _xhat(x, mean_shift, rstd, num_groups, channels_last, center)
+    n = x.shape[0]
     dy = jnp.zeros(xhat.shape, jnp.float32)
     if "dx" in named:
         dxg, _ = _grouped(named["dx"].astype(jnp.float32), num_groups, channels_last)
         inner = (dxg - _mean(dxg, axes) if center else dxg) - xhat * _mean(dxg * xhat, axes)
         dy = dy + _per_group(rstd, channels_last) * inner * _per_channel(
-            scale, num_groups, channels_last
+            scale, num_groups, channels_last, n
         )
     if "dscale" in named:
-        dy = dy + xhat * _per_channel(named["dscale"], num_groups, channels_last)
+        dy = dy + xhat * _per_channel(named["dscale"], num_groups, channels_last, n)
     if "doffset" in named:
-        dy = dy + _per_channel(named["doffset"], num_groups, channels_last)
+        dy = dy + _per_channel(named["doffset"], num_groups, channels_last, n)
+    if activation == "silu":
+        dy = dy * _silu_slope(_pre(xhat, scale, offset, num_groups, channels_last))
     return [dy.reshape(x.shape).astype(x.dtype)]
 
 
+def _pre(xhat, scale, offset, num_groups, channels_last):
+    """The affine's output, before the activation, on the grouped view."""
+    n = xhat.shape[0]
+    return xhat * _per_channel(scale, num_groups, channels_last, n) + _per_channel(
+        offset, num_groups, channels_last, n
+    )
+
+
 def _jnp_backward(
-    x, scale, mean_shift, rstd, ct, ct_h=None, *, num_groups, channels_last, groups,
-    want_dx=True, center=True, **_,
+    x, scale, offset, mean_shift, rstd, ct, ct_h=None, *, num_groups, channels_last, groups,
+    want_dx=True, center=True, activation=None, **_,
 ):  # fmt: skip
     """The tangent's transpose: ``(dx, dscale, doffset)``, the last two ``(groups, C)``,
     summed over each group of ``N / groups`` examples; ``dx`` is empty unless ``want_dx``,
     and has ``ct_h`` added (the fused residual's backward)."""
     xhat, axes = _xhat(x, mean_shift, rstd, num_groups, channels_last, center)
     g, _ = _grouped(ct.astype(jnp.float32), num_groups, channels_last)
+    if activation == "silu":  # the cotangent of the affine's output
+        g = g * _silu_slope(_pre(xhat, scale, offset, num_groups, channels_last))
     space = 1 if channels_last else 3  # the position axis of the grouped view
-    c = scale.shape[0]
+    c = scale.shape[-1]
     dscale = jnp.sum(jnp.sum(g * xhat, axis=space).reshape(groups, -1, c), axis=1)
     doffset = jnp.sum(jnp.sum(g, axis=space).reshape(groups, -1, c), axis=1)
     if not want_dx:
         return jnp.zeros((0, *x.shape[1:]), x.dtype), dscale, doffset
-    v = g * _per_channel(scale, num_groups, channels_last)
+    v = g * _per_channel(scale, num_groups, channels_last, x.shape[0])
     inner = (v - _mean(v, axes) if center else v) - xhat * _mean(v * xhat, axes)
     dx = (_per_group(rstd, channels_last) * inner).reshape(x.shape)
     if ct_h is not None:
@@ -161,23 +183,30 @@ def _jnp_backward(
 # The FFI calls (targets, attributes and buffers as cpu/group_norm.cc declares them).
 
 
-def _forward_call(x, scale, offset, *, epsilon, num_groups, channels_last, **_):
+def _layout(num_groups, channels_last, activation):
+    return dict(num_groups=np.int64(num_groups), channels_last=channels_last,
+                silu=activation == "silu")  # fmt: skip
+
+
+def _forward_call(x, scale, offset, *, epsilon, num_groups, channels_last, activation, **_):
     stats = result(x, (x.shape[0], num_groups), jnp.float32)
-    layout = dict(num_groups=np.int64(num_groups), channels_last=channels_last)
     out = (result(x, x.shape, x.dtype), stats, stats)
     return jax.ffi.ffi_call("eqx_norm_groups_forward", out)(
-        x, scale, offset, epsilon=np.float32(epsilon), **layout
-    )
+        x, scale, offset, epsilon=np.float32(epsilon),
+        **_layout(num_groups, channels_last, activation),
+    )  # fmt: skip
 
 
-def _backward_call(x, scale, *stats_ct, num_groups, channels_last, groups, want_dx, **_):
-    """``stats_ct``: ``(mean_shift, rstd, ct)``."""
-    sums = result(x, (groups, scale.shape[0]), jnp.float32)
+def _backward_call(
+    x, scale, *offset_stats_ct, num_groups, channels_last, activation, groups, want_dx, **_
+):
+    """``offset_stats_ct``: ``(offset, mean_shift, rstd, ct)``."""
+    sums = result(x, (groups, scale.shape[-1]), jnp.float32)
     out = (result(x, x.shape if want_dx else (0, *x.shape[1:]), x.dtype), sums, sums)
-    layout = dict(num_groups=np.int64(num_groups), channels_last=channels_last)
     return jax.ffi.ffi_call("eqx_norm_groups_backward", out)(
-        x, scale, *stats_ct, **layout, groups=np.int64(groups), want_dx=want_dx
-    )
+        x, scale, *offset_stats_ct, **_layout(num_groups, channels_last, activation),
+        groups=np.int64(groups), want_dx=want_dx,
+    )  # fmt: skip
 
 
 GROUPS = Kernel(

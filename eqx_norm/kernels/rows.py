@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._binding import Kernel, affine, apply_per_example, normalize, per_example, result
+from ._binding import Kernel, affine, normalize, result
 from ._library import served, unavailable_reason
 from .groups import _jnp_backward as _groups_backward
 from .groups import _jnp_forward as _groups_forward
@@ -51,9 +51,6 @@ def normalize_rows(
     """
     served(unavailable_reason(x))
     attrs = (("center", bool(center)), ("epsilon", float(epsilon)))
-    if per_example(scale, offset):
-        y = normalize(ROWS, attrs, x, *affine(None, None, x.shape[1]))[0]
-        return apply_per_example(y, scale, offset)
     return normalize(ROWS, attrs, x, *affine(scale, offset, x.shape[1]))[0]
 
 
@@ -81,9 +78,6 @@ def normalize_rows_residual(
     in the residual's dtype, in one pass over memory; ``y`` has x's dtype."""
     served(residual_unavailable_reason(x, residual))
     attrs = (("center", bool(center)), ("dtype", jnp.dtype(x.dtype)), ("epsilon", float(epsilon)))
-    if per_example(scale, offset):
-        y, h = normalize(RESIDUAL, attrs, x, residual, *affine(None, None, x.shape[1]))
-        return apply_per_example(y, scale, offset), h
     y, h = normalize(RESIDUAL, attrs, x, residual, *affine(scale, offset, x.shape[1]))
     return y, h
 
@@ -100,16 +94,18 @@ def _jnp_forward(x, scale, offset, *, epsilon, center, **_):
     return [o[:, 0] for o in outs]
 
 
-def _jnp_tangent(x, scale, mean_shift, rstd, *linear, center, which, **_):
+def _jnp_tangent(x, scale, offset, mean_shift, rstd, *linear, center, which, **_):
     linear = [t[:, None] if w == "dx" else t for w, t in zip(which, linear, strict=True)]
-    rows = (x[:, None], scale, mean_shift[:, None], rstd[:, None])
+    rows = (x[:, None], scale, offset, mean_shift[:, None], rstd[:, None])
     return [_groups_tangent(*rows, *linear, center=center, which=which, **_ROW)[0][:, 0]]
 
 
-def _jnp_backward(x, scale, mean_shift, rstd, ct, ct_h=None, *, center, groups, want_dx=True, **_):
+def _jnp_backward(
+    x, scale, offset, mean_shift, rstd, ct, ct_h=None, *, center, groups, want_dx=True, **_
+):
     """``ct_h`` is added to ``dx`` (the fused residual's backward, ``x`` then ``h``)."""
     ct_h = None if ct_h is None else ct_h[:, None]
-    rows = (x[:, None], scale, mean_shift[:, None], rstd[:, None], ct[:, None], ct_h)
+    rows = (x[:, None], scale, offset, mean_shift[:, None], rstd[:, None], ct[:, None], ct_h)
     dx, dscale, doffset = _groups_backward(
         *rows, center=center, groups=groups, want_dx=want_dx, **_ROW
     )
@@ -122,7 +118,7 @@ def _jnp_res_forward(x, r, scale, offset, *, epsilon, center, **_):
     return y.astype(x.dtype), h, mean_shift, rstd
 
 
-def _jnp_res_tangent(h, scale, mean_shift, rstd, *linear, center, which, dtype, **_):
+def _jnp_res_tangent(h, scale, offset, mean_shift, rstd, *linear, center, which, dtype, **_):
     """Tangents ``(dy, dh)``, linear in the operands named by ``which`` (dx, dr, dscale,
     doffset)."""
     named = dict(zip(which, linear, strict=True))
@@ -130,14 +126,14 @@ def _jnp_res_tangent(h, scale, mean_shift, rstd, *linear, center, which, dtype, 
     dh = dh.astype(h.dtype)
     rest = [n for n in ("dscale", "doffset") if n in named]
     (dy,) = _jnp_tangent(
-        h, scale, mean_shift, rstd, dh, *(named[n] for n in rest),
+        h, scale, offset, mean_shift, rstd, dh, *(named[n] for n in rest),
         center=center, which=("dx", *rest),
     )  # fmt: skip
     return [dy.astype(dtype), dh]
 
 
-def _jnp_res_backward(h, scale, mean_shift, rstd, ct, ct_h, *, center, groups, **_):
-    return _jnp_backward(h, scale, mean_shift, rstd, ct, ct_h, center=center, groups=groups)
+def _jnp_res_backward(h, scale, offset, mean_shift, rstd, ct, ct_h, *, center, groups, **_):
+    return _jnp_backward(h, scale, offset, mean_shift, rstd, ct, ct_h, center=center, groups=groups)
 
 
 # ----------------------------------------------------------------------------------------
@@ -156,7 +152,8 @@ def _sums(x, groups):
     return result(x, (groups, x.shape[1]), jnp.float32)
 
 
-def _backward_call(x, scale, mean_shift, rstd, ct, *, center, groups, want_dx, **_):
+def _backward_call(x, scale, offset, mean_shift, rstd, ct, *, center, groups, want_dx, **_):
+    """``offset`` is unused: the backward needs it only before an activation."""
     dx = result(x, x.shape if want_dx else (0, x.shape[1]), x.dtype)
     return jax.ffi.ffi_call("eqx_norm_rows_backward", (dx, _sums(x, groups), _sums(x, groups)))(
         x, scale, mean_shift, rstd, ct, center=center, groups=np.int64(groups), want_dx=want_dx
@@ -171,7 +168,7 @@ def _res_forward_call(x, r, scale, offset, *, epsilon, center, **_):
     )
 
 
-def _res_backward_call(h, scale, mean_shift, rstd, ct, ct_h, *, center, groups, **_):
+def _res_backward_call(h, scale, offset, mean_shift, rstd, ct, ct_h, *, center, groups, **_):
     out = (result(h, h.shape, h.dtype), _sums(h, groups), _sums(h, groups))
     return jax.ffi.ffi_call("eqx_norm_residual_backward", out)(
         h, scale, mean_shift, rstd, ct, ct_h, center=center, groups=np.int64(groups)

@@ -241,6 +241,43 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t units, int64_t chunk, const 
 }
 
 // ---------------------------------------------------------------------------------------
+// SiLU for the vectorizer: no libm call, so that `#pragma omp simd` loops stay vector.
+
+// exp(x): 2^n p(r) with n = round(x / ln 2) (by the 1.5 * 2^23 rounding trick), r = x - n ln
+// 2 in two parts, and a degree-6 polynomial (Cephes' expf coefficients): a relative error
+// of about 2e-7 over [-87, 88], to which x is clamped.
+EQX_INLINE float vector_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float t = x * 1.44269504088896341f + magic;
+  const float n = t - magic;
+  int32_t t_bits, magic_bits;
+  std::memcpy(&t_bits, &t, sizeof t);
+  std::memcpy(&magic_bits, &magic, sizeof magic);
+  const int32_t exponent = (t_bits - magic_bits + 127) << 23;
+  float power;
+  std::memcpy(&power, &exponent, sizeof power);
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return ((p * r) * r + r + 1.0f) * power;
+}
+
+EQX_INLINE float sigmoid(float u) { return 1.0f / (1.0f + vector_exp(-u)); }
+
+EQX_INLINE float silu(float u) { return u * sigmoid(u); }
+
+// d silu / du = sigmoid(u) (1 + u (1 - sigmoid(u))).
+EQX_INLINE float silu_slope(float u) {
+  const float s = sigmoid(u);
+  return s * (1.0f + u * (1.0f - s));
+}
+
+// ---------------------------------------------------------------------------------------
 // Buffer checks: an error naming the buffer, what it has and what was expected.
 
 std::optional<ffi::Error> check_dims(const char* name, ffi::Span<const int64_t> dims,
@@ -254,6 +291,25 @@ std::optional<ffi::Error> check_dims(const char* name, ffi::Span<const int64_t> 
   size_t i = 0;
   for (int64_t e : expected) message += (i++ ? ", " : "") + std::to_string(e);
   return ffi::Error::InvalidArgument(message + ")");
+}
+
+// An affine operand (scale, offset): (d,), shared by all `units`, or (E, d) with E >= 1
+// dividing `units`, one per example of units / E consecutive units. Sets *examples to E.
+std::optional<ffi::Error> check_affine(const char* name, ffi::Span<const int64_t> dims,
+                                       int64_t units, int64_t d, int64_t* examples) {
+  if (dims.size() == 1 && dims[0] == d) {
+    *examples = 1;
+    return std::nullopt;
+  }
+  if (dims.size() == 2 && dims[1] == d && dims[0] >= 1 && units % dims[0] == 0) {
+    *examples = dims[0];
+    return std::nullopt;
+  }
+  std::string message = std::string(name) + " has dimensions (";
+  for (size_t i = 0; i < dims.size(); ++i) message += (i ? ", " : "") + std::to_string(dims[i]);
+  return ffi::Error::InvalidArgument(message + "), expected (" + std::to_string(d) +
+                                     ") or (E, " + std::to_string(d) + ") with E dividing " +
+                                     std::to_string(units));
 }
 
 std::string type_name(ffi::DataType type) {

@@ -3,7 +3,10 @@
 // x is viewed as 3-D: channels-last (N, S, C), where group g is channels [g K, (g + 1) K)
 // (K = C / G) at every position s, or channels-first (N, C, S), where group g is the
 // contiguous block of K channels of S positions. Each (n, g) group of M = K S values has
-// its own statistics; scale and offset are per channel.
+// its own statistics; scale and offset are per channel: (C,), or (E, C), one row per
+// example of N / E consecutive examples (the per-example modulation of diffusion models).
+// With `silu`, y = silu(affine output) (Stable Diffusion's GroupNorm then SiLU), and the
+// backward multiplies ct by silu's slope at the affine output, recomputed from x.
 //
 // Forward:  y = ((x - x0) - m) * (r * scale[c]) + offset[c], where x0 is the group's first
 //           element (in memory order), m = mean(x - x0), r = rsqrt(mean(((x - x0) - m)^2)
@@ -69,14 +72,19 @@ EQX_INLINE void lane_sum2(int64_t n, F f, double* s1, double* s2) {
 
 struct ForwardArgs {
   const void* x;
-  const float* scale;
+  const float* scale;  // (C,), or (E, C): example n takes row n / per_example
   const float* offset;
   void* y;
   float* mean_shift;  // (N, G): mean - first element of the group
   float* rstd;        // (N, G)
   Layout l;
+  int64_t per_example;  // examples per row of scale/offset (N when they are shared)
   float epsilon;
+  bool silu;
 };
+
+// y's value from the affine's output u.
+EQX_INLINE float activate(float u, bool use_silu) { return use_silu ? silu(u) : u; }
 
 // Channels-first: group u = n * G + g, the contiguous block of M values at u * M.
 template <class S>
@@ -90,13 +98,20 @@ EQX_INLINE void forward_group_first(const ForwardArgs& a, int64_t u) {
   const Stats stats =
       shifted_stats(m_size, a.epsilon, mean, [&](int64_t i) { return S::load(x[i]); });
   const float shift = stats.shift, m = stats.mean, r = stats.rstd;
-  const int64_t c0 = (u % l.g) * l.k;
+  const int64_t c0 = (u % l.g) * l.k, row = (u / l.g) / a.per_example * l.c;
   for (int64_t k = 0; k < l.k; ++k) {
-    const float sc = r * a.scale[c0 + k], of = a.offset[c0 + k];
+    const float sc = r * a.scale[row + c0 + k], of = a.offset[row + c0 + k];
     const T* xr = x + k * l.s;
     T* yr = y + k * l.s;
+    if (a.silu) {
 #pragma omp simd
-    for (int64_t i = 0; i < l.s; ++i) yr[i] = S::store(((S::load(xr[i]) - shift) - m) * sc + of);
+      for (int64_t i = 0; i < l.s; ++i)
+        yr[i] = S::store(silu(((S::load(xr[i]) - shift) - m) * sc + of));
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < l.s; ++i)
+        yr[i] = S::store(((S::load(xr[i]) - shift) - m) * sc + of);
+    }
   }
   a.mean_shift[u] = m;
   a.rstd[u] = r;
@@ -157,6 +172,7 @@ EQX_INLINE void forward_example_last(const ForwardArgs& a, int64_t n, Scratch& s
   float* shift = sc.shift.data();
   float* mean = sc.mean.data();
   float* mul = sc.mul.data();
+  const float* scale = a.scale + (n / a.per_example) * c;
   for (int64_t ch = 0; ch < c; ++ch) shift[ch] = S::load(x[(ch / l.k) * l.k]);
   // Two passes per block of kPositions positions (the second from L1): the block's sums of
   // x - shift and its squared deviations from its own mean, per channel; then the group's
@@ -217,16 +233,22 @@ EQX_INLINE void forward_example_last(const ForwardArgs& a, int64_t n, Scratch& s
     };
     const float r = rstd_of(var, a.epsilon, m_size, [&l](double sum) { return l.mean(sum); },
                             deviation);
-    for (int64_t k = 0; k < l.k; ++k) mul[g * l.k + k] = r * a.scale[g * l.k + k];
+    for (int64_t k = 0; k < l.k; ++k) mul[g * l.k + k] = r * scale[g * l.k + k];
     a.rstd[n * l.g + g] = r;
   }
-  const float* offset = a.offset;
+  const float* offset = a.offset + (n / a.per_example) * c;
   for (int64_t s = 0; s < l.s; ++s) {
     const T* xr = x + s * c;
     T* yr = y + s * c;
+    if (a.silu) {
 #pragma omp simd
-    for (int64_t ch = 0; ch < c; ++ch)
-      yr[ch] = S::store(((S::load(xr[ch]) - shift[ch]) - mean[ch]) * mul[ch] + offset[ch]);
+      for (int64_t ch = 0; ch < c; ++ch)
+        yr[ch] = S::store(silu(((S::load(xr[ch]) - shift[ch]) - mean[ch]) * mul[ch] + offset[ch]));
+    } else {
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch)
+        yr[ch] = S::store(((S::load(xr[ch]) - shift[ch]) - mean[ch]) * mul[ch] + offset[ch]);
+    }
   }
 }
 
@@ -270,12 +292,15 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32>
                    ffi::Buffer<ffi::F32> offset, ffi::Result<ffi::AnyBuffer> y,
                    ffi::Result<ffi::Buffer<ffi::F32>> mean_shift,
                    ffi::Result<ffi::Buffer<ffi::F32>> rstd, float epsilon, int64_t num_groups,
-                   bool channels_last) {
+                   bool channels_last, bool use_silu) {
   Layout l;
   if (auto e = read_layout(x.dimensions(), num_groups, channels_last, &l)) return *e;
   auto dims = x.dimensions();
-  if (auto e = check_dims("scale", scale.dimensions(), {l.c})) return *e;
-  if (auto e = check_dims("offset", offset.dimensions(), {l.c})) return *e;
+  int64_t examples = 1, offset_examples = 1;
+  if (auto e = check_affine("scale", scale.dimensions(), l.n, l.c, &examples)) return *e;
+  if (auto e = check_affine("offset", offset.dimensions(), l.n, l.c, &offset_examples)) return *e;
+  if (offset_examples != examples)
+    return ffi::Error::InvalidArgument("offset must have scale's dimensions");
   if (auto e = check_dims("y", y->dimensions(), {dims[0], dims[1], dims[2]})) return *e;
   if (auto e = check_dims("mean_shift", mean_shift->dimensions(), {l.n, l.g})) return *e;
   if (auto e = check_dims("rstd", rstd->dimensions(), {l.n, l.g})) return *e;
@@ -291,7 +316,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32>
     return ffi::Error::Success();
   }
   ForwardArgs a{x.untyped_data(), scale.typed_data(), offset.typed_data(), y->untyped_data(),
-                mean_shift->typed_data(), rstd->typed_data(), l, epsilon};
+                mean_shift->typed_data(), rstd->typed_data(), l, l.n / examples, epsilon,
+                use_silu};
   parallel_chunks(pool, units_of(l), chunk_of(l), [&](int64_t u0, int64_t u1) { fn(a, u0, u1); });
   return ffi::Error::Success();
 }
@@ -301,7 +327,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32>
 
 struct BackwardArgs {
   const void* x;
-  const float* scale;
+  const float* scale;   // (C,), or (E, C) as in the forward
+  const float* offset;  // read only with silu: the affine's output is recomputed
   const float* mean_shift;
   const float* rstd;
   const void* ct;
@@ -309,8 +336,15 @@ struct BackwardArgs {
   double* sum_ct;     // (N, C): sum over s of ct
   double* sum_ct_xh;  // (N, C): sum over s of ct * xhat
   Layout l;
+  int64_t per_example;
+  bool silu;
   bool want_dx;
 };
+
+// The cotangent of the affine's output u = xhat * scale + offset, from y's cotangent g.
+EQX_INLINE float affine_cotangent(float g, float xhat, float scale, float offset, bool use_silu) {
+  return use_silu ? g * silu_slope(xhat * scale + offset) : g;
+}
 
 template <class S>
 EQX_INLINE void backward_group_first(const BackwardArgs& a, int64_t u) {
@@ -322,36 +356,42 @@ EQX_INLINE void backward_group_first(const BackwardArgs& a, int64_t u) {
   const float shift = S::load(x[0]);
   const float m = a.mean_shift[u], r = a.rstd[u];
   const int64_t n = u / l.g, c0 = (u % l.g) * l.k;
+  const float* scale = a.scale + (n / a.per_example) * l.c;
+  const float* offset = a.offset + (n / a.per_example) * l.c;
+  const bool use_silu = a.silu;
   double sv = 0.0, svx = 0.0;
   for (int64_t k = 0; k < l.k; ++k) {
     const T* xr = x + k * l.s;
     const T* gr = ct + k * l.s;
+    const float sc = scale[c0 + k], of = offset[c0 + k];
     double s1, s2;
     lane_sum2(
         l.s,
         [&](int64_t i, float* a1, float* a2) {
-          float g = S::load(gr[i]);
+          const float xhat = ((S::load(xr[i]) - shift) - m) * r;
+          const float g = affine_cotangent(S::load(gr[i]), xhat, sc, of, use_silu);
           *a1 += g;
-          *a2 += g * (((S::load(xr[i]) - shift) - m) * r);
+          *a2 += g * xhat;
         },
         &s1, &s2);
     a.sum_ct[n * l.c + c0 + k] = s1;
     a.sum_ct_xh[n * l.c + c0 + k] = s2;
-    sv += a.scale[c0 + k] * s1;
-    svx += a.scale[c0 + k] * s2;
+    sv += sc * s1;
+    svx += sc * s2;
   }
   if (!a.want_dx) return;
   const float mean_v = l.mean(sv), mean_vx = l.mean(svx);
   T* dx = static_cast<T*>(a.dx) + u * m_size;
   for (int64_t k = 0; k < l.k; ++k) {
-    const float sc = a.scale[c0 + k];
+    const float sc = scale[c0 + k], of = offset[c0 + k];
     const T* xr = x + k * l.s;
     const T* gr = ct + k * l.s;
     T* dr = dx + k * l.s;
 #pragma omp simd
     for (int64_t i = 0; i < l.s; ++i) {
       float xhat = ((S::load(xr[i]) - shift) - m) * r;
-      dr[i] = S::store(r * ((S::load(gr[i]) * sc - mean_v) - xhat * mean_vx));
+      float g = affine_cotangent(S::load(gr[i]), xhat, sc, of, use_silu);
+      dr[i] = S::store(r * ((g * sc - mean_v) - xhat * mean_vx));
     }
   }
 }
@@ -374,12 +414,18 @@ EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch&
   }
   double* s_ct = a.sum_ct + n * c;
   double* s_ctx = a.sum_ct_xh + n * c;
+  const float* scale = a.scale + (n / a.per_example) * c;
+  const float* offset = a.offset + (n / a.per_example) * c;
+  const bool use_silu = a.silu;
+  auto xhat_at = [&](int64_t s, int64_t ch) {
+    return ((S::load(x[s * c + ch]) - shift[ch]) - mean[ch]) * rs[ch];
+  };
+  auto g_at = [&](int64_t s, int64_t ch) {
+    return affine_cotangent(S::load(ct[s * c + ch]), xhat_at(s, ch), scale[ch], offset[ch],
+                            use_silu);
+  };
   channel_sums(
-      l, sc, [&](int64_t s, int64_t ch) { return S::load(ct[s * c + ch]); },
-      [&](int64_t s, int64_t ch) {
-        return S::load(ct[s * c + ch]) *
-               (((S::load(x[s * c + ch]) - shift[ch]) - mean[ch]) * rs[ch]);
-      });
+      l, sc, g_at, [&](int64_t s, int64_t ch) { return g_at(s, ch) * xhat_at(s, ch); });
   std::copy(sc.total.begin(), sc.total.end(), s_ct);
   std::copy(sc.total2.begin(), sc.total2.end(), s_ctx);
   if (!a.want_dx) return;
@@ -389,8 +435,8 @@ EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch&
   for (int64_t g = 0; g < l.g; ++g) {
     double sv = 0.0, svx = 0.0;
     for (int64_t k = 0; k < l.k; ++k) {
-      sv += a.scale[g * l.k + k] * s_ct[g * l.k + k];
-      svx += a.scale[g * l.k + k] * s_ctx[g * l.k + k];
+      sv += scale[g * l.k + k] * s_ct[g * l.k + k];
+      svx += scale[g * l.k + k] * s_ctx[g * l.k + k];
     }
     const float fv = l.mean(sv), fvx = l.mean(svx);
     for (int64_t k = 0; k < l.k; ++k) {
@@ -399,7 +445,6 @@ EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch&
     }
   }
   T* dx = static_cast<T*>(a.dx) + n * l.example_size();
-  const float* scale = a.scale;
   const float* pmv = mv;
   const float* pmvx = mvx;
   for (int64_t s = 0; s < l.s; ++s) {
@@ -409,7 +454,8 @@ EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch&
 #pragma omp simd
     for (int64_t ch = 0; ch < c; ++ch) {
       float xhat = ((S::load(xr[ch]) - shift[ch]) - mean[ch]) * rs[ch];
-      dr[ch] = S::store(rs[ch] * ((S::load(gr[ch]) * scale[ch] - pmv[ch]) - xhat * pmvx[ch]));
+      float g = affine_cotangent(S::load(gr[ch]), xhat, scale[ch], offset[ch], use_silu);
+      dr[ch] = S::store(rs[ch] * ((g * scale[ch] - pmv[ch]) - xhat * pmvx[ch]));
     }
   }
 }
@@ -427,17 +473,21 @@ EQX_CLONES void backward_units(const BackwardArgs& a, int64_t u0, int64_t u1) {
 using BackwardFn = void (*)(const BackwardArgs&, int64_t, int64_t);
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
-                    ffi::Buffer<ffi::F32> mean_shift, ffi::Buffer<ffi::F32> rstd,
-                    ffi::AnyBuffer ct, ffi::Result<ffi::AnyBuffer> dx,
-                    ffi::Result<ffi::Buffer<ffi::F32>> dscale,
+                    ffi::Buffer<ffi::F32> offset, ffi::Buffer<ffi::F32> mean_shift,
+                    ffi::Buffer<ffi::F32> rstd, ffi::AnyBuffer ct,
+                    ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::Buffer<ffi::F32>> dscale,
                     ffi::Result<ffi::Buffer<ffi::F32>> doffset, int64_t num_groups,
-                    bool channels_last, int64_t groups, bool want_dx) {
+                    bool channels_last, bool use_silu, int64_t groups, bool want_dx) {
   Layout l;
   if (auto e = read_layout(x.dimensions(), num_groups, channels_last, &l)) return *e;
   auto dims = x.dimensions();
   if (groups < 1 || l.n % groups != 0)
     return ffi::Error::InvalidArgument("groups must be >= 1 and divide the number of examples");
-  if (auto e = check_dims("scale", scale.dimensions(), {l.c})) return *e;
+  int64_t examples = 1, offset_examples = 1;
+  if (auto e = check_affine("scale", scale.dimensions(), l.n, l.c, &examples)) return *e;
+  if (auto e = check_affine("offset", offset.dimensions(), l.n, l.c, &offset_examples)) return *e;
+  if (offset_examples != examples)
+    return ffi::Error::InvalidArgument("offset must have scale's dimensions");
   if (auto e = check_dims("mean_shift", mean_shift.dimensions(), {l.n, l.g})) return *e;
   if (auto e = check_dims("rstd", rstd.dimensions(), {l.n, l.g})) return *e;
   if (auto e = check_dims("ct", ct.dimensions(), {dims[0], dims[1], dims[2]})) return *e;
@@ -464,9 +514,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
     return ffi::Error::Success();
   }
   std::vector<double> sums(static_cast<size_t>(2 * l.n * l.c));
-  BackwardArgs a{x.untyped_data(), scale.typed_data(), mean_shift.typed_data(),
-                 rstd.typed_data(), ct.untyped_data(), dx->untyped_data(), sums.data(),
-                 sums.data() + l.n * l.c, l, want_dx};
+  BackwardArgs a{x.untyped_data(), scale.typed_data(), offset.typed_data(),
+                 mean_shift.typed_data(), rstd.typed_data(), ct.untyped_data(),
+                 dx->untyped_data(), sums.data(), sums.data() + l.n * l.c, l, l.n / examples,
+                 use_silu, want_dx};
   parallel_chunks(pool, units_of(l), chunk_of(l), [&](int64_t u0, int64_t u1) { fn(a, u0, u1); });
   // dscale/doffset per group of examples: the (n, c) partial sums added in n order
   const int64_t per = l.n / groups;
@@ -496,20 +547,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormGroupsForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()         // x (N, S, C) or (N, C, S)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale (C,)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // offset (C,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale (C,) or (E, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // offset, as scale
                                   .Ret<ffi::AnyBuffer>()         // y, x's shape
                                   .Ret<ffi::Buffer<ffi::F32>>()  // mean - first (N, G)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // rstd (N, G)
                                   .Attr<float>("epsilon")
                                   .Attr<int64_t>("num_groups")
-                                  .Attr<bool>("channels_last"));
+                                  .Attr<bool>("channels_last")
+                                  .Attr<bool>("silu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormGroupsBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()         // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale (C,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale (C,) or (E, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // offset, as scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // mean - first (N, G)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // rstd (N, G)
                                   .Arg<ffi::AnyBuffer>()         // cotangent, x's shape
@@ -518,5 +571,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormGroupsBackward, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // doffset (groups, C)
                                   .Attr<int64_t>("num_groups")
                                   .Attr<bool>("channels_last")
+                                  .Attr<bool>("silu")
                                   .Attr<int64_t>("groups")
                                   .Attr<bool>("want_dx"));

@@ -3,6 +3,7 @@
 // Forward:  y = xhat * scale + offset with xhat = ((x - x0) - m) * r, where x0 is the
 //           row's first element, m = mean(x - x0) and r = rsqrt(mean(((x - x0) - m)^2) + eps)
 //           (RMSNorm: xhat = x * r, r = rsqrt(mean(x^2) + eps)). Saves m and r per row.
+// Per example: scale and offset are (D,), or (E, D), one per example of rows / E rows.
 // Backward: with v = ct * scale,
 //           dx = r * (v - c * mean(v) - xhat * mean(v * xhat))   (c = 1 LayerNorm, 0 RMSNorm)
 //           dscale[g] = sum over group g's rows of ct * xhat, doffset[g] = sum of ct.
@@ -34,12 +35,13 @@ struct ForwardArgs {
   const void* x;
   const void* r;  // the residual (rows, D), or null; then h = x + r is stored and normalized
   void* h;
-  const float* scale;
+  const float* scale;   // (D,), or (E, D): row `row` takes scale[row / per_example]
   const float* offset;
   void* y;
   float* mean_shift;  // mean - x[row, 0] (0 for RMSNorm)
   float* rstd;
   int64_t d;
+  int64_t per_example;  // rows per example of the affine (all rows when it is shared)
   float epsilon;
   bool center;
 };
@@ -71,8 +73,8 @@ EQX_CLONES void forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t ro
         return Y::load(x[i]);
       }
     };
-    const float* scale = a.scale;
-    const float* offset = a.offset;
+    const float* scale = a.scale + (row / a.per_example) * d;
+    const float* offset = a.offset + (row / a.per_example) * d;
     float m = 0.0f, r;
     if (a.center) {
       const Stats stats = shifted_stats(d, a.epsilon, mean, v);
@@ -105,8 +107,11 @@ ffi::Error run_forward(ffi::ThreadPool& pool, ffi::AnyBuffer x, const ffi::AnyBu
   auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("x must be 2-D (rows, D)");
   const int64_t rows = dims[0], d = dims[1];
-  if (auto e = check_dims("scale", scale.dimensions(), {d})) return *e;
-  if (auto e = check_dims("offset", offset.dimensions(), {d})) return *e;
+  int64_t examples = 1, offset_examples = 1;
+  if (auto e = check_affine("scale", scale.dimensions(), rows, d, &examples)) return *e;
+  if (auto e = check_affine("offset", offset.dimensions(), rows, d, &offset_examples)) return *e;
+  if (offset_examples != examples)
+    return ffi::Error::InvalidArgument("offset must have scale's dimensions");
   if (auto e = check_dims("y", y->dimensions(), {rows, d})) return *e;
   if (auto e = check_dims("mean_shift", mean_shift->dimensions(), {rows})) return *e;
   if (auto e = check_dims("rstd", rstd->dimensions(), {rows})) return *e;
@@ -142,8 +147,8 @@ ffi::Error run_forward(ffi::ThreadPool& pool, ffi::AnyBuffer x, const ffi::AnyBu
   }
   ForwardArgs a{x.untyped_data(), r ? r->untyped_data() : nullptr,
                 h ? h->untyped_data() : nullptr, scale.typed_data(), offset.typed_data(),
-                y->untyped_data(), mean_shift->typed_data(), rstd->typed_data(), d, epsilon,
-                center};
+                y->untyped_data(), mean_shift->typed_data(), rstd->typed_data(), d,
+                rows / examples, epsilon, center};
   parallel_chunks(pool, rows, units_per_chunk(d, 1 << 16),
                   [&](int64_t r0, int64_t r1) { fn(a, r0, r1); });
   return ffi::Error::Success();
@@ -181,13 +186,14 @@ constexpr int64_t kColumnBlock = 8192;
 
 struct BackwardArgs {
   const void* x;
-  const float* scale;
+  const float* scale;  // (D,), or (E, D): row `row` takes scale[row / per_example]
   const float* mean_shift;
   const float* rstd;
   const void* ct;
   const void* ct_h;  // the residual output's cotangent, added to dx (null: none)
   void* dx;
   int64_t d;
+  int64_t per_example;  // rows per example of scale (all rows when it is shared)
   bool center;
   bool want_dx;  // false: only dscale/doffset are wanted, dx is neither computed nor written
 };
@@ -201,7 +207,7 @@ EQX_INLINE void row_sums(const BackwardArgs& a, int64_t row, int64_t c0, int64_t
   using T = typename S::T;
   const T* x = static_cast<const T*>(a.x) + row * a.d;
   const typename C::T* ct = static_cast<const typename C::T*>(a.ct) + row * a.d;
-  const float* scale = a.scale;
+  const float* scale = a.scale + (row / a.per_example) * a.d;
   const float shift = a.center ? S::load(x[0]) : 0.0f;
   const float m = a.mean_shift[row], r = a.rstd[row];
   const int64_t n = c1 - c0;
@@ -240,7 +246,7 @@ EQX_INLINE void row_dx(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c
     }
   };
   T* dx = static_cast<T*>(a.dx) + row * a.d;
-  const float* scale = a.scale;
+  const float* scale = a.scale + (row / a.per_example) * a.d;
   const float inv_d = 1.0f / static_cast<float>(a.d);
   const float shift = a.center ? S::load(x[0]) : 0.0f;
   const float m = a.mean_shift[row], r = a.rstd[row];
@@ -344,7 +350,8 @@ ffi::Error run_backward(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::Buffer<ffi
   const int64_t rows = dims[0], d = dims[1];
   if (groups < 1 || rows % groups != 0)
     return ffi::Error::InvalidArgument("groups must be >= 1 and divide the number of rows");
-  if (auto e = check_dims("scale", scale.dimensions(), {d})) return *e;
+  int64_t examples = 1;
+  if (auto e = check_affine("scale", scale.dimensions(), rows, d, &examples)) return *e;
   if (auto e = check_dims("mean_shift", mean_shift.dimensions(), {rows})) return *e;
   if (auto e = check_dims("rstd", rstd.dimensions(), {rows})) return *e;
   if (auto e = check_dims("ct", ct.dimensions(), {rows, d})) return *e;
@@ -400,7 +407,7 @@ ffi::Error run_backward(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::Buffer<ffi
   }
   BackwardArgs a{x.untyped_data(), scale.typed_data(), mean_shift.typed_data(),
                  rstd.typed_data(), ct.untyped_data(), ct_h ? ct_h->untyped_data() : nullptr,
-                 dx->untyped_data(), d, center, want_dx};
+                 dx->untyped_data(), d, rows / examples, center, want_dx};
   const bool long_rows = d > kLongRow;
   const int64_t block = long_rows ? kColumnBlock : d;
   const int64_t blocks = (d + block - 1) / block;
@@ -525,8 +532,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormRowsForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()            // x (rows, D)
-                                  .Arg<ffi::Buffer<ffi::F32>>()     // scale (D,)
-                                  .Arg<ffi::Buffer<ffi::F32>>()     // offset (D,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // scale (D,) or (E, D)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // offset (D,) or (E, D)
                                   .Ret<ffi::AnyBuffer>()            // y (rows, D)
                                   .Ret<ffi::Buffer<ffi::F32>>()     // mean - x[:, 0] (rows,)
                                   .Ret<ffi::Buffer<ffi::F32>>()     // rstd (rows,)
@@ -537,7 +544,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormRowsBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()            // x (rows, D)
-                                  .Arg<ffi::Buffer<ffi::F32>>()     // scale (D,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // scale (D,) or (E, D)
                                   .Arg<ffi::Buffer<ffi::F32>>()     // mean - x[:, 0] (rows,)
                                   .Arg<ffi::Buffer<ffi::F32>>()     // rstd (rows,)
                                   .Arg<ffi::AnyBuffer>()            // cotangent (rows, D)
@@ -553,8 +560,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormResidualForward, ResidualForward,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()            // x (rows, D)
                                   .Arg<ffi::AnyBuffer>()            // residual (rows, D)
-                                  .Arg<ffi::Buffer<ffi::F32>>()     // scale (D,)
-                                  .Arg<ffi::Buffer<ffi::F32>>()     // offset (D,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // scale (D,) or (E, D)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // offset (D,) or (E, D)
                                   .Ret<ffi::AnyBuffer>()            // y (rows, D), x's type
                                   .Ret<ffi::AnyBuffer>()            // h = x + r, r's type
                                   .Ret<ffi::Buffer<ffi::F32>>()     // mean - h[:, 0] (rows,)
@@ -566,7 +573,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormResidualBackward, ResidualBackward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()            // h (rows, D)
-                                  .Arg<ffi::Buffer<ffi::F32>>()     // scale (D,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // scale (D,) or (E, D)
                                   .Arg<ffi::Buffer<ffi::F32>>()     // mean - h[:, 0] (rows,)
                                   .Arg<ffi::Buffer<ffi::F32>>()     // rstd (rows,)
                                   .Arg<ffi::AnyBuffer>()            // y's cotangent (rows, D)
