@@ -58,9 +58,19 @@ class GatedRMSNorm(AffineNorm):
             Must divide the number of features.
         norm_before_gate: False (default, Mamba-2's blocks): gate, then normalize. True:
             normalize, then gate (the default of mamba_ssm's ``RMSNormGated`` class).
-        scale_initializer, bias_initializer, elementwise_affine, use_scale, use_bias,
-        zero_centered_scale, param_dtype, dtype, implementation, key: as
-            :class:`RMSNorm`'s.
+        scale_initializer: initializer of ``gamma`` (an initializer, an array or a
+            callable, as :class:`RMSNorm`'s); None (default) means ones.
+        bias_initializer: initializer of ``beta``, with ``use_bias=True``; None means zeros.
+        elementwise_affine: False switches off both ``gamma`` and ``beta``.
+        use_scale: False switches off ``gamma`` alone; None (default) follows
+            ``elementwise_affine``.
+        use_bias: True adds a learnable ``beta`` (default False, as Mamba-2).
+        zero_centered_scale: scale by ``1 + gamma`` instead of ``gamma``.
+        param_dtype: storage dtype of ``gamma``/``beta`` (default float32).
+        dtype: output dtype (default: the input's).
+        implementation: which code runs the call: None (default), ``"xla"`` or
+            ``"kernel"``; see "Implementations" in :mod:`eqx_norm.functional`.
+        key: PRNG key, needed only by random initializers.
 
     Example:
         >>> import jax
