@@ -83,11 +83,18 @@ struct ForwardArgs {
   bool silu;
 };
 
-// y's value from the affine's output u.
-EQX_INLINE float activate(float u, bool use_silu) { return use_silu ? silu(u) : u; }
+// y's value from the affine's output u (Silu: silu(u)).
+template <bool Silu>
+EQX_INLINE float activate(float u) {
+  if constexpr (Silu) {
+    return silu(u);
+  } else {
+    return u;
+  }
+}
 
 // Channels-first: group u = n * G + g, the contiguous block of M values at u * M.
-template <class S>
+template <class S, bool Silu>
 EQX_INLINE void forward_group_first(const ForwardArgs& a, int64_t u) {
   using T = typename S::T;
   const Layout& l = a.l;
@@ -103,15 +110,9 @@ EQX_INLINE void forward_group_first(const ForwardArgs& a, int64_t u) {
     const float sc = r * a.scale[row + c0 + k], of = a.offset[row + c0 + k];
     const T* xr = x + k * l.s;
     T* yr = y + k * l.s;
-    if (a.silu) {
 #pragma omp simd
-      for (int64_t i = 0; i < l.s; ++i)
-        yr[i] = S::store(silu(((S::load(xr[i]) - shift) - m) * sc + of));
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < l.s; ++i)
-        yr[i] = S::store(((S::load(xr[i]) - shift) - m) * sc + of);
-    }
+    for (int64_t i = 0; i < l.s; ++i)
+      yr[i] = S::store(activate<Silu>(((S::load(xr[i]) - shift) - m) * sc + of));
   }
   a.mean_shift[u] = m;
   a.rstd[u] = r;
@@ -126,10 +127,10 @@ struct Scratch {
         total(c), total2(c) {}
 };
 
-// Per-channel sums over all positions of f(s, c) into sc.total and of h(s, c) into
+// Per-channel sums over all positions of f and h, `both(s, c, &f, &h)`, into sc.total and
 // sc.total2, in one pass (float within blocks of kPositions positions, double across).
-template <class F, class H>
-EQX_INLINE void channel_sums(const Layout& l, Scratch& sc, F f, H h) {
+template <class F>
+EQX_INLINE void channel_sums(const Layout& l, Scratch& sc, F both) {
   const int64_t c = l.c;
   float* acc = sc.acc.data();
   float* acc2 = sc.acc2.data();
@@ -144,8 +145,10 @@ EQX_INLINE void channel_sums(const Layout& l, Scratch& sc, F f, H h) {
     for (int64_t s = s0; s < s1; ++s) {
 #pragma omp simd
       for (int64_t ch = 0; ch < c; ++ch) {
-        acc[ch] += f(s, ch);
-        acc2[ch] += h(s, ch);
+        float f, h;
+        both(s, ch, &f, &h);
+        acc[ch] += f;
+        acc2[ch] += h;
       }
     }
     for (int64_t ch = 0; ch < c; ++ch) {
@@ -162,7 +165,7 @@ EQX_INLINE double group_total(const Layout& l, const double* total, int64_t g) {
 }
 
 // Channels-last: example n, (S, C) at n * S * C.
-template <class S>
+template <class S, bool Silu>
 EQX_INLINE void forward_example_last(const ForwardArgs& a, int64_t n, Scratch& sc) {
   using T = typename S::T;
   const Layout& l = a.l;
@@ -240,25 +243,20 @@ EQX_INLINE void forward_example_last(const ForwardArgs& a, int64_t n, Scratch& s
   for (int64_t s = 0; s < l.s; ++s) {
     const T* xr = x + s * c;
     T* yr = y + s * c;
-    if (a.silu) {
 #pragma omp simd
-      for (int64_t ch = 0; ch < c; ++ch)
-        yr[ch] = S::store(silu(((S::load(xr[ch]) - shift[ch]) - mean[ch]) * mul[ch] + offset[ch]));
-    } else {
-#pragma omp simd
-      for (int64_t ch = 0; ch < c; ++ch)
-        yr[ch] = S::store(((S::load(xr[ch]) - shift[ch]) - mean[ch]) * mul[ch] + offset[ch]);
-    }
+    for (int64_t ch = 0; ch < c; ++ch)
+      yr[ch] = S::store(
+          activate<Silu>(((S::load(xr[ch]) - shift[ch]) - mean[ch]) * mul[ch] + offset[ch]));
   }
 }
 
-template <class S>
+template <class S, bool Silu>
 EQX_CLONES void forward_units(const ForwardArgs& a, int64_t u0, int64_t u1) {
   if (a.l.last) {
     Scratch sc(a.l.c, (a.l.s + kPositions - 1) / kPositions);
-    for (int64_t n = u0; n < u1; ++n) forward_example_last<S>(a, n, sc);
+    for (int64_t n = u0; n < u1; ++n) forward_example_last<S, Silu>(a, n, sc);
   } else {
-    for (int64_t u = u0; u < u1; ++u) forward_group_first<S>(a, u);
+    for (int64_t u = u0; u < u1; ++u) forward_group_first<S, Silu>(a, u);
   }
 }
 
@@ -306,7 +304,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32>
   if (auto e = check_dims("rstd", rstd->dimensions(), {l.n, l.g})) return *e;
   const ffi::DataType type = x.element_type();
   ForwardFn fn = nullptr;
-  if (!with_element_type(type, [&](auto s) { fn = forward_units<decltype(s)>; }))
+  if (!with_element_type(type, [&](auto s) {
+        fn = use_silu ? forward_units<decltype(s), true> : forward_units<decltype(s), false>;
+      }))
     return type_error("x", type, EQX_SERVED);
   if (y->element_type() != type)
     return type_error("y", y->element_type(), type_name(type) + " (x's)");
@@ -342,12 +342,19 @@ struct BackwardArgs {
 };
 
 // The cotangent of the affine's output u = xhat * scale + offset, from y's cotangent g.
-EQX_INLINE float affine_cotangent(float g, float xhat, float scale, float offset, bool use_silu) {
-  return use_silu ? g * silu_slope(xhat * scale + offset) : g;
+template <bool Silu>
+EQX_INLINE float affine_cotangent(float g, float xhat, float scale, float offset) {
+  if constexpr (Silu) {
+    return g * silu_slope(xhat * scale + offset);
+  } else {
+    return g;
+  }
 }
 
-template <class S>
-EQX_INLINE void backward_group_first(const BackwardArgs& a, int64_t u) {
+// With Silu, `saved` (the unit's size, float32) keeps the affine output's cotangent from
+// the sums pass for the dx pass, so that silu's slope is computed once per element.
+template <class S, bool Silu>
+EQX_INLINE void backward_group_first(const BackwardArgs& a, int64_t u, float* saved) {
   using T = typename S::T;
   const Layout& l = a.l;
   const int64_t m_size = l.group_size();
@@ -358,7 +365,6 @@ EQX_INLINE void backward_group_first(const BackwardArgs& a, int64_t u) {
   const int64_t n = u / l.g, c0 = (u % l.g) * l.k;
   const float* scale = a.scale + (n / a.per_example) * l.c;
   const float* offset = a.offset + (n / a.per_example) * l.c;
-  const bool use_silu = a.silu;
   double sv = 0.0, svx = 0.0;
   for (int64_t k = 0; k < l.k; ++k) {
     const T* xr = x + k * l.s;
@@ -369,7 +375,8 @@ EQX_INLINE void backward_group_first(const BackwardArgs& a, int64_t u) {
         l.s,
         [&](int64_t i, float* a1, float* a2) {
           const float xhat = ((S::load(xr[i]) - shift) - m) * r;
-          const float g = affine_cotangent(S::load(gr[i]), xhat, sc, of, use_silu);
+          const float g = affine_cotangent<Silu>(S::load(gr[i]), xhat, sc, of);
+          if constexpr (Silu) saved[k * l.s + i] = g;
           *a1 += g;
           *a2 += g * xhat;
         },
@@ -383,21 +390,23 @@ EQX_INLINE void backward_group_first(const BackwardArgs& a, int64_t u) {
   const float mean_v = l.mean(sv), mean_vx = l.mean(svx);
   T* dx = static_cast<T*>(a.dx) + u * m_size;
   for (int64_t k = 0; k < l.k; ++k) {
-    const float sc = scale[c0 + k], of = offset[c0 + k];
+    const float sc = scale[c0 + k];
     const T* xr = x + k * l.s;
     const T* gr = ct + k * l.s;
+    const float* sr = Silu ? saved + k * l.s : nullptr;
     T* dr = dx + k * l.s;
 #pragma omp simd
     for (int64_t i = 0; i < l.s; ++i) {
       float xhat = ((S::load(xr[i]) - shift) - m) * r;
-      float g = affine_cotangent(S::load(gr[i]), xhat, sc, of, use_silu);
+      float g = Silu ? sr[i] : S::load(gr[i]);
       dr[i] = S::store(r * ((g * sc - mean_v) - xhat * mean_vx));
     }
   }
 }
 
-template <class S>
-EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch& sc) {
+template <class S, bool Silu>
+EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch& sc,
+                                      float* saved) {
   using T = typename S::T;
   const Layout& l = a.l;
   const int64_t c = l.c;
@@ -416,16 +425,12 @@ EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch&
   double* s_ctx = a.sum_ct_xh + n * c;
   const float* scale = a.scale + (n / a.per_example) * c;
   const float* offset = a.offset + (n / a.per_example) * c;
-  const bool use_silu = a.silu;
-  auto xhat_at = [&](int64_t s, int64_t ch) {
-    return ((S::load(x[s * c + ch]) - shift[ch]) - mean[ch]) * rs[ch];
-  };
-  auto g_at = [&](int64_t s, int64_t ch) {
-    return affine_cotangent(S::load(ct[s * c + ch]), xhat_at(s, ch), scale[ch], offset[ch],
-                            use_silu);
-  };
-  channel_sums(
-      l, sc, g_at, [&](int64_t s, int64_t ch) { return g_at(s, ch) * xhat_at(s, ch); });
+  channel_sums(l, sc, [&](int64_t s, int64_t ch, float* g, float* g_xhat) {
+    const float xhat = ((S::load(x[s * c + ch]) - shift[ch]) - mean[ch]) * rs[ch];
+    *g = affine_cotangent<Silu>(S::load(ct[s * c + ch]), xhat, scale[ch], offset[ch]);
+    if constexpr (Silu) saved[s * c + ch] = *g;
+    *g_xhat = *g * xhat;
+  });
   std::copy(sc.total.begin(), sc.total.end(), s_ct);
   std::copy(sc.total2.begin(), sc.total2.end(), s_ctx);
   if (!a.want_dx) return;
@@ -450,23 +455,25 @@ EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch&
   for (int64_t s = 0; s < l.s; ++s) {
     const T* xr = x + s * c;
     const T* gr = ct + s * c;
+    const float* sr = Silu ? saved + s * c : nullptr;
     T* dr = dx + s * c;
 #pragma omp simd
     for (int64_t ch = 0; ch < c; ++ch) {
       float xhat = ((S::load(xr[ch]) - shift[ch]) - mean[ch]) * rs[ch];
-      float g = affine_cotangent(S::load(gr[ch]), xhat, scale[ch], offset[ch], use_silu);
+      float g = Silu ? sr[ch] : S::load(gr[ch]);
       dr[ch] = S::store(rs[ch] * ((g * scale[ch] - pmv[ch]) - xhat * pmvx[ch]));
     }
   }
 }
 
-template <class S>
+template <class S, bool Silu>
 EQX_CLONES void backward_units(const BackwardArgs& a, int64_t u0, int64_t u1) {
+  std::vector<float> saved(Silu ? (a.l.last ? a.l.example_size() : a.l.group_size()) : 0);
   if (a.l.last) {
     Scratch sc(a.l.c, (a.l.s + kPositions - 1) / kPositions);
-    for (int64_t n = u0; n < u1; ++n) backward_example_last<S>(a, n, sc);
+    for (int64_t n = u0; n < u1; ++n) backward_example_last<S, Silu>(a, n, sc, saved.data());
   } else {
-    for (int64_t u = u0; u < u1; ++u) backward_group_first<S>(a, u);
+    for (int64_t u = u0; u < u1; ++u) backward_group_first<S, Silu>(a, u, saved.data());
   }
 }
 
@@ -500,7 +507,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
   if (auto e = check_dims("doffset", doffset->dimensions(), {groups, l.c})) return *e;
   const ffi::DataType type = x.element_type();
   BackwardFn fn = nullptr;
-  if (!with_element_type(type, [&](auto s) { fn = backward_units<decltype(s)>; }))
+  if (!with_element_type(type, [&](auto s) {
+        fn = use_silu ? backward_units<decltype(s), true> : backward_units<decltype(s), false>;
+      }))
     return type_error("x", type, EQX_SERVED);
   if (ct.element_type() != type)
     return type_error("ct", ct.element_type(), type_name(type) + " (x's)");
