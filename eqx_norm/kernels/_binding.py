@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -107,33 +108,46 @@ def _formula(kernel, params):
     return functools.partial(getattr(kernel, params["direction"]), **attrs)
 
 
-def _partitioned(fn, roles, out_roles, avals, outs):
+def _partitioned(fn, roles, out_roles, avals, outs, examples=None):
     """``fn`` under ``custom_partitioning``, split by rows (the leading axis of ``m``
     operands and results): ``g`` results (per-group sums) are psummed, ``x`` (empty)
-    results and ``r`` operands replicated."""
-    # Shardy factors: "r" for the rows, one per (axis from the end, size) for the rest,
-    # which stay whole (so that y follows x's sharding wherever x's does)
+    results and ``r`` operands replicated. ``e`` operands and results hold one row per
+    example of ``examples`` (a per-example affine, its sums) and are split with the rows,
+    where the split keeps whole examples on each device (else all is replicated)."""
+    # Shardy factors: "r" for the rows (or "(e q)": examples, rows in each), one per (axis
+    # from the end, size) for the rest, which stay whole (so that y follows x's sharding
+    # wherever x's does)
     names: dict = {}
+    per = None if examples is None else avals[0].shape[0] // examples  # rows per example
+    rows = "r" if per is None else "e" if per == 1 else "(e q)"
 
     def factors(role, shape):
-        lead = int(role == "m")
-        axes = [names.setdefault((i - len(shape), n), "abcdefghijklmnopqstuvwxyz"[len(names)])
+        lead = int(role in "me")
+        axes = [names.setdefault((i - len(shape), n), "abcdfghijklmnopstuvwxyz"[len(names)])
                 for i, n in enumerate(shape) if i >= lead]  # fmt: skip
-        return " ".join(["r"] * lead + axes)
+        return " ".join([rows if role == "m" else "e"] * lead + axes)
 
     rule = ", ".join(factors(r, a.shape) for r, a in zip(roles, avals))
     rule += " -> " + ", ".join(factors(r, o.shape) for r, o in zip(out_roles, outs))
+    sizes = {"q": per} if rows == "(e q)" else {}
+
+    def leading(mesh, arg_shapes):
+        lead = arg_shapes[0].sharding.spec[0] if arg_shapes[0].sharding.spec else None
+        axes = () if lead is None else (lead,) if isinstance(lead, str) else tuple(lead)
+        if examples is not None and examples % math.prod(mesh.shape[a] for a in axes):
+            return None  # the split would cut an example's rows apart
+        return lead
 
     def shardings(mesh, arg_shapes, kinds, shapes):
-        lead = arg_shapes[0].sharding.spec[0] if arg_shapes[0].sharding.spec else None
+        lead = leading(mesh, arg_shapes)
         specs = [
-            P(lead if k == "m" else None, *[None] * (len(a.shape) - 1))
+            P(lead if k in "me" else None, *[None] * (len(a.shape) - 1))
             for k, a in zip(kinds, shapes)
         ]
         return tuple(NamedSharding(mesh, spec) for spec in specs)
 
     def partition(mesh, arg_shapes, result_shape):
-        lead = shardings(mesh, arg_shapes, "m", arg_shapes)[0].spec[0]
+        lead = leading(mesh, arg_shapes)
         axes = () if lead is None else (lead,) if isinstance(lead, str) else tuple(lead)
 
         def lower(*operands):
@@ -149,6 +163,7 @@ def _partitioned(fn, roles, out_roles, avals, outs):
         infer_sharding_from_operands=lambda m, a, r: shardings(m, a, out_roles, r),
         sharding_rule=rule,
         need_replication_factors=tuple(sorted(set(names.values()))),
+        **sizes,
     )
     return wrapped
 
@@ -164,16 +179,23 @@ def _call(kernel, items, avals, shard_mapped):
     fn = kernel.forward_call if direction == "forward" else kernel.backward_call
     fn = functools.partial(fn, **params)
     plain = jax.make_jaxpr(fn)(*avals)
-    roles = _roles({"direction": direction, **params}, len(avals))
-    if shard_mapped or params.get("groups", 1) != 1:
-        return plain
-    if any(r == "r" and _per_example(a) for r, a in zip(roles, avals)):
-        return plain  # per-example affine rows cannot follow a split of x's rows
-
+    roles = "".join(
+        "e" if r == "r" and _per_example(a) else r
+        for r, a in zip(_roles({"direction": direction, **params}, len(avals)), avals)
+    )
+    examples = {a.shape[0] for r, a in zip(roles, avals) if r == "e"}
+    groups = params.get("groups", 1)
+    if shard_mapped or len(examples) > 1 or groups not in (1, *examples):
+        return plain  # (vmap folded several sums into one call)
     outs, out_roles = plain.out_avals, "m" * len(plain.out_avals)
     if direction == "backward":  # (dx or dh, empty when not wanted; dscale, doffset)
-        out_roles = ("m" if outs[0].shape[0] == avals[0].shape[0] else "x") + "gg"
-    return jax.make_jaxpr(_partitioned(fn, roles, out_roles, avals, outs))(*avals)
+        out_roles = "m" if outs[0].shape[0] == avals[0].shape[0] else "x"
+        out_roles += "gg" if groups == 1 else "ee"  # summed over all rows, or per example
+    examples = examples.pop() if examples else None
+    if direction == "backward" and groups != 1:  # per-example sums: as many as each shard has
+        call = kernel.backward_call
+        fn = lambda *ops: call(*ops, **{**params, "groups": ops[1].shape[0]})  # noqa: E731
+    return jax.make_jaxpr(_partitioned(fn, roles, out_roles, avals, outs, examples))(*avals)
 
 
 def bind(primitive, *args, kernel, **params):
