@@ -244,7 +244,7 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t units, int64_t chunk, const 
 // SiLU for the vectorizer: no libm call, so that `#pragma omp simd` loops stay vector.
 
 // exp(x): 2^n p(r) with n = round(x / ln 2) (by the 1.5 * 2^23 rounding trick), r = x - n ln
-// 2 in two parts, and a degree-6 polynomial (Cephes' expf coefficients): a relative error
+// 2 in two parts, and a degree-6 polynomial by Horner's rule (Cephes' expf coefficients): a relative error
 // of about 2e-7 over [-87, 88], to which x is clamped.
 EQX_INLINE float vector_exp(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
@@ -257,14 +257,17 @@ EQX_INLINE float vector_exp(float x) {
   const int32_t exponent = (t_bits - magic_bits + 127) << 23;
   float power;
   std::memcpy(&power, &exponent, sizeof power);
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  // Explicit fused multiply-adds: one rounding each, so every clone gives the same bits
+  // (the x86-64-v3/v4 clones' instruction, the default clone's libm fmaf), and about twice
+  // the speed of separate products and sums where the CPU has FMA.
+  const float r = __builtin_fmaf(n, 2.12194440e-4f, __builtin_fmaf(n, -0.693359375f, x));
   float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  return ((p * r) * r + r + 1.0f) * power;
+  p = __builtin_fmaf(p, r, 1.3981999507e-3f);
+  p = __builtin_fmaf(p, r, 8.3334519073e-3f);
+  p = __builtin_fmaf(p, r, 4.1665795894e-2f);
+  p = __builtin_fmaf(p, r, 1.6666665459e-1f);
+  p = __builtin_fmaf(p, r, 5.0000001201e-1f);
+  return __builtin_fmaf(p * r, r, r + 1.0f) * power;
 }
 
 EQX_INLINE float sigmoid(float u) { return 1.0f / (1.0f + vector_exp(-u)); }
