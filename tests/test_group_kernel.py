@@ -524,8 +524,10 @@ def test_several_devices():
 _F32 = jnp.float32
 # channels-last x (N=2, S=6, C=8), G=4
 _GOOD_FORWARD = dict(
-    x=(2, 6, 8), scale=(8,), offset=(8,), y=(2, 6, 8), mean_shift=(2, 4), rstd=(2, 4)
-)
+    x=(2, 6, 8), scale=(8,), offset=(8,), y=(2, 6, 8), mean_shift=(2, 4), rstd=(2, 4),
+    sigmoid=(2, 1, 1),  # without the SiLU: a placeholder
+)  # fmt: skip
+_FORWARD_OUTS = ("y", "mean_shift", "rstd", "sigmoid")
 _FORWARD_ATTRS = dict(
     epsilon=np.float32(EPS), num_groups=np.int64(4), channels_last=True, silu=False
 )
@@ -540,23 +542,24 @@ _FORWARD_ATTRS = dict(
         ("y", (2, 8, 6)),
         ("mean_shift", (2, 8)),
         ("rstd", (4,)),
+        ("sigmoid", (2, 6, 8)),  # x's shape only with silu=True
     ],
 )
 def test_forward_target_rejects_a_wrong_buffer_shape(buffer, shape):
     shapes = {**_GOOD_FORWARD, buffer: shape}
     args = [jnp.ones(shapes[n], _F32) for n in ("x", "scale", "offset")]
-    outs = [jax.ShapeDtypeStruct(shapes[n], _F32) for n in ("y", "mean_shift", "rstd")]
+    outs = [jax.ShapeDtypeStruct(shapes[n], _F32) for n in _FORWARD_OUTS]
     with pytest.raises(Exception, match=rf"{buffer} has dimensions"):
         jax.block_until_ready(call_target("eqx_norm_groups_forward", outs, *args, **_FORWARD_ATTRS))
     good = [jnp.ones(_GOOD_FORWARD[n], _F32) for n in ("x", "scale", "offset")]
-    good_outs = [jax.ShapeDtypeStruct(_GOOD_FORWARD[n], _F32) for n in ("y", "mean_shift", "rstd")]
+    good_outs = [jax.ShapeDtypeStruct(_GOOD_FORWARD[n], _F32) for n in _FORWARD_OUTS]
     y = call_target("eqx_norm_groups_forward", good_outs, *good, **_FORWARD_ATTRS)
     assert y[0].shape == (2, 6, 8)  # the same call with the right shapes runs
 
 
 def test_forward_target_rejects_groups_that_do_not_divide_the_channels():
     args = [jnp.ones(_GOOD_FORWARD[n], _F32) for n in ("x", "scale", "offset")]
-    outs = [jax.ShapeDtypeStruct(s, _F32) for s in ((2, 6, 8), (2, 3), (2, 3))]
+    outs = [jax.ShapeDtypeStruct(s, _F32) for s in ((2, 6, 8), (2, 3), (2, 3), (2, 1, 1))]
     attrs = {**_FORWARD_ATTRS, "num_groups": np.int64(3)}
     with pytest.raises(Exception, match="num_groups must be >= 1 and divide the channels"):
         jax.block_until_ready(call_target("eqx_norm_groups_forward", outs, *args, **attrs))
@@ -568,11 +571,13 @@ _GOOD_BACKWARD = dict(
     offset=(8,),
     mean_shift=(2, 4),
     rstd=(2, 4),
+    sigmoid=(2, 1, 1),
     ct=(2, 8, 6),
     dx=(2, 8, 6),
     dscale=(2, 8),
     doffset=(2, 8),
 )  # fmt: skip  (channels-first, groups=2: per-example sums)
+_BACKWARD_ARGS = ("x", "scale", "offset", "mean_shift", "rstd", "sigmoid", "ct")
 _BACKWARD_ATTRS = dict(
     num_groups=np.int64(4), channels_last=False, silu=False, groups=np.int64(2), want_dx=True
 )
@@ -585,6 +590,7 @@ _BACKWARD_ATTRS = dict(
         ("offset", (2, 6)),
         ("mean_shift", (2, 2)),
         ("rstd", (8,)),
+        ("sigmoid", (2, 8, 6)),
         ("ct", (2, 6, 8)),
         ("dx", (1, 8, 6)),
         ("dscale", (1, 8)),
@@ -593,7 +599,7 @@ _BACKWARD_ATTRS = dict(
 )
 def test_backward_target_rejects_a_wrong_buffer_shape(buffer, shape):
     shapes = {**_GOOD_BACKWARD, buffer: shape}
-    args = [jnp.ones(shapes[n], _F32) for n in ("x", "scale", "offset", "mean_shift", "rstd", "ct")]
+    args = [jnp.ones(shapes[n], _F32) for n in _BACKWARD_ARGS]
     outs = [jax.ShapeDtypeStruct(shapes[n], _F32) for n in ("dx", "dscale", "doffset")]
     with pytest.raises(Exception, match=rf"{buffer} has dimensions"):
         jax.block_until_ready(
@@ -602,10 +608,7 @@ def test_backward_target_rejects_a_wrong_buffer_shape(buffer, shape):
 
 
 def test_backward_target_rejects_bad_groups_and_a_dx_when_none_is_wanted():
-    args = [
-        jnp.ones(_GOOD_BACKWARD[n], _F32)
-        for n in ("x", "scale", "offset", "mean_shift", "rstd", "ct")
-    ]
+    args = [jnp.ones(_GOOD_BACKWARD[n], _F32) for n in _BACKWARD_ARGS]
     outs = [jax.ShapeDtypeStruct(s, _F32) for s in ((2, 8, 6), (3, 8), (3, 8))]
     attrs = {**_BACKWARD_ATTRS, "groups": np.int64(3)}
     with pytest.raises(Exception, match="groups must be >= 1 and divide the number of examples"):
@@ -618,11 +621,10 @@ def test_backward_target_rejects_bad_groups_and_a_dx_when_none_is_wanted():
 
 _BUFFERS = {  # target: (argument names, result names, good shapes, attributes)
     "eqx_norm_groups_forward": (
-        ("x", "scale", "offset"), ("y", "mean_shift", "rstd"), _GOOD_FORWARD, _FORWARD_ATTRS
+        ("x", "scale", "offset"), _FORWARD_OUTS, _GOOD_FORWARD, _FORWARD_ATTRS
     ),
     "eqx_norm_groups_backward": (
-        ("x", "scale", "offset", "mean_shift", "rstd", "ct"), ("dx", "dscale", "doffset"),
-        _GOOD_BACKWARD, _BACKWARD_ATTRS,
+        _BACKWARD_ARGS, ("dx", "dscale", "doffset"), _GOOD_BACKWARD, _BACKWARD_ATTRS,
     ),
 }  # fmt: skip
 
@@ -658,12 +660,13 @@ def test_forward_target_writes_nan_statistics_for_empty_groups(channels_last, sh
     """Groups of no values (no positions, or no channels): every output is still written,
     the statistics NaN, as a mean over nothing."""
     channels = shape[2] if channels_last else shape[1]
-    outs = [jax.ShapeDtypeStruct(s, _F32) for s in (shape, (2, 4), (2, 4))]
+    outs = [jax.ShapeDtypeStruct(s, _F32) for s in (shape, (2, 4), (2, 4), (2, 1, 1))]
     args = (jnp.ones(shape), jnp.ones(channels), jnp.zeros(channels))
     attrs = {**_FORWARD_ATTRS, "channels_last": channels_last}
-    y, mean_shift, rstd = call_target("eqx_norm_groups_forward", outs, *args, **attrs)
+    y, mean_shift, rstd, sigmoid = call_target("eqx_norm_groups_forward", outs, *args, **attrs)
     assert y.shape == shape
     assert np.isnan(mean_shift).all() and np.isnan(rstd).all()
+    assert (np.asarray(sigmoid) == 0).all()  # the placeholder, written
 
 
 @pytest.mark.slow
@@ -685,7 +688,7 @@ def test_jnp_formula_agrees_with_the_kernel():
         bparams = dict(
             num_groups=3, channels_last=last, groups=3, want_dx=True, activation=activation
         )
-        got = _groups._backward_call(x, gamma, beta, want[1], want[2], ct, **bparams)
-        ref = _groups._jnp_backward(x, gamma, beta, want[1], want[2], ct, **bparams)
+        got = _groups._backward_call(x, gamma, beta, *want[1:], ct, **bparams)
+        ref = _groups._jnp_backward(x, gamma, beta, *want[1:], ct, **bparams)
         for g, w in zip(got, ref):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

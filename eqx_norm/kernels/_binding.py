@@ -49,7 +49,8 @@ class Kernel:
     """What differs between kernels: the ``jnp`` formulas and the FFI calls, each taking
     every attribute as a keyword. Forward operands ``(x, [residual,] scale, offset)``, its
     outputs the ``visible`` ones (``y``, or ``y`` and ``h``), ``mean_shift`` and ``rstd``;
-    the tangent's and backward's ``(x or h, scale, offset, mean_shift, rstd, *linear)``, ``linear``
+    the tangent's and backward's ``(x or h, scale, offset, *saved, *linear)`` (``saved``: the
+    statistics, ``mean_shift`` and ``rstd``, and any more the kernel keeps), ``linear``
     the inputs' tangents named by ``which``, or the visible outputs' cotangents."""
 
     name: str
@@ -59,6 +60,7 @@ class Kernel:
     forward_call: Callable
     backward_call: Callable
     visible: int  # how many outputs the caller sees: 1 (y), or 2 (y, h)
+    saved: int = 2  # the outputs after them that the tangent and backward read
 
     def __repr__(self) -> str:  # the name alone, so that printed jaxprs stay readable
         return self.name
@@ -95,12 +97,13 @@ def _per_example(a) -> bool:
     return a.ndim == 2 and a.shape[0] > 1
 
 
-def _roles(params, n):
+def _roles(kernel, params, n):
     """Per operand: ``m`` split by rows like ``x``, ``r`` shared (scale, offset, ...)."""
     if params["direction"] == "forward":
         return "m" * (n - 2) + "rr"
-    linear = params.get("which", ("ct",) * (n - 5))
-    return "mrrmm" + "".join("r" if w in ("dscale", "doffset") else "m" for w in linear)
+    linear = params.get("which", ("ct",) * (n - 3 - kernel.saved))
+    roles = "mrr" + "m" * kernel.saved
+    return roles + "".join("r" if w in ("dscale", "doffset") else "m" for w in linear)
 
 
 def _formula(kernel, params):
@@ -181,7 +184,7 @@ def _call(kernel, items, avals, shard_mapped):
     plain = jax.make_jaxpr(fn)(*avals)
     roles = "".join(
         "e" if r == "r" and _per_example(a) else r
-        for r, a in zip(_roles({"direction": direction, **params}, len(avals)), avals)
+        for r, a in zip(_roles(kernel, {"direction": direction, **params}, len(avals)), avals)
     )
     examples = {a.shape[0] for r, a in zip(roles, avals) if r == "e"}
     groups = params.get("groups", 1)
@@ -231,7 +234,7 @@ def _batch(primitive, args, dims, *, kernel, call, **params):
     """Fold the batch into the rows when no shared operand is batched, else ``vmap`` the
     ``jnp`` formula."""
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    roles = _roles(params, len(args))
+    roles = _roles(kernel, params, len(args))
     if any(d is not None for r, d in zip(roles, dims) if r == "r"):
         outs = jax.vmap(_formula(kernel, params), in_axes=tuple(dims))(*args)
         return outs, [0] * len(outs)
@@ -256,13 +259,13 @@ def _transpose(cts, *args, kernel, call, which, **params):
     scale = args[1]  # (D,), or (E, D): then one set of sums per example
     examples = scale.shape[0] if scale.ndim == 2 else 1
     dx, dscale, doffset = bind(
-        linear_p, *args[:5], *cts, kernel=kernel, direction="backward",
+        linear_p, *args[: 3 + kernel.saved], *cts, kernel=kernel, direction="backward",
         groups=examples, want_dx="dx" in which or "dr" in which, **attrs,
     )  # fmt: skip
     # the fused residual's dx is dh: dx in x's dtype, and dr
     found = {"dx": dx.astype(attrs.get("dtype", dx.dtype)), "dr": dx}
     found.update(dscale=dscale.reshape(scale.shape), doffset=doffset.reshape(scale.shape))
-    return [None] * 5 + [found[name] for name in which]
+    return [None] * (3 + kernel.saved) + [found[name] for name in which]
 
 
 def _define(name, transpose=None):

@@ -77,12 +77,6 @@ def _per_channel(v, num_groups, channels_last, n=1):
     return v.reshape(shape)
 
 
-def _silu_slope(pre):
-    """``silu'(pre) = sigmoid(pre) * (1 + pre * (1 - sigmoid(pre)))``."""
-    sig = jax.nn.sigmoid(pre)
-    return sig * (1 + pre * (1 - sig))
-
-
 def _per_group(v, channels_last):
     """An ``(N, G)`` statistic broadcastable against the grouped view."""
     return v[:, None, :, None] if channels_last else v[:, :, None, None]
@@ -117,14 +111,28 @@ def _jnp_forward(
         mean_shift = jnp.zeros(mean_shift.shape, jnp.float32)
     y = centered * rstd * _per_channel(scale, num_groups, channels_last, n)
     y = y + _per_channel(offset, num_groups, channels_last, n)
-    if activation == "silu":
-        y = jax.nn.silu(y)
-    return y.reshape(x.shape).astype(x.dtype), mean_shift, rstd.reshape(mean_shift.shape)
+    sigmoid = jnp.zeros(_sigmoid_shape(x.shape, activation), jnp.float32)
+    if activation == "silu":  # sigmoid(u) is kept for the derivative, as autodiff keeps it
+        sigmoid = jax.nn.sigmoid(y)
+        y = y * sigmoid
+        sigmoid = sigmoid.reshape(x.shape)
+    y = y.reshape(x.shape).astype(x.dtype)
+    return y, mean_shift, rstd.reshape(mean_shift.shape), sigmoid
+
+
+def _sigmoid_shape(shape, activation):
+    """The kept ``sigmoid(u)``: x's shape with the SiLU, else a placeholder ``(N, 1, 1)``."""
+    return shape if activation == "silu" else (shape[0], 1, 1)
+
+
+def _silu_slope(pre, sigmoid):
+    """``silu'(pre) = sigmoid(pre) * (1 + pre * (1 - sigmoid(pre)))``."""
+    return sigmoid * (1 + pre * (1 - sigmoid))
 
 
 def _jnp_tangent(
-    x, scale, offset, mean_shift, rstd, *linear, num_groups, channels_last, which, center=True,
-    activation=None, **_,
+    x, scale, offset, mean_shift, rstd, sigmoid, *linear, num_groups, channels_last, which,
+    center=True, activation=None, **_,
 ):  # fmt: skip
     """The forward pass's tangent, linear in the operands named by ``which``."""
     named = dict(zip(which, linear, strict=True))
@@ -142,21 +150,22 @@ def _jnp_tangent(
     if "doffset" in named:
         dy = dy + _per_channel(named["doffset"], num_groups, channels_last, n)
     if activation == "silu":
-        dy = dy * _silu_slope(_pre(xhat, scale, offset, num_groups, channels_last))
+        dy = dy * _slope(xhat, scale, offset, sigmoid, num_groups, channels_last)
     return [dy.reshape(x.shape).astype(x.dtype)]
 
 
-def _pre(xhat, scale, offset, num_groups, channels_last):
-    """The affine's output, before the activation, on the grouped view."""
+def _slope(xhat, scale, offset, sigmoid, num_groups, channels_last):
+    """silu's slope at the affine's output ``u`` (rebuilt from ``xhat``), on the grouped
+    view, from the kept ``sigmoid(u)``."""
     n = xhat.shape[0]
-    return xhat * _per_channel(scale, num_groups, channels_last, n) + _per_channel(
-        offset, num_groups, channels_last, n
-    )
+    pre = xhat * _per_channel(scale, num_groups, channels_last, n)
+    pre = pre + _per_channel(offset, num_groups, channels_last, n)
+    return _silu_slope(pre, _grouped(sigmoid, num_groups, channels_last)[0])
 
 
 def _jnp_backward(
-    x, scale, offset, mean_shift, rstd, ct, ct_h=None, *, num_groups, channels_last, groups,
-    want_dx=True, center=True, activation=None, **_,
+    x, scale, offset, mean_shift, rstd, sigmoid, ct, ct_h=None, *, num_groups, channels_last,
+    groups, want_dx=True, center=True, activation=None, **_,
 ):  # fmt: skip
     """The tangent's transpose: ``(dx, dscale, doffset)``, the last two ``(groups, C)``,
     summed over each group of ``N / groups`` examples; ``dx`` is empty unless ``want_dx``,
@@ -164,7 +173,7 @@ def _jnp_backward(
     xhat, axes = _xhat(x, mean_shift, rstd, num_groups, channels_last, center)
     g, _ = _grouped(ct.astype(jnp.float32), num_groups, channels_last)
     if activation == "silu":  # the cotangent of the affine's output
-        g = g * _silu_slope(_pre(xhat, scale, offset, num_groups, channels_last))
+        g = g * _slope(xhat, scale, offset, sigmoid, num_groups, channels_last)
     space = 1 if channels_last else 3  # the position axis of the grouped view
     c = scale.shape[-1]
     dscale = jnp.sum(jnp.sum(g * xhat, axis=space).reshape(groups, -1, c), axis=1)
@@ -190,7 +199,8 @@ def _layout(num_groups, channels_last, activation):
 
 def _forward_call(x, scale, offset, *, epsilon, num_groups, channels_last, activation, **_):
     stats = result(x, (x.shape[0], num_groups), jnp.float32)
-    out = (result(x, x.shape, x.dtype), stats, stats)
+    sigmoid = result(x, _sigmoid_shape(x.shape, activation), jnp.float32)
+    out = (result(x, x.shape, x.dtype), stats, stats, sigmoid)
     return jax.ffi.ffi_call("eqx_norm_groups_forward", out)(
         x, scale, offset, epsilon=np.float32(epsilon),
         **_layout(num_groups, channels_last, activation),
@@ -200,7 +210,7 @@ def _forward_call(x, scale, offset, *, epsilon, num_groups, channels_last, activ
 def _backward_call(
     x, scale, *offset_stats_ct, num_groups, channels_last, activation, groups, want_dx, **_
 ):
-    """``offset_stats_ct``: ``(offset, mean_shift, rstd, ct)``."""
+    """``offset_stats_ct``: ``(offset, mean_shift, rstd, sigmoid, ct)``."""
     sums = result(x, (groups, scale.shape[-1]), jnp.float32)
     out = (result(x, x.shape if want_dx else (0, *x.shape[1:]), x.dtype), sums, sums)
     return jax.ffi.ffi_call("eqx_norm_groups_backward", out)(
@@ -210,5 +220,6 @@ def _backward_call(
 
 
 GROUPS = Kernel(
-    "groups", _jnp_forward, _jnp_tangent, _jnp_backward, _forward_call, _backward_call, 1
-)
+    "groups", _jnp_forward, _jnp_tangent, _jnp_backward, _forward_call, _backward_call, 1,
+    saved=3,  # mean_shift, rstd, and the SiLU's sigmoid(u) (a placeholder without it)
+)  # fmt: skip

@@ -91,12 +91,12 @@ _ROW = {"num_groups": 1, "channels_last": True}
 
 def _jnp_forward(x, scale, offset, *, epsilon, center, **_):
     outs = _groups_forward(x[:, None], scale, offset, epsilon=epsilon, center=center, **_ROW)
-    return [o[:, 0] for o in outs]
+    return [o[:, 0] for o in outs[:3]]  # (no activation: no sigmoid kept)
 
 
 def _jnp_tangent(x, scale, offset, mean_shift, rstd, *linear, center, which, **_):
     linear = [t[:, None] if w == "dx" else t for w, t in zip(which, linear, strict=True)]
-    rows = (x[:, None], scale, offset, mean_shift[:, None], rstd[:, None])
+    rows = (x[:, None], scale, offset, mean_shift[:, None], rstd[:, None], None)
     return [_groups_tangent(*rows, *linear, center=center, which=which, **_ROW)[0][:, 0]]
 
 
@@ -105,7 +105,7 @@ def _jnp_backward(
 ):
     """``ct_h`` is added to ``dx`` (the fused residual's backward, ``x`` then ``h``)."""
     ct_h = None if ct_h is None else ct_h[:, None]
-    rows = (x[:, None], scale, offset, mean_shift[:, None], rstd[:, None], ct[:, None], ct_h)
+    rows = (x[:, None], scale, offset, mean_shift[:, None], rstd[:, None], None, ct[:, None], ct_h)
     dx, dscale, doffset = _groups_backward(
         *rows, center=center, groups=groups, want_dx=want_dx, **_ROW
     )

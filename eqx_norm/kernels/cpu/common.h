@@ -241,7 +241,8 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t units, int64_t chunk, const 
 }
 
 // ---------------------------------------------------------------------------------------
-// SiLU for the vectorizer: no libm call, so that `#pragma omp simd` loops stay vector.
+// The SiLU's sigmoid for the vectorizer: no libm call, so that `#pragma omp simd` loops
+// stay vector.
 
 // exp(x): 2^n p(r) with n = round(x / ln 2) (by the 1.5 * 2^23 rounding trick), r = x - n ln
 // 2 in two parts, and a degree-6 polynomial by Horner's rule (Cephes' expf coefficients): a relative error
@@ -271,14 +272,6 @@ EQX_INLINE float vector_exp(float x) {
 }
 
 EQX_INLINE float sigmoid(float u) { return 1.0f / (1.0f + vector_exp(-u)); }
-
-EQX_INLINE float silu(float u) { return u * sigmoid(u); }
-
-// d silu / du = sigmoid(u) (1 + u (1 - sigmoid(u))).
-EQX_INLINE float silu_slope(float u) {
-  const float s = sigmoid(u);
-  return s * (1.0f + u * (1.0f - s));
-}
 
 // ---------------------------------------------------------------------------------------
 // Buffer checks: an error naming the buffer, what it has and what was expected.

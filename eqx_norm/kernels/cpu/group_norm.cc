@@ -5,8 +5,10 @@
 // contiguous block of K channels of S positions. Each (n, g) group of M = K S values has
 // its own statistics; scale and offset are per channel: (C,), or (E, C), one row per
 // example of N / E consecutive examples (the per-example modulation of diffusion models).
-// With `silu`, y = silu(affine output) (Stable Diffusion's GroupNorm then SiLU), and the
-// backward multiplies ct by silu's slope at the affine output, recomputed from x.
+// With `silu`, y = u sigmoid(u) for the affine output u (Stable Diffusion's GroupNorm then
+// SiLU); the forward also writes sigmoid(u) (float32, x's shape; without silu a (N, 1, 1)
+// placeholder of zeros), and the backward multiplies ct by silu's slope, sigmoid(u) (1 + u
+// (1 - sigmoid(u))), with u rebuilt from x: no exp in the backward.
 //
 // Forward:  y = ((x - x0) - m) * (r * scale[c]) + offset[c], where x0 is the group's first
 //           element (in memory order), m = mean(x - x0), r = rsqrt(mean(((x - x0) - m)^2)
@@ -77,17 +79,19 @@ struct ForwardArgs {
   void* y;
   float* mean_shift;  // (N, G): mean - first element of the group
   float* rstd;        // (N, G)
+  float* sigmoid;     // x's shape with Silu: sigmoid(u), kept for the backward
   Layout l;
   int64_t per_example;  // examples per row of scale/offset (N when they are shared)
   float epsilon;
-  bool silu;
 };
 
-// y's value from the affine's output u (Silu: silu(u)).
+// y's value from the affine's output u (Silu: u sigmoid(u), and sigmoid(u) kept in kept[i]).
 template <bool Silu>
-EQX_INLINE float activate(float u) {
+EQX_INLINE float activate(float u, float* kept, int64_t i) {
   if constexpr (Silu) {
-    return silu(u);
+    const float s = sigmoid(u);
+    kept[i] = s;
+    return u * s;
   } else {
     return u;
   }
@@ -101,6 +105,7 @@ EQX_INLINE void forward_group_first(const ForwardArgs& a, int64_t u) {
   const int64_t m_size = l.group_size();
   const T* x = static_cast<const T*>(a.x) + u * m_size;
   T* y = static_cast<T*>(a.y) + u * m_size;
+  float* kept = Silu ? a.sigmoid + u * m_size : nullptr;
   auto mean = [&l](double sum) { return l.mean(sum); };
   const Stats stats =
       shifted_stats(m_size, a.epsilon, mean, [&](int64_t i) { return S::load(x[i]); });
@@ -110,9 +115,10 @@ EQX_INLINE void forward_group_first(const ForwardArgs& a, int64_t u) {
     const float sc = r * a.scale[row + c0 + k], of = a.offset[row + c0 + k];
     const T* xr = x + k * l.s;
     T* yr = y + k * l.s;
+    float* kr = Silu ? kept + k * l.s : nullptr;
 #pragma omp simd
     for (int64_t i = 0; i < l.s; ++i)
-      yr[i] = S::store(activate<Silu>(((S::load(xr[i]) - shift) - m) * sc + of));
+      yr[i] = S::store(activate<Silu>(((S::load(xr[i]) - shift) - m) * sc + of, kr, i));
   }
   a.mean_shift[u] = m;
   a.rstd[u] = r;
@@ -172,6 +178,7 @@ EQX_INLINE void forward_example_last(const ForwardArgs& a, int64_t n, Scratch& s
   const int64_t c = l.c, m_size = l.group_size();
   const T* x = static_cast<const T*>(a.x) + n * l.example_size();
   T* y = static_cast<T*>(a.y) + n * l.example_size();
+  float* kept = Silu ? a.sigmoid + n * l.example_size() : nullptr;
   float* shift = sc.shift.data();
   float* mean = sc.mean.data();
   float* mul = sc.mul.data();
@@ -243,10 +250,11 @@ EQX_INLINE void forward_example_last(const ForwardArgs& a, int64_t n, Scratch& s
   for (int64_t s = 0; s < l.s; ++s) {
     const T* xr = x + s * c;
     T* yr = y + s * c;
+    float* kr = Silu ? kept + s * c : nullptr;
 #pragma omp simd
     for (int64_t ch = 0; ch < c; ++ch)
-      yr[ch] = S::store(
-          activate<Silu>(((S::load(xr[ch]) - shift[ch]) - mean[ch]) * mul[ch] + offset[ch]));
+      yr[ch] = S::store(activate<Silu>(
+          ((S::load(xr[ch]) - shift[ch]) - mean[ch]) * mul[ch] + offset[ch], kr, ch));
   }
 }
 
@@ -289,7 +297,8 @@ using ForwardFn = void (*)(const ForwardArgs&, int64_t, int64_t);
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
                    ffi::Buffer<ffi::F32> offset, ffi::Result<ffi::AnyBuffer> y,
                    ffi::Result<ffi::Buffer<ffi::F32>> mean_shift,
-                   ffi::Result<ffi::Buffer<ffi::F32>> rstd, float epsilon, int64_t num_groups,
+                   ffi::Result<ffi::Buffer<ffi::F32>> rstd,
+                   ffi::Result<ffi::Buffer<ffi::F32>> sigmoid, float epsilon, int64_t num_groups,
                    bool channels_last, bool use_silu) {
   Layout l;
   if (auto e = read_layout(x.dimensions(), num_groups, channels_last, &l)) return *e;
@@ -302,6 +311,12 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32>
   if (auto e = check_dims("y", y->dimensions(), {dims[0], dims[1], dims[2]})) return *e;
   if (auto e = check_dims("mean_shift", mean_shift->dimensions(), {l.n, l.g})) return *e;
   if (auto e = check_dims("rstd", rstd->dimensions(), {l.n, l.g})) return *e;
+  if (use_silu) {
+    if (auto e = check_dims("sigmoid", sigmoid->dimensions(), {dims[0], dims[1], dims[2]}))
+      return *e;
+  } else if (auto e = check_dims("sigmoid", sigmoid->dimensions(), {l.n, 1, 1})) {
+    return *e;
+  }
   const ffi::DataType type = x.element_type();
   ForwardFn fn = nullptr;
   if (!with_element_type(type, [&](auto s) {
@@ -310,14 +325,15 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32>
     return type_error("x", type, EQX_SERVED);
   if (y->element_type() != type)
     return type_error("y", y->element_type(), type_name(type) + " (x's)");
+  if (!use_silu) std::fill(sigmoid->typed_data(), sigmoid->typed_data() + l.n, 0.0f);
   if (l.n == 0 || l.group_size() == 0) {  // empty groups: NaN statistics, a mean over none
     std::fill(mean_shift->typed_data(), mean_shift->typed_data() + l.n * l.g, NAN);
     std::fill(rstd->typed_data(), rstd->typed_data() + l.n * l.g, NAN);
     return ffi::Error::Success();
   }
   ForwardArgs a{x.untyped_data(), scale.typed_data(), offset.typed_data(), y->untyped_data(),
-                mean_shift->typed_data(), rstd->typed_data(), l, l.n / examples, epsilon,
-                use_silu};
+                mean_shift->typed_data(), rstd->typed_data(), sigmoid->typed_data(), l,
+                l.n / examples, epsilon};
   parallel_chunks(pool, units_of(l), chunk_of(l), [&](int64_t u0, int64_t u1) { fn(a, u0, u1); });
   return ffi::Error::Success();
 }
@@ -331,35 +347,37 @@ struct BackwardArgs {
   const float* offset;  // read only with silu: the affine's output is recomputed
   const float* mean_shift;
   const float* rstd;
+  const float* sigmoid;  // with Silu: the forward's sigmoid(u), x's shape
   const void* ct;
   void* dx;
   double* sum_ct;     // (N, C): sum over s of ct
   double* sum_ct_xh;  // (N, C): sum over s of ct * xhat
   Layout l;
   int64_t per_example;
-  bool silu;
   bool want_dx;
 };
 
 // The cotangent of the affine's output u = xhat * scale + offset, from y's cotangent g.
+// (Silu: from the kept sigmoid(u) s, g s (1 + u (1 - s))).
 template <bool Silu>
-EQX_INLINE float affine_cotangent(float g, float xhat, float scale, float offset) {
+EQX_INLINE float affine_cotangent(float g, float xhat, float scale, float offset,
+                                  const float* kept, int64_t i) {
   if constexpr (Silu) {
-    return g * silu_slope(xhat * scale + offset);
+    const float u = xhat * scale + offset, s = kept[i];
+    return g * (s * (1.0f + u * (1.0f - s)));
   } else {
     return g;
   }
 }
 
-// With Silu, `saved` (the unit's size, float32) keeps the affine output's cotangent from
-// the sums pass for the dx pass, so that silu's slope is computed once per element.
 template <class S, bool Silu>
-EQX_INLINE void backward_group_first(const BackwardArgs& a, int64_t u, float* saved) {
+EQX_INLINE void backward_group_first(const BackwardArgs& a, int64_t u) {
   using T = typename S::T;
   const Layout& l = a.l;
   const int64_t m_size = l.group_size();
   const T* x = static_cast<const T*>(a.x) + u * m_size;
   const T* ct = static_cast<const T*>(a.ct) + u * m_size;
+  const float* kept = Silu ? a.sigmoid + u * m_size : nullptr;
   const float shift = S::load(x[0]);
   const float m = a.mean_shift[u], r = a.rstd[u];
   const int64_t n = u / l.g, c0 = (u % l.g) * l.k;
@@ -370,13 +388,13 @@ EQX_INLINE void backward_group_first(const BackwardArgs& a, int64_t u, float* sa
     const T* xr = x + k * l.s;
     const T* gr = ct + k * l.s;
     const float sc = scale[c0 + k], of = offset[c0 + k];
+    const float* kr = Silu ? kept + k * l.s : nullptr;
     double s1, s2;
     lane_sum2(
         l.s,
         [&](int64_t i, float* a1, float* a2) {
           const float xhat = ((S::load(xr[i]) - shift) - m) * r;
-          const float g = affine_cotangent<Silu>(S::load(gr[i]), xhat, sc, of);
-          if constexpr (Silu) saved[k * l.s + i] = g;
+          const float g = affine_cotangent<Silu>(S::load(gr[i]), xhat, sc, of, kr, i);
           *a1 += g;
           *a2 += g * xhat;
         },
@@ -390,28 +408,28 @@ EQX_INLINE void backward_group_first(const BackwardArgs& a, int64_t u, float* sa
   const float mean_v = l.mean(sv), mean_vx = l.mean(svx);
   T* dx = static_cast<T*>(a.dx) + u * m_size;
   for (int64_t k = 0; k < l.k; ++k) {
-    const float sc = scale[c0 + k];
+    const float sc = scale[c0 + k], of = offset[c0 + k];
     const T* xr = x + k * l.s;
     const T* gr = ct + k * l.s;
-    const float* sr = Silu ? saved + k * l.s : nullptr;
+    const float* kr = Silu ? kept + k * l.s : nullptr;
     T* dr = dx + k * l.s;
 #pragma omp simd
     for (int64_t i = 0; i < l.s; ++i) {
       float xhat = ((S::load(xr[i]) - shift) - m) * r;
-      float g = Silu ? sr[i] : S::load(gr[i]);
+      float g = affine_cotangent<Silu>(S::load(gr[i]), xhat, sc, of, kr, i);
       dr[i] = S::store(r * ((g * sc - mean_v) - xhat * mean_vx));
     }
   }
 }
 
 template <class S, bool Silu>
-EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch& sc,
-                                      float* saved) {
+EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch& sc) {
   using T = typename S::T;
   const Layout& l = a.l;
   const int64_t c = l.c;
   const T* x = static_cast<const T*>(a.x) + n * l.example_size();
   const T* ct = static_cast<const T*>(a.ct) + n * l.example_size();
+  const float* kept = Silu ? a.sigmoid + n * l.example_size() : nullptr;
   float* shift = sc.shift.data();
   float* mean = sc.mean.data();
   float* rs = sc.mul.data();
@@ -427,8 +445,8 @@ EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch&
   const float* offset = a.offset + (n / a.per_example) * c;
   channel_sums(l, sc, [&](int64_t s, int64_t ch, float* g, float* g_xhat) {
     const float xhat = ((S::load(x[s * c + ch]) - shift[ch]) - mean[ch]) * rs[ch];
-    *g = affine_cotangent<Silu>(S::load(ct[s * c + ch]), xhat, scale[ch], offset[ch]);
-    if constexpr (Silu) saved[s * c + ch] = *g;
+    *g = affine_cotangent<Silu>(S::load(ct[s * c + ch]), xhat, scale[ch], offset[ch],
+                                Silu ? kept + s * c : nullptr, ch);
     *g_xhat = *g * xhat;
   });
   std::copy(sc.total.begin(), sc.total.end(), s_ct);
@@ -455,12 +473,12 @@ EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch&
   for (int64_t s = 0; s < l.s; ++s) {
     const T* xr = x + s * c;
     const T* gr = ct + s * c;
-    const float* sr = Silu ? saved + s * c : nullptr;
+    const float* kr = Silu ? kept + s * c : nullptr;
     T* dr = dx + s * c;
 #pragma omp simd
     for (int64_t ch = 0; ch < c; ++ch) {
       float xhat = ((S::load(xr[ch]) - shift[ch]) - mean[ch]) * rs[ch];
-      float g = Silu ? sr[ch] : S::load(gr[ch]);
+      float g = affine_cotangent<Silu>(S::load(gr[ch]), xhat, scale[ch], offset[ch], kr, ch);
       dr[ch] = S::store(rs[ch] * ((g * scale[ch] - pmv[ch]) - xhat * pmvx[ch]));
     }
   }
@@ -468,12 +486,11 @@ EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch&
 
 template <class S, bool Silu>
 EQX_CLONES void backward_units(const BackwardArgs& a, int64_t u0, int64_t u1) {
-  std::vector<float> saved(Silu ? (a.l.last ? a.l.example_size() : a.l.group_size()) : 0);
   if (a.l.last) {
     Scratch sc(a.l.c, (a.l.s + kPositions - 1) / kPositions);
-    for (int64_t n = u0; n < u1; ++n) backward_example_last<S, Silu>(a, n, sc, saved.data());
+    for (int64_t n = u0; n < u1; ++n) backward_example_last<S, Silu>(a, n, sc);
   } else {
-    for (int64_t u = u0; u < u1; ++u) backward_group_first<S, Silu>(a, u, saved.data());
+    for (int64_t u = u0; u < u1; ++u) backward_group_first<S, Silu>(a, u);
   }
 }
 
@@ -481,7 +498,7 @@ using BackwardFn = void (*)(const BackwardArgs&, int64_t, int64_t);
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
                     ffi::Buffer<ffi::F32> offset, ffi::Buffer<ffi::F32> mean_shift,
-                    ffi::Buffer<ffi::F32> rstd, ffi::AnyBuffer ct,
+                    ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> sigmoid, ffi::AnyBuffer ct,
                     ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::Buffer<ffi::F32>> dscale,
                     ffi::Result<ffi::Buffer<ffi::F32>> doffset, int64_t num_groups,
                     bool channels_last, bool use_silu, int64_t groups, bool want_dx) {
@@ -498,6 +515,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
   if (auto e = check_dims("mean_shift", mean_shift.dimensions(), {l.n, l.g})) return *e;
   if (auto e = check_dims("rstd", rstd.dimensions(), {l.n, l.g})) return *e;
   if (auto e = check_dims("ct", ct.dimensions(), {dims[0], dims[1], dims[2]})) return *e;
+  if (use_silu) {
+    if (auto e = check_dims("sigmoid", sigmoid.dimensions(), {dims[0], dims[1], dims[2]}))
+      return *e;
+  } else if (auto e = check_dims("sigmoid", sigmoid.dimensions(), {l.n, 1, 1})) {
+    return *e;
+  }
   if (want_dx) {
     if (auto e = check_dims("dx", dx->dimensions(), {dims[0], dims[1], dims[2]})) return *e;
   } else if (dx->element_count() != 0) {
@@ -524,9 +547,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
   }
   std::vector<double> sums(static_cast<size_t>(2 * l.n * l.c));
   BackwardArgs a{x.untyped_data(), scale.typed_data(), offset.typed_data(),
-                 mean_shift.typed_data(), rstd.typed_data(), ct.untyped_data(),
-                 dx->untyped_data(), sums.data(), sums.data() + l.n * l.c, l, l.n / examples,
-                 use_silu, want_dx};
+                 mean_shift.typed_data(), rstd.typed_data(), sigmoid.typed_data(),
+                 ct.untyped_data(), dx->untyped_data(), sums.data(), sums.data() + l.n * l.c,
+                 l, l.n / examples, want_dx};
   parallel_chunks(pool, units_of(l), chunk_of(l), [&](int64_t u0, int64_t u1) { fn(a, u0, u1); });
   // dscale/doffset per group of examples: the (n, c) partial sums added in n order
   const int64_t per = l.n / groups;
@@ -561,6 +584,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormGroupsForward, Forward,
                                   .Ret<ffi::AnyBuffer>()         // y, x's shape
                                   .Ret<ffi::Buffer<ffi::F32>>()  // mean - first (N, G)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // rstd (N, G)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // sigmoid: x's shape, or (N, 1, 1)
                                   .Attr<float>("epsilon")
                                   .Attr<int64_t>("num_groups")
                                   .Attr<bool>("channels_last")
@@ -574,6 +598,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormGroupsBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // offset, as scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // mean - first (N, G)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // rstd (N, G)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sigmoid, as the forward's
                                   .Arg<ffi::AnyBuffer>()         // cotangent, x's shape
                                   .Ret<ffi::AnyBuffer>()         // dx, x's shape, or empty
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dscale (groups, C)
