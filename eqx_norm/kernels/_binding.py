@@ -293,14 +293,16 @@ if MISSING is None:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def normalize(kernel: Kernel, attrs: tuple, *inputs):
     """The kernel's visible outputs, differentiable in every mode: reverse mode transposes
-    the tangent into the backward kernel."""
-    outs = bind(forward_p, *inputs, kernel=kernel, direction="forward", **dict(attrs))
+    the tangent into the backward kernel. Undifferentiated, the forward is asked not to keep
+    what only a derivative reads (``keep=False``)."""
+    attrs = {**dict(attrs), "keep": False}
+    outs = bind(forward_p, *inputs, kernel=kernel, direction="forward", **attrs)
     return tuple(outs[: kernel.visible])
 
 
 @functools.partial(normalize.defjvp, symbolic_zeros=True)
 def _normalize_jvp(kernel, attrs, inputs, tangents):
-    outs = bind(forward_p, *inputs, kernel=kernel, direction="forward", **dict(attrs))
+    outs = bind(forward_p, *inputs, kernel=kernel, direction="forward", keep=True, **dict(attrs))
     visible = tuple(outs[: kernel.visible])
     names = (
         ("dx", "dr", "dscale", "doffset") if kernel.visible == 2 else ("dx", "dscale", "doffset")

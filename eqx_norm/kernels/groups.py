@@ -99,8 +99,9 @@ def _mean(a, axes):
 
 
 def _jnp_forward(
-    x, scale, offset, *, epsilon, num_groups, channels_last, center=True, activation=None, **_
-):
+    x, scale, offset, *, epsilon, num_groups, channels_last, center=True, activation=None,
+    keep=True, **_,
+):  # fmt: skip
     xg, axes = _grouped(x.astype(jnp.float32), num_groups, channels_last)
     n = x.shape[0]
     # the library's one copy of the statistics; `mean_shift` is the residual the tangent
@@ -111,18 +112,19 @@ def _jnp_forward(
         mean_shift = jnp.zeros(mean_shift.shape, jnp.float32)
     y = centered * rstd * _per_channel(scale, num_groups, channels_last, n)
     y = y + _per_channel(offset, num_groups, channels_last, n)
-    sigmoid = jnp.zeros(_sigmoid_shape(x.shape, activation), jnp.float32)
+    kept = jnp.zeros(_sigmoid_shape(x.shape, activation, keep), jnp.float32)
     if activation == "silu":  # sigmoid(u) is kept for the derivative, as autodiff keeps it
         sigmoid = jax.nn.sigmoid(y)
         y = y * sigmoid
-        sigmoid = sigmoid.reshape(x.shape)
+        kept = sigmoid.reshape(x.shape) if keep else kept
     y = y.reshape(x.shape).astype(x.dtype)
-    return y, mean_shift, rstd.reshape(mean_shift.shape), sigmoid
+    return y, mean_shift, rstd.reshape(mean_shift.shape), kept
 
 
-def _sigmoid_shape(shape, activation):
-    """The kept ``sigmoid(u)``: x's shape with the SiLU, else a placeholder ``(N, 1, 1)``."""
-    return shape if activation == "silu" else (shape[0], 1, 1)
+def _sigmoid_shape(shape, activation, keep=True):
+    """The kept ``sigmoid(u)``: x's shape with the SiLU (where a derivative will read it,
+    ``keep``), else a placeholder ``(N, 1, 1)``."""
+    return shape if activation == "silu" and keep else (shape[0], 1, 1)
 
 
 def _silu_slope(pre, sigmoid):
@@ -197,9 +199,11 @@ def _layout(num_groups, channels_last, activation):
                 silu=activation == "silu")  # fmt: skip
 
 
-def _forward_call(x, scale, offset, *, epsilon, num_groups, channels_last, activation, **_):
+def _forward_call(
+    x, scale, offset, *, epsilon, num_groups, channels_last, activation, keep=True, **_
+):
     stats = result(x, (x.shape[0], num_groups), jnp.float32)
-    sigmoid = result(x, _sigmoid_shape(x.shape, activation), jnp.float32)
+    sigmoid = result(x, _sigmoid_shape(x.shape, activation, keep), jnp.float32)
     out = (result(x, x.shape, x.dtype), stats, stats, sigmoid)
     return jax.ffi.ffi_call("eqx_norm_groups_forward", out)(
         x, scale, offset, epsilon=np.float32(epsilon),

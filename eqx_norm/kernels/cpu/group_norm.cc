@@ -6,8 +6,8 @@
 // its own statistics; scale and offset are per channel: (C,), or (E, C), one row per
 // example of N / E consecutive examples (the per-example modulation of diffusion models).
 // With `silu`, y = u sigmoid(u) for the affine output u (Stable Diffusion's GroupNorm then
-// SiLU); the forward also writes sigmoid(u) (float32, x's shape; without silu a (N, 1, 1)
-// placeholder of zeros), and the backward multiplies ct by silu's slope, sigmoid(u) (1 + u
+// SiLU); the forward also writes sigmoid(u) where its sigmoid buffer has x's shape (float32;
+// without silu, or where no derivative will read it, a (N, 1, 1) placeholder of zeros), and the backward multiplies ct by silu's slope, sigmoid(u) (1 + u
 // (1 - sigmoid(u))), with u rebuilt from x: no exp in the backward.
 //
 // Forward:  y = ((x - x0) - m) * (r * scale[c]) + offset[c], where x0 is the group's first
@@ -85,12 +85,12 @@ struct ForwardArgs {
   float epsilon;
 };
 
-// y's value from the affine's output u (Silu: u sigmoid(u), and sigmoid(u) kept in kept[i]).
-template <bool Silu>
+// y's value from the affine's output u (Silu: u sigmoid(u); Keep: sigmoid(u) in kept[i]).
+template <bool Silu, bool Keep>
 EQX_INLINE float activate(float u, float* kept, int64_t i) {
   if constexpr (Silu) {
     const float s = sigmoid(u);
-    kept[i] = s;
+    if constexpr (Keep) kept[i] = s;
     return u * s;
   } else {
     return u;
@@ -98,14 +98,14 @@ EQX_INLINE float activate(float u, float* kept, int64_t i) {
 }
 
 // Channels-first: group u = n * G + g, the contiguous block of M values at u * M.
-template <class S, bool Silu>
+template <class S, bool Silu, bool Keep>
 EQX_INLINE void forward_group_first(const ForwardArgs& a, int64_t u) {
   using T = typename S::T;
   const Layout& l = a.l;
   const int64_t m_size = l.group_size();
   const T* x = static_cast<const T*>(a.x) + u * m_size;
   T* y = static_cast<T*>(a.y) + u * m_size;
-  float* kept = Silu ? a.sigmoid + u * m_size : nullptr;
+  float* kept = Keep ? a.sigmoid + u * m_size : nullptr;
   auto mean = [&l](double sum) { return l.mean(sum); };
   const Stats stats =
       shifted_stats(m_size, a.epsilon, mean, [&](int64_t i) { return S::load(x[i]); });
@@ -115,10 +115,10 @@ EQX_INLINE void forward_group_first(const ForwardArgs& a, int64_t u) {
     const float sc = r * a.scale[row + c0 + k], of = a.offset[row + c0 + k];
     const T* xr = x + k * l.s;
     T* yr = y + k * l.s;
-    float* kr = Silu ? kept + k * l.s : nullptr;
+    float* kr = Keep ? kept + k * l.s : nullptr;
 #pragma omp simd
     for (int64_t i = 0; i < l.s; ++i)
-      yr[i] = S::store(activate<Silu>(((S::load(xr[i]) - shift) - m) * sc + of, kr, i));
+      yr[i] = S::store(activate<Silu, Keep>(((S::load(xr[i]) - shift) - m) * sc + of, kr, i));
   }
   a.mean_shift[u] = m;
   a.rstd[u] = r;
@@ -171,14 +171,14 @@ EQX_INLINE double group_total(const Layout& l, const double* total, int64_t g) {
 }
 
 // Channels-last: example n, (S, C) at n * S * C.
-template <class S, bool Silu>
+template <class S, bool Silu, bool Keep>
 EQX_INLINE void forward_example_last(const ForwardArgs& a, int64_t n, Scratch& sc) {
   using T = typename S::T;
   const Layout& l = a.l;
   const int64_t c = l.c, m_size = l.group_size();
   const T* x = static_cast<const T*>(a.x) + n * l.example_size();
   T* y = static_cast<T*>(a.y) + n * l.example_size();
-  float* kept = Silu ? a.sigmoid + n * l.example_size() : nullptr;
+  float* kept = Keep ? a.sigmoid + n * l.example_size() : nullptr;
   float* shift = sc.shift.data();
   float* mean = sc.mean.data();
   float* mul = sc.mul.data();
@@ -250,21 +250,21 @@ EQX_INLINE void forward_example_last(const ForwardArgs& a, int64_t n, Scratch& s
   for (int64_t s = 0; s < l.s; ++s) {
     const T* xr = x + s * c;
     T* yr = y + s * c;
-    float* kr = Silu ? kept + s * c : nullptr;
+    float* kr = Keep ? kept + s * c : nullptr;
 #pragma omp simd
     for (int64_t ch = 0; ch < c; ++ch)
-      yr[ch] = S::store(activate<Silu>(
+      yr[ch] = S::store(activate<Silu, Keep>(
           ((S::load(xr[ch]) - shift[ch]) - mean[ch]) * mul[ch] + offset[ch], kr, ch));
   }
 }
 
-template <class S, bool Silu>
+template <class S, bool Silu, bool Keep>
 EQX_CLONES void forward_units(const ForwardArgs& a, int64_t u0, int64_t u1) {
   if (a.l.last) {
     Scratch sc(a.l.c, (a.l.s + kPositions - 1) / kPositions);
-    for (int64_t n = u0; n < u1; ++n) forward_example_last<S, Silu>(a, n, sc);
+    for (int64_t n = u0; n < u1; ++n) forward_example_last<S, Silu, Keep>(a, n, sc);
   } else {
-    for (int64_t u = u0; u < u1; ++u) forward_group_first<S, Silu>(a, u);
+    for (int64_t u = u0; u < u1; ++u) forward_group_first<S, Silu, Keep>(a, u);
   }
 }
 
@@ -311,21 +311,27 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32>
   if (auto e = check_dims("y", y->dimensions(), {dims[0], dims[1], dims[2]})) return *e;
   if (auto e = check_dims("mean_shift", mean_shift->dimensions(), {l.n, l.g})) return *e;
   if (auto e = check_dims("rstd", rstd->dimensions(), {l.n, l.g})) return *e;
-  if (use_silu) {
-    if (auto e = check_dims("sigmoid", sigmoid->dimensions(), {dims[0], dims[1], dims[2]}))
-      return *e;
-  } else if (auto e = check_dims("sigmoid", sigmoid->dimensions(), {l.n, 1, 1})) {
+  // sigmoid(u) is kept (x's shape) or not asked for (a (N, 1, 1) placeholder, zeros)
+  auto sig_dims = sigmoid->dimensions();
+  const bool keep = use_silu && !(sig_dims.size() == 3 && sig_dims[0] == l.n && sig_dims[1] == 1 &&
+                                  sig_dims[2] == 1 && dims[1] * dims[2] != 1);
+  if (keep) {
+    if (auto e = check_dims("sigmoid", sig_dims, {dims[0], dims[1], dims[2]})) return *e;
+  } else if (auto e = check_dims("sigmoid", sig_dims, {l.n, 1, 1})) {
     return *e;
   }
   const ffi::DataType type = x.element_type();
   ForwardFn fn = nullptr;
   if (!with_element_type(type, [&](auto s) {
-        fn = use_silu ? forward_units<decltype(s), true> : forward_units<decltype(s), false>;
+        using S = decltype(s);
+        fn = !use_silu ? forward_units<S, false, false>
+             : keep    ? forward_units<S, true, true>
+                       : forward_units<S, true, false>;
       }))
     return type_error("x", type, EQX_SERVED);
   if (y->element_type() != type)
     return type_error("y", y->element_type(), type_name(type) + " (x's)");
-  if (!use_silu) std::fill(sigmoid->typed_data(), sigmoid->typed_data() + l.n, 0.0f);
+  if (!keep) std::fill(sigmoid->typed_data(), sigmoid->typed_data() + l.n, 0.0f);
   if (l.n == 0 || l.group_size() == 0) {  // empty groups: NaN statistics, a mean over none
     std::fill(mean_shift->typed_data(), mean_shift->typed_data() + l.n * l.g, NAN);
     std::fill(rstd->typed_data(), rstd->typed_data() + l.n * l.g, NAN);
