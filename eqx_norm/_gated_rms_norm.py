@@ -40,8 +40,8 @@ class GatedRMSNorm(AffineNorm):
     r"""RMSNorm with a SiLU gate, as Mamba-2 ends each block (``RMSNormGated``).
 
     .. math::
-        y = \mathrm{RMSNorm}(x \cdot \mathrm{silu}(z))\,\gamma \quad\text{or, with
-        norm\_before\_gate,}\quad y = \mathrm{RMSNorm}(x)\,\gamma \cdot \mathrm{silu}(z)
+        y = \mathrm{RMSNorm}(x \cdot \mathrm{silu}(z))\,\gamma \quad\text{or, normalizing}
+        \text{ before the gate,}\quad y = \mathrm{RMSNorm}(x)\,\gamma \cdot \mathrm{silu}(z)
 
     where ``RMSNorm(u) = u / sqrt(mean(u^2) + epsilon)`` over the trailing
     ``normalized_shape`` axes, or over each run of ``group_size`` consecutive features of
