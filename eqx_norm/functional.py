@@ -264,7 +264,8 @@ def gated_rms_norm(
         >>> from eqx_norm.functional import gated_rms_norm, rms_norm
         >>> x, z = jax.random.normal(jax.random.key(0), (2, 4, 64))
         >>> y = gated_rms_norm(x, z, 64, jnp.ones(64))
-        >>> bool(jnp.allclose(y, rms_norm(x * jax.nn.silu(z), 64, jnp.ones(64)), atol=1e-5))
+        >>> want = rms_norm(x * jax.nn.silu(z), 64, jnp.ones(64), epsilon=1e-5)  # Mamba-2's
+        >>> bool(jnp.allclose(y, want, atol=1e-5))
         True
     """
     return gated_rms_norm_body(

@@ -60,7 +60,7 @@ class Kernel:
     forward_call: Callable
     backward_call: Callable
     visible: int  # how many outputs the caller sees: 1 (y), or 2 (y, h)
-    saved: int = 2  # the outputs after them that the tangent and backward read
+    saved: int  # the outputs after them that the tangent and backward read
 
     def __repr__(self) -> str:  # the name alone, so that printed jaxprs stay readable
         return self.name

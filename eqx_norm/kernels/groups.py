@@ -224,6 +224,6 @@ def _backward_call(
 
 
 GROUPS = Kernel(
-    "groups", _jnp_forward, _jnp_tangent, _jnp_backward, _forward_call, _backward_call, 1,
-    saved=3,  # mean_shift, rstd, and the SiLU's sigmoid(u) (a placeholder without it)
+    "groups", _jnp_forward, _jnp_tangent, _jnp_backward, _forward_call, _backward_call,
+    visible=1, saved=3,  # mean_shift, rstd, and the SiLU's sigmoid(u) (a placeholder without it)
 )  # fmt: skip

@@ -175,6 +175,8 @@ def _res_backward_call(h, scale, offset, mean_shift, rstd, ct, ct_h, *, center, 
     )
 
 
-ROWS = Kernel("rows", _jnp_forward, _jnp_tangent, _jnp_backward, _forward_call, _backward_call, 1)
+# saved: mean_shift and rstd
+ROWS = Kernel("rows", _jnp_forward, _jnp_tangent, _jnp_backward, _forward_call, _backward_call,
+              visible=1, saved=2)  # fmt: skip
 RESIDUAL = Kernel("residual", _jnp_res_forward, _jnp_res_tangent, _jnp_res_backward,
-                  _res_forward_call, _res_backward_call, visible=2)  # fmt: skip
+                  _res_forward_call, _res_backward_call, visible=2, saved=2)  # fmt: skip
