@@ -14,8 +14,11 @@ measured with.
 Rows, all in training mode (batch statistics, running statistics updated where the
 implementation keeps them), N=32, C=256, H=W=28:
 
-* ``eqx_norm (N, H, W, C)``: ``BatchNorm(C)`` on the channels-last batch (the default);
+* ``eqx_norm (N, H, W, C)``: ``BatchNorm(C)`` on the channels-last batch (the default,
+  which takes the compiled CPU kernel);
 * ``eqx_norm (N, C, H, W)``: ``BatchNorm(C, channel_axis=1)`` on torch's layout;
+* ``eqx_norm xla (N, H, W, C)`` / ``(N, C, H, W)``: the same with ``implementation="xla"``
+  (the pure-JAX path that accelerators run; the rows above take the CPU kernel);
 * ``eqx.nn.BatchNorm (vmap)``: ``mode="batch"``, one ``(C, H, W)`` example at a time under
   ``jax.vmap(..., axis_name="batch")``, as equinox requires;
 * ``flax.nnx.BatchNorm (N, H, W, C)``: ``use_running_average=False``, split/merged into a
@@ -87,16 +90,22 @@ def jax_rows(shape):
         )
 
     rows = {}
-    for name, channel_axis, x, dy in (
-        ("eqx_norm (N, H, W, C)", -1, x_last, dy_last),
-        ("eqx_norm (N, C, H, W)", 1, x_first, dy_first),
+    for name, channel_axis, x, dy, implementation in (
+        ("eqx_norm (N, H, W, C)", -1, x_last, dy_last, None),
+        ("eqx_norm (N, C, H, W)", 1, x_first, dy_first, None),
+        ("eqx_norm xla (N, H, W, C)", -1, x_last, dy_last, "xla"),
+        ("eqx_norm xla (N, C, H, W)", 1, x_first, dy_first, "xla"),
     ):
-        bn, state = eqx.nn.make_with_state(eqx_norm.BatchNorm)(c, channel_axis=channel_axis)
+        bn, state = eqx.nn.make_with_state(eqx_norm.BatchNorm)(
+            c, channel_axis=channel_axis, implementation=implementation
+        )
 
         def apply(x, params, state, bn=bn):
             return eqx.tree_at(lambda m: (m.gamma, m.beta), bn, params)(x, state)
 
         rows[name] = timers(apply, (bn.gamma, bn.beta), state, x, dy)
+        if implementation == "xla":  # inference is one elementwise pass on every path
+            continue
         inference = eqx.nn.inference_mode(bn)
 
         def apply_inference(x, params, state, bn=inference):

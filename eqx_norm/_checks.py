@@ -388,18 +388,6 @@ def check_activation(activation: Any, layer: str) -> str | None:
     )
 
 
-def check_batch_norm_implementation(implementation: Any, owner: str) -> str | None:
-    """``implementation`` checked; ``"kernel"`` is an error: no compiled BatchNorm exists."""
-    implementation = check_implementation(implementation)
-    if implementation == "kernel":
-        raise ValueError(
-            f"{owner}: `implementation`='kernel' asks for a compiled kernel, but there is no "
-            "compiled BatchNorm kernel: BatchNorm runs the pure-JAX path, which has its own "
-            "derivative. Pass implementation=None (default) or 'xla'."
-        )
-    return implementation
-
-
 def check_steps(steps: Any, layer: str) -> Array | None:
     """None, or ``steps`` as an integer scalar array (the running statistics' update count)."""
     if steps is None:

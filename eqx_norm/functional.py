@@ -656,8 +656,10 @@ def batch_norm(
         steps: None (default) for the plain moving average above, or an integer scalar,
             the number of updates the running statistics have had, for the zero-debiased
             one.
-        implementation: None (default) or ``"xla"``: both run the pure-JAX path; there is
-            no compiled BatchNorm kernel, so ``"kernel"`` is an error.
+        implementation: None (default) runs the compiled CPU kernel's per-channel sums
+            where it serves (training on the CPU without ``mask`` or ``axis_name``, with
+            ``epsilon > 0``), else the pure-JAX path; ``"xla"`` always the pure-JAX path;
+            ``"kernel"`` where it cannot serve is an error that says why.
 
     Returns:
         ``(y, new_mean, new_var)``: an array of x's shape, and the running statistics in

@@ -64,6 +64,7 @@ def variant(layer, **changes):
         channel_axis=layer.channel_axis,
         axis_name=layer.axis_name,
         debias=layer.debias,
+        implementation=layer.implementation,
         scale_initializer=layer.gamma,
         bias_initializer=layer.beta,
     )
@@ -133,7 +134,8 @@ TORCH_CASES = {  # name: (torch.nn module class, channels-first shape (N, C, *sp
 @pytest.mark.parametrize("case", list(TORCH_CASES))
 @pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
 @pytest.mark.parametrize("momentum", [0.9, 0.99])
-def test_matches_torch(case, layout, momentum):
+@pytest.mark.parametrize("implementation", [None, "xla"])
+def test_matches_torch(case, layout, momentum, implementation):
     torch = pytest.importorskip("torch")
     module_class, shape = TORCH_CASES[case]
     module_class = getattr(torch.nn, module_class)
@@ -143,7 +145,10 @@ def test_matches_torch(case, layout, momentum):
     move = (lambda a: a) if layout == "channels-first" else (lambda a: np.moveaxis(a, 1, -1))
     # torch's plain moving average is debias=False; the default debiased one is checked
     # against the batches' float64 statistics below
-    bn, state = build(channels, channel_axis=channel_axis, momentum=momentum, debias=False)
+    bn, state = build(
+        channels, channel_axis=channel_axis, momentum=momentum, debias=False,
+        implementation=implementation,
+    )  # fmt: skip
     debiased = variant(bn, debias=True)
     debiased_state = clone(state)
     batch_means, batch_vars = [], []
@@ -420,7 +425,8 @@ def plain_batch_norm(x, gamma, beta, channel_axis, epsilon=1e-5):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("channel_axis", [-1, 1])
-def test_transformations_of_the_training_forward(channel_axis):
+@pytest.mark.parametrize("implementation", ["kernel", "xla"])
+def test_transformations_of_the_training_forward(channel_axis, implementation):
     # the hand-written derivative (a custom_jvp) against plain autodiff of the formula in
     # float64: grad, jvp, jacfwd, jacrev, hessian, vmap over batches, jit, jax.export
     shape = (5, 4, 3) if channel_axis == -1 else (5, 3, 4)
@@ -430,7 +436,10 @@ def test_transformations_of_the_training_forward(channel_axis):
 
     def ours(x, gamma, beta):
         zeros, ones = jnp.zeros(3), jnp.ones(3)
-        return batch_norm(x, zeros, ones, gamma, beta, training=True, channel_axis=channel_axis)[0]
+        return batch_norm(
+            x, zeros, ones, gamma, beta, training=True, channel_axis=channel_axis,
+            implementation=implementation,
+        )[0]  # fmt: skip
 
     def reference(x, gamma, beta):
         return plain_batch_norm(x, gamma, beta, channel_axis)
@@ -534,7 +543,8 @@ def test_pmap_with_a_closed_over_state_is_told_to_pass_it():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("channel_axis", [-1, 1])
-def test_large_offsets(channel_axis):
+@pytest.mark.parametrize("implementation", [None, "xla"])
+def test_large_offsets(channel_axis, implementation):
     torch = pytest.importorskip("torch")
     # mean 1e4, std 1: E[x^2] - E[x]^2 in float32 would lose every digit. Two-pass, with x
     # centred by the mean and its rounding error (float32's spacing at 1e4 is 1e-3, so the
@@ -544,7 +554,7 @@ def test_large_offsets(channel_axis):
     shape = (32, 8, 8, 4) if channel_axis == -1 else (32, 4, 8, 8)
     x = random_input(shape, mean=1e4, std=1.0)
     dy = random_input(shape, seed=5, mean=0.0, std=1.0)
-    bn, state = build(4, channel_axis=channel_axis)
+    bn, state = build(4, channel_axis=channel_axis, implementation=implementation)
     initial = clone(state)
     y, state = eqx.filter_jit(bn)(x, state)
     expected, batch_mean, batch_var, count = reference_batch_norm(
@@ -576,11 +586,12 @@ def test_large_offsets(channel_axis):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_half_precision_input_float32_statistics(dtype):
+@pytest.mark.parametrize("implementation", [None, "xla"])
+def test_half_precision_input_float32_statistics(dtype, implementation):
     # mean 50, std 1: statistics in bf16 would lose the deviations (bf16 spacing at 50 is
     # 0.25); the reference sees the same rounded x in float64
     x = random_input((16, 6, 6, 4), mean=50.0, std=1.0, dtype=dtype)
-    bn, state = build(4)
+    bn, state = build(4, implementation=implementation)
     y, state = eqx.filter_jit(bn)(x, state)
     assert y.dtype == dtype
     expected, batch_mean, _, _ = reference_batch_norm(x, bn.gamma, bn.beta)
@@ -933,19 +944,22 @@ def test_errors_name_the_argument():
             r"batch_norm: x of shape \(4, 5\) has 5 channels on axis 1, but `running_mean` "
             r"has shape \(3,\) \(num_features=3\)\.$",
         ),
-        (
-            lambda: BatchNorm(3, implementation="kernel"),
-            ValueError,
-            r"BatchNorm: `implementation`='kernel' asks for a compiled kernel, but there is no "
-            r"compiled BatchNorm kernel.*Pass implementation=None \(default\) or 'xla'",
-        ),
-        (
+        (  # the kernel takes no mask: "kernel" says so, None falls back to XLA
             lambda: batch_norm(
-                jnp.ones((4, 3)), jnp.zeros(3), jnp.ones(3), training=True, implementation="kernel"
+                jnp.ones((4, 3)), jnp.zeros(3), jnp.ones(3), training=True,
+                mask=jnp.ones((4, 1), bool), implementation="kernel",
             ),
             ValueError,
-            r"batch_norm: `implementation`='kernel' asks for a compiled kernel",
-        ),
+            r"batch_norm: implementation='kernel' cannot serve this call: a `mask` is given",
+        ),  # fmt: skip
+        (
+            lambda: batch_norm(
+                jnp.ones((4, 3)), jnp.zeros(3), jnp.ones(3), training=True, epsilon=0.0,
+                implementation="kernel",
+            ),
+            ValueError,
+            r"batch_norm: implementation='kernel' cannot serve this call: epsilon=0",
+        ),  # fmt: skip
         (
             lambda: BatchNorm(3, implementation="triton"),
             ValueError,

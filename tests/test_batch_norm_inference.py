@@ -160,7 +160,7 @@ def _accuracies(model, state):
 # The figures docs/layers/batch_norm.md states for this run (seed 0), and the tolerance of
 # each: 4 of the 397 test images, for other machines' and versions' rounding.
 PAGE = {  # steps, momentum: batch statistics, inference mode, re-estimated
-    (80, 0.99): (0.957, 0.683, 0.957),
+    (80, 0.99): (0.957, 0.695, 0.957),
     (80, 0.9): (0.957, 0.924, 0.957),
     (300, 0.99): (0.977, 0.980, 0.977),
 }

@@ -25,7 +25,7 @@ LIBRARY = {"win32": "eqx_norm_cpu.dll", "darwin": "libeqx_norm_cpu.dylib"}.get(
 # FFI target name -> exported handler symbol: eqx_norm_rows_forward -> EqxNormRowsForward
 TARGETS = {
     f"eqx_norm_{kernel}_{way}": f"EqxNorm{kernel.title()}{way.title()}"
-    for kernel in ("rows", "residual", "groups")
+    for kernel in ("rows", "residual", "groups", "columns")
     for way in ("forward", "backward")
 }
 # bits of EqxNormDtypes()
