@@ -44,12 +44,13 @@ class Case:
     """One benchmark input: ``shape`` normalized over its last ``ndim`` axes."""
 
     name: str
-    family: str  # "layer_norm", "rms_norm", "group_norm" or "instance_norm"
+    family: str  # "layer_norm", "rms_norm", "group_norm", "instance_norm" or "batch_norm"
     shape: tuple[int, ...]
     ndim: int
     dtype: str = "float32"
     groups: int = 0  # group_norm / instance_norm (groups == channels)
-    channels_last: bool = False  # group_norm / instance_norm: (N, H, W, C), else (N, C, H, W)
+    # group_norm / instance_norm / batch_norm: (N, H, W, C), else (N, C, H, W)
+    channels_last: bool = False
 
     @property
     def channels(self) -> int:
@@ -86,6 +87,17 @@ FULL_CASES = (
         channels_last=True,
     ),
 )
+# BatchNorm in training mode: batch statistics over (N, H, W) per channel
+FULL_CASES += (
+    Case("BatchNorm (32, 256, 28, 28)", "batch_norm", (32, 256, 28, 28), 3),
+    Case(
+        "BatchNorm (32, 28, 28, 256) channels-last",
+        "batch_norm",
+        (32, 28, 28, 256),
+        3,
+        channels_last=True,
+    ),
+)
 QUICK_CASES = (
     Case("(256, 128)", "layer_norm", (256, 128), 1),
     Case("(4, 6, 6, 16) last 3", "layer_norm", (4, 6, 6, 16), 3),
@@ -101,6 +113,8 @@ QUICK_CASES = (
         channels_last=True,
     ),
     Case("InstanceNorm (4, 8, 6, 6)", "instance_norm", (4, 8, 6, 6), 3, groups=8),
+    Case("BatchNorm (4, 6, 6, 16) channels-last", "batch_norm", (4, 6, 6, 16), 3,
+         channels_last=True),  # fmt: skip
 )
 
 
@@ -170,12 +184,51 @@ def _jnp_two_pass(case: Case, center: bool) -> Callable:
     return apply
 
 
+def _batch_norm(case: Case, gamma: np.ndarray, beta: np.ndarray):
+    """BatchNorm's rows in training mode: eqx_norm's function (the layer's call without its
+    state), flax.nnx's module, the jnp two-pass formula; torch's BatchNorm2d."""
+    from eqx_norm.functional import batch_norm
+
+    c, axis = case.channels, (-1 if case.channels_last else 1)
+    axes = (0, 1, 2) if case.channels_last else (0, 2, 3)
+    per_channel = (1, 1, 1, c) if case.channels_last else (1, c, 1, 1)
+
+    def ours(implementation):
+        def apply(x, params):
+            stats = (jnp.zeros(c), jnp.ones(c))
+            return batch_norm(
+                x, *stats, *params, training=True, channel_axis=axis, epsilon=EPSILON,
+                implementation=implementation,
+            )[0]  # fmt: skip
+
+        return apply
+
+    def plain(x, params):
+        mean = jnp.mean(x, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + EPSILON)
+        return y * params[0].reshape(per_channel) + params[1].reshape(per_channel)
+
+    params = (jnp.asarray(gamma), jnp.asarray(beta))
+    jax_impls = [
+        JaxImpl("eqx_norm", ours(None), params),
+        JaxImpl(XLA_NAME, ours("xla"), params),
+        JaxImpl("jnp two-pass", plain, params),
+    ]
+    if case.channels_last:  # flax.nnx normalizes channels-last inputs
+        module = nnx.BatchNorm(c, epsilon=EPSILON, use_running_average=False, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(module)
+        apply = lambda x, state: nnx.merge(graphdef, state)(x)  # noqa: E731
+        jax_impls.insert(2, JaxImpl("flax.nnx", apply, state))
+    return jax_impls, torch.nn.BatchNorm2d(c, eps=EPSILON)
+
+
 def implementations(case: Case) -> tuple[list[JaxImpl], list[TorchImpl]]:
     """The JAX implementations (eqx_norm first) and torch's, with identical parameters."""
     rng = np.random.default_rng(1)
     ns = case.normalized
     grouped = case.family in ("group_norm", "instance_norm")
-    pshape = (case.channels,) if grouped else ns
+    pshape = (case.channels,) if grouped or case.family == "batch_norm" else ns
     gamma = (1 + 0.1 * rng.standard_normal(pshape)).astype(np.float32)
     beta = (0.1 * rng.standard_normal(pshape)).astype(np.float32)
     tdt = torch.bfloat16 if case.dtype == "bfloat16" else torch.float32
@@ -183,11 +236,13 @@ def implementations(case: Case) -> tuple[list[JaxImpl], list[TorchImpl]]:
     jax_impls: list[JaxImpl] = []
     torch_impls: list[TorchImpl] = []
     # grouped norms' parameters broadcast over (C, H, W) or (H, W, C) in the jnp reference
-    ref_shape = ns
+    ref_shape = (case.channels,) if case.family == "batch_norm" else ns
     if grouped:
         ref_shape = (case.channels,) if case.channels_last else (case.channels, 1, 1)
     ref_params = (jnp.asarray(gamma).reshape(ref_shape), jnp.asarray(beta).reshape(ref_shape))
-    if case.family == "layer_norm":
+    if case.family == "batch_norm":
+        jax_impls, tm = _batch_norm(case, gamma, beta)
+    elif case.family == "layer_norm":
         ours = eqx_norm.LayerNorm(ns, EPSILON, scale_initializer=gamma, bias_initializer=beta)
         peer = eqx.nn.LayerNorm(ns, eps=EPSILON)
         peer = eqx.tree_at(lambda m: (m.weight, m.bias), peer, (jnp.asarray(gamma), beta))
