@@ -113,8 +113,9 @@ QUICK_CASES = (
         channels_last=True,
     ),
     Case("InstanceNorm (4, 8, 6, 6)", "instance_norm", (4, 8, 6, 6), 3, groups=8),
-    Case("BatchNorm (4, 6, 6, 16) channels-last", "batch_norm", (4, 6, 6, 16), 3,
-         channels_last=True),  # fmt: skip
+    Case(
+        "BatchNorm (4, 6, 6, 16) channels-last", "batch_norm", (4, 6, 6, 16), 3, channels_last=True
+    ),
 )
 
 

@@ -20,7 +20,6 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from . import _core
-from ._dispatch import common_reason, use_kernel
 from ._base import NO_STATE, AffineNorm
 from ._checks import (
     DTypeLike,
@@ -30,8 +29,8 @@ from ._checks import (
     check_channel_axis,
     check_epsilon,
     check_flag,
-    check_implementation,
     check_floating,
+    check_implementation,
     check_mask,
     check_momentum,
     check_parameter,
@@ -41,6 +40,7 @@ from ._checks import (
     positive_int,
     reject_unknown_keywords,
 )
+from ._dispatch import common_reason, use_kernel
 from .initializers import InitializerLike
 from .kernels import columns
 

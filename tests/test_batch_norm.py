@@ -946,20 +946,28 @@ def test_errors_name_the_argument():
         ),
         (  # the kernel takes no mask: "kernel" says so, None falls back to XLA
             lambda: batch_norm(
-                jnp.ones((4, 3)), jnp.zeros(3), jnp.ones(3), training=True,
-                mask=jnp.ones((4, 1), bool), implementation="kernel",
+                jnp.ones((4, 3)),
+                jnp.zeros(3),
+                jnp.ones(3),
+                training=True,
+                mask=jnp.ones((4, 1), bool),
+                implementation="kernel",
             ),
             ValueError,
             r"batch_norm: implementation='kernel' cannot serve this call: a `mask` is given",
-        ),  # fmt: skip
+        ),
         (
             lambda: batch_norm(
-                jnp.ones((4, 3)), jnp.zeros(3), jnp.ones(3), training=True, epsilon=0.0,
+                jnp.ones((4, 3)),
+                jnp.zeros(3),
+                jnp.ones(3),
+                training=True,
+                epsilon=0.0,
                 implementation="kernel",
             ),
             ValueError,
             r"batch_norm: implementation='kernel' cannot serve this call: epsilon=0",
-        ),  # fmt: skip
+        ),
         (
             lambda: BatchNorm(3, implementation="triton"),
             ValueError,

@@ -76,9 +76,11 @@ def test_float64_reference(layout, mean):
     y, dx, dgamma, dbeta = jax.jit(y_and_gradients, static_argnums=(4,))(
         x, gamma, beta, dy, channel_axis
     )
-    expected, batch_mean, batch_var, _ = reference_batch_norm(x, gamma, beta, channel_axis=channel_axis)
+    expected, batch_mean, batch_var, _ = reference_batch_norm(
+        x, gamma, beta, channel_axis=channel_axis
+    )
     np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5)
-    _, mean_out, var_out = jax.jit(train, static_argnums=(3,))(x, gamma, beta, channel_axis)
+    _, mean_out, _ = jax.jit(train, static_argnums=(3,))(x, gamma, beta, channel_axis)
     np.testing.assert_allclose(mean_out, 0.01 * batch_mean, rtol=1e-6, atol=1e-8)  # momentum 0.99
     for got, want in zip((dx, dgamma, dbeta), reference_gradients(x, gamma, dy, channel_axis)):
         assert_close_relative(got, want, 1e-5)
@@ -159,7 +161,7 @@ def test_kernel_refuses_what_it_cannot_serve():
             batch_norm(x, jnp.zeros(3), jnp.ones(3), training=True, implementation="kernel",
                        **kwargs)  # fmt: skip
     bn, state = eqx.nn.make_with_state(BatchNorm)(3, axis_name="batch", implementation="kernel")
-    with pytest.raises(ValueError, match="cannot serve.*`axis_name`='batch'"):
+    with pytest.raises(ValueError, match=r"cannot serve.*`axis_name`='batch'"):
         jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
 
 

@@ -90,7 +90,8 @@ def _jnp_sums(x, *operands, channels_last, groups, backward):
     """``(sum(x - shift), sum((x - shift)^2))``, or with ``backward`` ``(x, ct, shift,
     mean)``: ``(sum(ct), sum(ct * ((x - shift) - mean)))``, each ``(groups, C)``."""
     axes = _axes(channels_last)
-    v = _grouped(x.astype(jnp.float32), groups) - _per_channel(operands[-1 - backward], channels_last)
+    shift = operands[-1 - backward]
+    v = _grouped(x.astype(jnp.float32), groups) - _per_channel(shift, channels_last)
     if not backward:
         return jnp.sum(v, axis=axes), jnp.sum(jnp.square(v), axis=axes)
     ct, mean = _grouped(operands[0].astype(jnp.float32), groups), operands[2]
@@ -255,9 +256,9 @@ def _define():
     tangent.multiple_results = True
     tangent.def_impl(lambda *args, **params: _jnp_tangent(*args, **params))
     tangent.def_abstract_eval(
-        lambda *avals, **params: jax.make_jaxpr(functools.partial(_jnp_tangent, **params))(
-            *avals
-        ).out_avals
+        lambda *avals, **params: (
+            jax.make_jaxpr(functools.partial(_jnp_tangent, **params))(*avals).out_avals
+        )
     )
     mlir.register_lowering(
         tangent, lambda ctx, *args, **params: mlir.lower_fun(
