@@ -8,8 +8,9 @@ contiguous layout. For a channels-last case every library gets the same ``(N, H,
 array: torch as the ``(N, C, H, W)`` view of it (``permute``, torch's ``channels_last``
 memory format, what a torch user with that data runs), equinox (which takes one
 channels-first example) with a transpose in and out, flax as it is; torch also as a
-contiguous ``(N, C, H, W)`` copy made before timing (``torch NCHW``), and each ratio to
-torch is to the faster of its two rows.
+contiguous ``(N, C, H, W)`` copy made before timing (``torch NCHW``); on a channels-first
+case torch also runs its ``channels_last`` memory format of the same data (``torch
+channels_last``). Each ratio to torch is to the faster of its two rows.
 
 Every JAX implementation is a pure ``apply(x, params) -> y`` with its parameters as a
 pytree, so that forward and forward+backward (gradients with respect to x and every
@@ -137,7 +138,7 @@ class TorchImpl:
 # torch's rows: on a channels-last case torch runs twice, on the channels_last view of the
 # data and on a contiguous NCHW copy (the faster layout, what a torch user would pick);
 # every ratio "x torch" is to the faster of its rows
-TORCH_NAMES = ("torch", "torch NCHW")
+TORCH_NAMES = ("torch", "torch NCHW", "torch channels_last")
 
 
 def _eqx(module: eqx.Module, batch_axes: int = 0) -> tuple[Callable, Any]:
@@ -338,6 +339,10 @@ def implementations(case: Case) -> tuple[list[JaxImpl], list[TorchImpl]]:
         torch_impls.append(TorchImpl("torch NCHW", tm, prepare=contiguous))
     else:
         torch_impls.append(TorchImpl("torch", tm))
+        if len(case.shape) == 4 and case.family in ("group_norm", "instance_norm", "batch_norm"):
+            # torch's other layout for the same data: its channels_last memory format
+            to_last = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+            torch_impls.append(TorchImpl("torch channels_last", tm, prepare=to_last))
     return jax_impls, torch_impls
 
 

@@ -116,7 +116,7 @@ def applies(case):
         def ours(x, p):
             return F.batch_norm(
                 x, *running, *p, training=True, momentum=MOMENTUM, epsilon=EPSILON,
-                channel_axis=-1 if last else 1,
+                channel_axis=-1 if last else 1, implementation="xla",
             )  # fmt: skip
 
         def plain(x, p):

@@ -324,6 +324,10 @@ def _faster_torch(timings: dict, phase: str) -> tuple[str, float]:
     return name, ms
 
 
+# where torch's faster row was not the case's own layout: the mark after its time
+_LAYOUT_MARKS = {"torch NCHW": " NCHW", "torch channels_last": " CL"}
+
+
 def markdown(report: dict) -> str:
     """The Markdown report: per allocator a summary and a full table, then accuracy."""
     import cases as cases_module
@@ -337,8 +341,9 @@ def markdown(report: dict) -> str:
         f"Python {m['python']}. Command: `{report['command']}`.",
         "Times are medians over interleaved rounds (spread: interquartile range). "
         "x torch and x best JAX peer are ratios of medians (< 1 is faster); torch is its "
-        "faster layout: on channels-last cases torch also runs a contiguous NCHW copy, "
-        "and NCHW marks where that row was the faster. GB/s counts "
+        "faster layout: on channels-last cases torch also runs a contiguous NCHW copy "
+        "(NCHW marks where that row was the faster), on channels-first 4-D cases its "
+        "channels_last memory format (CL). GB/s counts "
         "the bytes a pass must move: x and y for fwd; x, dy, y and dx for fwd+bwd. "
         "copy frac = that rate over the copy rate (2 bytes moved per input byte) of a "
         "jitted `x + 1` and of `np.add(x, 1, out=buf)` at the same size. "
@@ -383,7 +388,7 @@ def markdown(report: dict) -> str:
                 lines.append(
                     f"| {case['case']} | {phase} | {ours['median_ms']:.2f} "
                     f"({ours['p25_ms']:.2f}-{ours['p75_ms']:.2f}) | {torch_ms:.2f}"
-                    f"{' NCHW' if torch_name == 'torch NCHW' else ''} | "
+                    f"{_LAYOUT_MARKS.get(torch_name, '')} | "
                     f"{ours['median_ms'] / torch_ms:.2f} | {xla_cells} | {best['impl']} "
                     f"{best['median_ms']:.2f} | {ours['median_ms'] / best['median_ms']:.2f} | "
                     f"{gbs:.1f} | {frac_jit:.2f} / {frac_np:.2f} | "

@@ -44,6 +44,18 @@ def _ours(names: list[str]) -> list[str]:
     return sorted((n for n in names if n.startswith("eqx_norm")), key=lambda n: n != "eqx_norm")
 
 
+def _is_torch(name: str) -> bool:
+    """torch's rows: its own layout, and its other one (``torch NCHW``, ``torch
+    channels_last``), of which the faster is what a torch user would pick."""
+    return name == "torch" or name.startswith("torch ")
+
+
+def _faster_torch(timings: dict, phase: str) -> float | None:
+    """The faster of torch's rows' median times for ``phase`` (None without torch)."""
+    times = [r["median_ms"] for (n, p), r in timings.items() if p == phase and _is_torch(n)]
+    return min(times) if times else None
+
+
 def _timing_table(data: dict) -> list[str]:
     """Per case and pass: eqx_norm's time(s), torch's, the best JAX peer's, and the ratios."""
     names = _implementations(data)
@@ -51,17 +63,19 @@ def _timing_table(data: dict) -> list[str]:
     lines = [
         "| case | pass | "
         + "".join(f"{name} ms (IQR) | " for name in ours)
-        + f"torch ms | best JAX peer ms | {ours[0]} / torch | {ours[0]} / best peer "
-        "| temp MB (input MB) |",
+        + "torch ms (faster layout) | best JAX peer ms | "
+        + f"{ours[0]} / torch | {ours[0]} / best peer | temp MB (input MB) |",
         "|---|---|" + "---|" * (len(ours) + 5),
     ]
     for case in data["cases"]:
         t = {(r["impl"], r["pass"]): r for r in case["timings"]}
         for phase in PASSES:
             mine = [t.get((name, phase)) for name in ours]
-            torch = t.get(("torch", phase))
+            torch = _faster_torch(t, phase)
             peers = [
-                t[(n, phase)] for n in names if n not in ours and n != "torch" and (n, phase) in t
+                t[(n, phase)]
+                for n in names
+                if n not in ours and not _is_torch(n) and (n, phase) in t
             ]
             best = min(peers, key=lambda r: r["median_ms"]) if peers else None
             head = mine[0]["median_ms"] if mine[0] else float("nan")
@@ -73,9 +87,9 @@ def _timing_table(data: dict) -> list[str]:
                     f"{r['median_ms']:.2f} ({r['p25_ms']:.2f}-{r['p75_ms']:.2f})" if r else ""
                     for r in mine
                 ),
-                f"{torch['median_ms']:.2f}" if torch else "",
+                f"{torch:.2f}" if torch else "",
                 f"{best['impl']} {best['median_ms']:.2f}" if best else "",
-                f"{head / torch['median_ms']:.2f}" if torch else "",
+                f"{head / torch:.2f}" if torch else "",
                 f"{head / best['median_ms']:.2f}" if best else "",
                 f"{temp / 1e6:.1f} ({case['input_bytes'] / 1e6:.1f})"
                 if phase == "fwd+bwd" and temp is not None
@@ -142,7 +156,7 @@ def figure_png(report: dict) -> bytes:
     allocator = allocator or next(iter(report["allocators"]))
     data = report["allocators"][allocator]
     cases = [case["case"] for case in data["cases"]]
-    impls = [name for name in _implementations(data) if name != "torch"]
+    impls = [name for name in _implementations(data) if not _is_torch(name)]
     fig = Figure(figsize=(9, 1.2 + 0.25 * len(cases) * len(impls)), layout="constrained")
     axes = fig.subplots(1, len(PASSES), sharey=True)
     height = 0.8 / len(impls)
@@ -150,8 +164,9 @@ def figure_png(report: dict) -> bytes:
         for k, impl in enumerate(impls):
             ratios = []
             for case in data["cases"]:
-                t = {(r["impl"], r["pass"]): r["median_ms"] for r in case["timings"]}
-                ratios.append(t.get((impl, phase), float("nan")) / t[("torch", phase)])
+                t = {(r["impl"], r["pass"]): r for r in case["timings"]}
+                mine = t.get((impl, phase), {"median_ms": float("nan")})["median_ms"]
+                ratios.append(mine / _faster_torch(t, phase))
             ax.barh(
                 [i + (k - (len(impls) - 1) / 2) * height for i in range(len(cases))],
                 ratios,
@@ -164,7 +179,7 @@ def figure_png(report: dict) -> bytes:
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(FuncFormatter(_minor_label))
-        ax.set_xlabel("median time / torch's (< 1: faster)")
+        ax.set_xlabel("median time / torch's, its faster layout (< 1: faster)")
         ax.set_title(phase)
         ax.grid(axis="x", which="both", alpha=0.3)
     axes[0].set_yticks(range(len(cases)), cases)
