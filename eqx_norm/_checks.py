@@ -154,20 +154,13 @@ def check_modulation(value: Any, argument: str, x: Array, example: str, layer: s
     """None, or a per-example ``scale``/``shift`` (``argument``) as a floating array of x's
     rank whose every axis is x's size or 1 (broadcast, never added); ``example`` is the
     shape to suggest, e.g. ``"(B, 1, D)"``."""
+    value = _floating_array(
+        value, f"{layer}: `{argument}` must be None or a floating array of x's rank",
+        f"{layer}: `{argument}` must be a floating array (a per-example modulation, e.g. "
+        "float32), got dtype {dtype}.",
+    )  # fmt: skip
     if value is None:
         return None
-    try:
-        value = jnp.asarray(value)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"{layer}: `{argument}` must be None or a floating array of x's rank, got "
-            f"{type(value).__name__} {value!r:.80}."
-        ) from None
-    if not jnp.issubdtype(value.dtype, jnp.floating):
-        raise TypeError(
-            f"{layer}: `{argument}` must be a floating array (a per-example modulation, e.g. "
-            f"float32), got dtype {value.dtype}."
-        )
     if not _fits(value.shape, x.shape):
         fix = _mask_fix(tuple(value.shape), tuple(x.shape), argument)
         raise ValueError(
@@ -175,6 +168,21 @@ def check_modulation(value: Any, argument: str, x: Array, example: str, layer: s
             f"{example} for x of shape {x.shape}; got shape {value.shape}."
             + (f" Use `{fix}`, which has the rank of `x`." if fix else "")
         )
+    return value
+
+
+def _floating_array(value: Any, expected: str, not_floating: str) -> Array | None:
+    """None, or ``value`` as an array of a floating dtype: a TypeError ``expected`` + what was
+    given where it is no array, and ``not_floating`` (with ``{dtype}``) where it is not
+    floating."""
+    if value is None:
+        return None
+    try:
+        value = jnp.asarray(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{expected}, got {type(value).__name__} {value!r:.80}.") from None
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise TypeError(not_floating.format(dtype=value.dtype))
     return value
 
 
@@ -351,20 +359,13 @@ def check_groups(num_groups: Any, group_size: Any, owner: str) -> tuple[int | No
 def check_residual(residual: Any, x: Array, layer: str, argument: str = "residual") -> Array | None:
     """None, or ``residual`` (the argument named ``argument``: the residual stream, or a
     gate) as a floating array of exactly x's shape."""
+    residual = _floating_array(
+        residual, f"{layer}: `{argument}` must be None or a floating array of x's shape {x.shape}",
+        f"{layer}: `{argument}` must be a floating array (e.g. float32), got dtype {{dtype}}. "
+        f"Cast it first, e.g. `{argument}.astype(jnp.float32)`.",
+    )  # fmt: skip
     if residual is None:
         return None
-    try:
-        residual = jnp.asarray(residual)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"{layer}: `{argument}` must be None or a floating array of x's shape {x.shape}, "
-            f"got {type(residual).__name__} {residual!r:.80}."
-        ) from None
-    if not jnp.issubdtype(residual.dtype, jnp.floating):
-        raise TypeError(
-            f"{layer}: `{argument}` must be a floating array (e.g. float32), got dtype "
-            f"{residual.dtype}. Cast it first, e.g. `{argument}.astype(jnp.float32)`."
-        )
     if residual.shape != x.shape:
         use = "added to" if argument == "residual" else "multiplied with"
         raise ValueError(

@@ -97,6 +97,17 @@ def modulate(
     return scale, offset
 
 
+def per_example(m: Array, batch_shape: tuple[int, ...], width: int) -> Array:
+    """A modulation ``m`` (x's rank, each batch axis x's size or 1) as ``(E, width)`` for a
+    kernel's flattened view: E examples of equally many consecutive rows (or examples)
+    each. The leading batch axes up to the last that ``m`` does not broadcast are its
+    examples (expanded where they are 1); the rest lie within one."""
+    b = m.shape[: len(batch_shape)]
+    k = max((i + 1 for i, n in enumerate(b) if n != 1), default=0)
+    m = jnp.broadcast_to(m, (*batch_shape[:k], *m.shape[k:]))
+    return m.reshape(math.prod(batch_shape[:k]), width)
+
+
 def add_residual(x: Array, residual: Array) -> Array:
     """``x + residual``, added in at least float32 and stored in residual's dtype."""
     wide = jnp.promote_types(compute_dtype(x.dtype), compute_dtype(residual.dtype))

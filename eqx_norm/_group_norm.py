@@ -535,7 +535,7 @@ def grouped_norm(
         scale, offset = _core.affine(gamma, beta, zero_centered_scale, jnp.float32, (channels,))
         if any(m is not None for m in modulation):  # (E, C): E examples of N / E each
             per_example = [
-                None if m is None else _per_example(m, x.shape[:batch_ndim], channels)
+                None if m is None else _core.per_example(m, x.shape[:batch_ndim], channels)
                 for m in modulation
             ]
             scale, offset = _core.modulate(scale, offset, *per_example, jnp.float32)
@@ -583,14 +583,3 @@ def grouped_norm(
     if activation == "silu":  # in the compute dtype, where XLA fuses it into the last pass
         y = jax.nn.silu(y)
     return y.astype(out_dtype).reshape(x.shape)
-
-
-def _per_example(m: Array, batch_shape: tuple[int, ...], channels: int) -> Array:
-    """A modulation ``m`` (x's rank, one value per example and channel) as ``(E, C)`` for
-    the kernel's ``(N, ...)`` view: E examples of ``N / E`` consecutive ones each. The
-    leading batch axes up to the last that ``m`` does not broadcast are its examples
-    (expanded where they are 1)."""
-    b = m.shape[: len(batch_shape)]
-    k = max((i + 1 for i, n in enumerate(b) if n != 1), default=0)
-    m = jnp.broadcast_to(m, (*batch_shape[:k], *m.shape[k:]))
-    return m.reshape(math.prod(batch_shape[:k]), channels)

@@ -381,7 +381,7 @@ def trailing_norm(
         scale, offset = _core.affine(gamma, beta, zero_centered_scale, compute, (d,))
         if any(m is not None for m in modulation):  # (E, D): E examples of contiguous rows
             per_example = [
-                None if m is None else _per_example_rows(m, x.shape[:batch_ndim], d)
+                None if m is None else _core.per_example(m, x.shape[:batch_ndim], d)
                 for m in modulation
             ]
             scale, offset = _core.modulate(scale, offset, *per_example, compute)
@@ -420,14 +420,3 @@ def trailing_norm(
     )
     y = y.astype(out_dtype).reshape(x.shape)
     return y if residual is None else (y, hidden)
-
-
-def _per_example_rows(m: Array, batch_shape: tuple[int, ...], d: int) -> Array:
-    """A modulation ``m`` of shape ``(*b, *normalized)`` (each of ``b`` the batch's size or
-    1) as ``(E, D)`` for the kernel's ``(rows, D)`` view: E examples of ``rows / E``
-    contiguous rows each. The leading batch axes up to the last that ``m`` does not
-    broadcast are its examples (expanded where they are 1); the rest are rows within one."""
-    b = m.shape[: len(batch_shape)]
-    k = max((i + 1 for i, n in enumerate(b) if n != 1), default=0)
-    m = jnp.broadcast_to(m, (*batch_shape[:k], *b[k:], *m.shape[len(batch_shape) :]))
-    return m.reshape(math.prod(batch_shape[:k]), d)
