@@ -106,20 +106,6 @@ EQX_INLINE void task_last(const Args& a, int64_t g, int64_t p0, int64_t p1, int6
   }
 }
 
-#pragma GCC diagnostic ignored "-Wpsabi"  // the vectors below never cross a call: all inline
-// 8 floats (GCC's vector extension: one ymm register on x86-64-v3 and v4); two make the 16
-// lanes, so that the lane sums below compile to whole-vector adds on every clone.
-typedef float Half __attribute__((vector_size(4 * kLanes / 2)));
-
-template <class S>
-EQX_INLINE Half load_half(const typename S::T* p) {
-  float f[kLanes / 2];
-  for (int64_t k = 0; k < kLanes / 2; ++k) f[k] = S::load(p[k]);
-  Half v;
-  std::memcpy(&v, f, sizeof v);
-  return v;
-}
-
 // Channels-first: every channel of example n (task n), each a contiguous run of S values,
 // summed in 16 lanes (lane k takes the values i with i % 16 == k) over blocks of kBlock.
 template <class SX, class SG, bool Backward>

@@ -117,6 +117,22 @@ EQX_INLINE float combine(float* acc) {
   return acc[0];
 }
 
+// 8 floats (GCC's vector extension: one ymm register on x86-64-v3 and v4): two make the 16
+// lanes, for the loops whose 16-float array accumulators GCC would spill to the stack. The
+// vectors never cross a call (everything using them is inlined), so GCC's note that passing
+// them changes the ABI (-Wpsabi) does not apply: CMakeLists.txt silences it.
+typedef float Half __attribute__((vector_size(4 * kLanes / 2)));
+
+// Elements p[0..8) as float32.
+template <class S>
+EQX_INLINE Half load_half(const typename S::T* p) {
+  float f[kLanes / 2];
+  for (int64_t k = 0; k < kLanes / 2; ++k) f[k] = S::load(p[k]);
+  Half v;
+  std::memcpy(&v, f, sizeof v);
+  return v;
+}
+
 template <class F>
 EQX_INLINE double lane_sum(int64_t n, F f) {
   double total = 0.0;
