@@ -20,8 +20,10 @@ Implementations: every function and layer takes ``implementation=``.
 * ``"xla"``: always the pure-JAX path, on any backend.
 * ``"kernel"``: the kernel, or a ``ValueError`` saying why it cannot serve this call.
 
-BatchNorm has no compiled kernel: None and ``"xla"`` both run the pure-JAX path, and
-``"kernel"`` is an error.
+BatchNorm's training step takes the kernel's per-channel sums (and XLA's elementwise
+passes) on the CPU without a mask or ``axis_name`` and with ``epsilon > 0``, at any output
+dtype; its sums are bitwise the same at every thread count (its statistics are the whole
+batch's, so no example is independent of the batch). Inference is one elementwise pass.
 """
 
 from __future__ import annotations
