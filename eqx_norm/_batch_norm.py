@@ -417,8 +417,6 @@ def _kernel_reason(x: Array, *, mask: Any, axis_name: Hashable | None, epsilon: 
     reason = common_reason(x, masked=mask is not None, out_dtype=x.dtype, axis_name=axis_name)
     if reason is None and epsilon == 0:
         reason = "epsilon=0 (its variance is rescaled by the XLA path, not the kernel)"
-    if reason is None and x.size == 0:
-        reason = "x is empty"
     return reason or columns.unavailable_reason(x)
 
 

@@ -222,21 +222,8 @@ ffi::Error Sums(ffi::ThreadPool& pool, ffi::AnyBuffer& x, const ffi::AnyBuffer* 
   const int64_t task_size = l.last ? l.positions() * l.c : l.c * l.s;
   parallel_chunks(pool, tasks, units_per_chunk(task_size, kTaskValues),
                   [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
-  // each group's partials added in task order, channel blocks shared on the pool
-  const int64_t per = tasks / groups, cols = 1024, col_tasks = (l.c + cols - 1) / cols;
-  parallel_for(pool, groups * col_tasks, [&](int64_t t) {
-    const int64_t g = t / col_tasks, c0 = (t % col_tasks) * cols;
-    const int64_t c1 = std::min(l.c, c0 + cols);
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      double t1 = 0.0, t2 = 0.0;
-      for (int64_t k = g * per; k < (g + 1) * per; ++k) {
-        t1 += a.part1[k * l.c + ch];
-        t2 += a.part2[k * l.c + ch];
-      }
-      out1[g * l.c + ch] = static_cast<float>(t1);
-      out2[g * l.c + ch] = static_cast<float>(t2);
-    }
-  });
+  // each group's partials added in task order
+  add_partials(pool, groups, tasks / groups, l.c, a.part1, a.part2, out1, out2);
   return ffi::Error::Success();
 }
 

@@ -256,6 +256,27 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t units, int64_t chunk, const 
                [&](int64_t t) { body(t * chunk, std::min(units, (t + 1) * chunk)); });
 }
 
+// out1[g, ch], out2[g, ch]: the sums over rows [g per, (g + 1) per) of the (rows, c) double
+// partial sums part1, part2, added in row order (so the same bits at every thread count),
+// blocks of channels shared on the pool.
+inline void add_partials(ffi::ThreadPool& pool, int64_t groups, int64_t per, int64_t c,
+                         const double* part1, const double* part2, float* out1, float* out2) {
+  const int64_t cols = 1024, col_tasks = (c + cols - 1) / cols;
+  parallel_for(pool, groups * col_tasks, [&](int64_t t) {
+    const int64_t g = t / col_tasks, c0 = (t % col_tasks) * cols;
+    const int64_t c1 = std::min(c, c0 + cols);
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      double t1 = 0.0, t2 = 0.0;
+      for (int64_t r = g * per; r < (g + 1) * per; ++r) {
+        t1 += part1[r * c + ch];
+        t2 += part2[r * c + ch];
+      }
+      out1[g * c + ch] = static_cast<float>(t1);
+      out2[g * c + ch] = static_cast<float>(t2);
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------------
 // The SiLU's sigmoid for the vectorizer: no libm call, so that `#pragma omp simd` loops
 // stay vector.

@@ -558,21 +558,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
                  l, l.n / examples, want_dx};
   parallel_chunks(pool, units_of(l), chunk_of(l), [&](int64_t u0, int64_t u1) { fn(a, u0, u1); });
   // dscale/doffset per group of examples: the (n, c) partial sums added in n order
-  const int64_t per = l.n / groups;
-  const int64_t cols = 1024, col_tasks = (l.c + cols - 1) / cols;
-  parallel_for(pool, groups * col_tasks, [&](int64_t t) {
-    const int64_t gr = t / col_tasks, c0 = (t % col_tasks) * cols;
-    const int64_t c1 = std::min(l.c, c0 + cols);
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      double sb = 0.0, sg = 0.0;
-      for (int64_t n = gr * per; n < (gr + 1) * per; ++n) {
-        sb += a.sum_ct[n * l.c + ch];
-        sg += a.sum_ct_xh[n * l.c + ch];
-      }
-      out_doffset[gr * l.c + ch] = static_cast<float>(sb);
-      out_dscale[gr * l.c + ch] = static_cast<float>(sg);
-    }
-  });
+  add_partials(pool, groups, l.n / groups, l.c, a.sum_ct, a.sum_ct_xh, out_doffset, out_dscale);
   return ffi::Error::Success();
 }
 
