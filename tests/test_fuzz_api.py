@@ -50,7 +50,7 @@ pytestmark = pytest.mark.slow
 
 # 30 examples per family keep the quick run under a minute; the slow run draws 300 (or
 # EQX_NORM_FUZZ_EXAMPLES) per family.
-QUICK, LONG = 30, int(os.environ.get("EQX_NORM_FUZZ_EXAMPLES", "300"))
+QUICK, LONG = 30, int(os.environ.get("EQX_NORM_FUZZ_EXAMPLES", "150"))
 SETTINGS = settings(  # max_examples set per test
     deadline=None,
     derandomize=True,

@@ -20,6 +20,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -31,6 +35,8 @@ namespace ffi = xla::ffi;
 #define EQX_CLONES
 #endif
 #define EQX_INLINE inline __attribute__((always_inline))
+// A lambda inlined into its (cloned) caller, so that the caller's loop can vectorize it.
+#define EQX_INLINE_LAMBDA __attribute__((always_inline))
 // The library is built with hidden visibility: only these symbols are exported.
 #define EQX_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -146,6 +152,60 @@ EQX_INLINE double lane_sum(int64_t n, F f) {
     total += combine(acc);
   }
   return total;
+}
+
+// ---------------------------------------------------------------------------------------
+// Output runs. y[i] = value(i) for i in [0, n). With `stream`, the 16-byte-aligned middle
+// is written by non-temporal stores (SSE2's movnt, in every x86-64 clone), which skip
+// reading each cache line before writing it: an output that will not stay in cache is then
+// one move of memory, not two. The values are the same either way (fp-contract is off, so
+// the scalar head and tail round as the vector middle does). A task that streams ends with
+// stream_fence() before it is counted done.
+
+// Whether a call that moves `bytes` (inputs and outputs together) should stream its
+// outputs: more than kStreamBytes, a typical last-level cache of one core complex (glibc's
+// sysconf reports the whole socket's), so that what a regular store would keep in cache is
+// evicted before the call ends anyway. By size only.
+constexpr int64_t kStreamBytes = int64_t{32} << 20;
+
+inline bool stream_outputs(int64_t bytes) {
+#if defined(__SSE2__)
+  return bytes > kStreamBytes;
+#else
+  (void)bytes;
+  return false;
+#endif
+}
+
+EQX_INLINE void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+template <class T, class F>
+EQX_INLINE void store_run(T* y, int64_t n, bool stream, F value) {
+  int64_t i = 0;
+#if defined(__SSE2__)
+  if (stream) {
+    constexpr int64_t chunk = 64 / sizeof(T);  // one cache line
+    for (; i < n && (reinterpret_cast<uintptr_t>(y + i) & 15) != 0; ++i) y[i] = value(i);
+    for (; i + chunk <= n; i += chunk) {
+      T t[chunk];
+#pragma omp simd
+      for (int64_t k = 0; k < chunk; ++k) t[k] = value(i + k);
+      for (int64_t b = 0; b < 64; b += 16) {
+        __m128i v;
+        std::memcpy(&v, reinterpret_cast<const char*>(t) + b, 16);
+        _mm_stream_si128(reinterpret_cast<__m128i*>(reinterpret_cast<char*>(y + i) + b), v);
+      }
+    }
+  }
+#else
+  (void)stream;
+#endif
+#pragma omp simd
+  for (int64_t j = i; j < n; ++j) y[j] = value(j);
 }
 
 // ---------------------------------------------------------------------------------------

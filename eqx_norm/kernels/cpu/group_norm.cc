@@ -31,6 +31,8 @@
 // keeps two (N, C) double partial sums. Passes over x: forward, three over a contiguous
 // group (L1-resident) channels-first, and channels-last two per block of 64 positions (the
 // second from L1) and one to write y; backward, one for the sums and one to write dx.
+// Stores: a call that moves more than 32 MiB writes y and dx by non-temporal stores
+// (common.h's store_run); the values are the same.
 // Safety: every buffer's dimensions and element type are checked first, then every output
 // is written (NaN statistics for empty groups), as in layer_norm.cc.
 
@@ -83,6 +85,7 @@ struct ForwardArgs {
   Layout l;
   int64_t per_example;  // examples per row of scale/offset (N when they are shared)
   float epsilon;
+  bool stream;  // y by non-temporal stores (common.h's store_run)
 };
 
 // y's value from the affine's output u (Silu: u sigmoid(u); Keep: sigmoid(u) in kept[i]).
@@ -116,9 +119,9 @@ EQX_INLINE void forward_group_first(const ForwardArgs& a, int64_t u) {
     const T* xr = x + k * l.s;
     T* yr = y + k * l.s;
     float* kr = Keep ? kept + k * l.s : nullptr;
-#pragma omp simd
-    for (int64_t i = 0; i < l.s; ++i)
-      yr[i] = S::store(activate<Silu, Keep>(((S::load(xr[i]) - shift) - m) * sc + of, kr, i));
+    store_run(yr, l.s, a.stream, [&](int64_t i) EQX_INLINE_LAMBDA {
+      return S::store(activate<Silu, Keep>(((S::load(xr[i]) - shift) - m) * sc + of, kr, i));
+    });
   }
   a.mean_shift[u] = m;
   a.rstd[u] = r;
@@ -251,10 +254,10 @@ EQX_INLINE void forward_example_last(const ForwardArgs& a, int64_t n, Scratch& s
     const T* xr = x + s * c;
     T* yr = y + s * c;
     float* kr = Keep ? kept + s * c : nullptr;
-#pragma omp simd
-    for (int64_t ch = 0; ch < c; ++ch)
-      yr[ch] = S::store(activate<Silu, Keep>(
+    store_run(yr, c, a.stream, [&](int64_t ch) EQX_INLINE_LAMBDA {
+      return S::store(activate<Silu, Keep>(
           ((S::load(xr[ch]) - shift[ch]) - mean[ch]) * mul[ch] + offset[ch], kr, ch));
+    });
   }
 }
 
@@ -266,6 +269,7 @@ EQX_CLONES void forward_units(const ForwardArgs& a, int64_t u0, int64_t u1) {
   } else {
     for (int64_t u = u0; u < u1; ++u) forward_group_first<S, Silu, Keep>(a, u);
   }
+  if (a.stream) stream_fence();
 }
 
 // Units (examples channels-last, groups channels-first) and units per task: about 64K
@@ -339,7 +343,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32>
   }
   ForwardArgs a{x.untyped_data(), scale.typed_data(), offset.typed_data(), y->untyped_data(),
                 mean_shift->typed_data(), rstd->typed_data(), sigmoid->typed_data(), l,
-                l.n / examples, epsilon};
+                l.n / examples, epsilon,
+                stream_outputs(2 * l.n * l.example_size() * static_cast<int64_t>(
+                                                                ffi::ByteWidth(type)))};
   parallel_chunks(pool, units_of(l), chunk_of(l), [&](int64_t u0, int64_t u1) { fn(a, u0, u1); });
   return ffi::Error::Success();
 }
@@ -361,6 +367,7 @@ struct BackwardArgs {
   Layout l;
   int64_t per_example;
   bool want_dx;
+  bool stream;  // dx by non-temporal stores (common.h's store_run)
 };
 
 // The cotangent of the affine's output u = xhat * scale + offset, from y's cotangent g.
@@ -418,13 +425,11 @@ EQX_INLINE void backward_group_first(const BackwardArgs& a, int64_t u) {
     const T* xr = x + k * l.s;
     const T* gr = ct + k * l.s;
     const float* kr = Silu ? kept + k * l.s : nullptr;
-    T* dr = dx + k * l.s;
-#pragma omp simd
-    for (int64_t i = 0; i < l.s; ++i) {
+    store_run(dx + k * l.s, l.s, a.stream, [&](int64_t i) EQX_INLINE_LAMBDA {
       float xhat = ((S::load(xr[i]) - shift) - m) * r;
       float g = affine_cotangent<Silu>(S::load(gr[i]), xhat, sc, of, kr, i);
-      dr[i] = S::store(r * ((g * sc - mean_v) - xhat * mean_vx));
-    }
+      return S::store(r * ((g * sc - mean_v) - xhat * mean_vx));
+    });
   }
 }
 
@@ -480,13 +485,11 @@ EQX_INLINE void backward_example_last(const BackwardArgs& a, int64_t n, Scratch&
     const T* xr = x + s * c;
     const T* gr = ct + s * c;
     const float* kr = Silu ? kept + s * c : nullptr;
-    T* dr = dx + s * c;
-#pragma omp simd
-    for (int64_t ch = 0; ch < c; ++ch) {
+    store_run(dx + s * c, c, a.stream, [&](int64_t ch) EQX_INLINE_LAMBDA {
       float xhat = ((S::load(xr[ch]) - shift[ch]) - mean[ch]) * rs[ch];
       float g = affine_cotangent<Silu>(S::load(gr[ch]), xhat, scale[ch], offset[ch], kr, ch);
-      dr[ch] = S::store(rs[ch] * ((g * scale[ch] - pmv[ch]) - xhat * pmvx[ch]));
-    }
+      return S::store(rs[ch] * ((g * scale[ch] - pmv[ch]) - xhat * pmvx[ch]));
+    });
   }
 }
 
@@ -498,6 +501,7 @@ EQX_CLONES void backward_units(const BackwardArgs& a, int64_t u0, int64_t u1) {
   } else {
     for (int64_t u = u0; u < u1; ++u) backward_group_first<S, Silu>(a, u);
   }
+  if (a.stream) stream_fence();
 }
 
 using BackwardFn = void (*)(const BackwardArgs&, int64_t, int64_t);
@@ -555,7 +559,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
   BackwardArgs a{x.untyped_data(), scale.typed_data(), offset.typed_data(),
                  mean_shift.typed_data(), rstd.typed_data(), sigmoid.typed_data(),
                  ct.untyped_data(), dx->untyped_data(), sums.data(), sums.data() + l.n * l.c,
-                 l, l.n / examples, want_dx};
+                 l, l.n / examples, want_dx,
+                 stream_outputs(3 * l.n * l.example_size() *
+                                static_cast<int64_t>(ffi::ByteWidth(x.element_type())))};
   parallel_chunks(pool, units_of(l), chunk_of(l), [&](int64_t u0, int64_t u1) { fn(a, u0, u1); });
   // dscale/doffset per group of examples: the (n, c) partial sums added in n order
   add_partials(pool, groups, l.n / groups, l.c, a.sum_ct, a.sum_ct_xh, out_doffset, out_dscale);

@@ -19,6 +19,9 @@
 // so results are bitwise identical across runs and thread counts.
 // Threads: XLA's intra-op pool (ffi::ThreadPool); the calling thread takes chunks too, so
 // a busy pool only slows the call down, it cannot deadlock it.
+// Stores: a call that moves more than 32 MiB writes y (forward) and dx (backward) by
+// non-temporal stores (common.h's store_run), the same values, without reading each line
+// of the output first; h, which the forward reads back, is always stored normally.
 // Portability: plain C++17 loops written for the auto-vectorizer; on x86-64 with GCC the
 // hot loops are also cloned for x86-64-v3/v4 and picked at load time (target_clones).
 
@@ -44,6 +47,7 @@ struct ForwardArgs {
   int64_t per_example;  // rows per example of the affine (all rows when it is shared)
   float epsilon;
   bool center;
+  bool stream;  // y by non-temporal stores (common.h's store_run)
 };
 
 // Y: x's and y's element type; H: the residual's and h's (with Residual, the row normalized
@@ -81,21 +85,23 @@ EQX_CLONES void forward_rows(const ForwardArgs& a, int64_t row_begin, int64_t ro
       const float shift = stats.shift;
       m = stats.mean;
       r = stats.rstd;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i)
-        y[i] = Y::store(((v(i) - shift) - m) * r * scale[i] + offset[i]);
+      store_run(y, d, a.stream, [&](int64_t i) EQX_INLINE_LAMBDA {
+        return Y::store(((v(i) - shift) - m) * r * scale[i] + offset[i]);
+      });
     } else {
       const float ms = mean(lane_sum(d, [&](int64_t i) {
         float u = v(i);
         return u * u;
       }));
       r = rstd_of(ms, a.epsilon, d, mean, v);
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) y[i] = Y::store(v(i) * r * scale[i] + offset[i]);
+      store_run(y, d, a.stream, [&](int64_t i) EQX_INLINE_LAMBDA {
+        return Y::store(v(i) * r * scale[i] + offset[i]);
+      });
     }
     a.mean_shift[row] = m;
     a.rstd[row] = r;
   }
+  if (a.stream) stream_fence();
 }
 
 using ForwardFn = void (*)(const ForwardArgs&, int64_t, int64_t);
@@ -148,7 +154,8 @@ ffi::Error run_forward(ffi::ThreadPool& pool, ffi::AnyBuffer x, const ffi::AnyBu
   ForwardArgs a{x.untyped_data(), r ? r->untyped_data() : nullptr,
                 h ? h->untyped_data() : nullptr, scale.typed_data(), offset.typed_data(),
                 y->untyped_data(), mean_shift->typed_data(), rstd->typed_data(), d,
-                rows / examples, epsilon, center};
+                rows / examples, epsilon, center,
+                stream_outputs(2 * rows * d * static_cast<int64_t>(ffi::ByteWidth(type)))};
   parallel_chunks(pool, rows, units_per_chunk(d, 1 << 16),
                   [&](int64_t r0, int64_t r1) { fn(a, r0, r1); });
   return ffi::Error::Success();
@@ -196,6 +203,7 @@ struct BackwardArgs {
   int64_t per_example;  // rows per example of scale (all rows when it is shared)
   bool center;
   bool want_dx;  // false: only dscale/doffset are wanted, dx is neither computed nor written
+  bool stream;   // dx by non-temporal stores (common.h's store_run)
 };
 
 // One row's reductions over columns [c0, c1): sum(v) and sum(v * xhat); also adds ct * xhat
@@ -252,17 +260,17 @@ EQX_INLINE void row_dx(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c
   const float m = a.mean_shift[row], r = a.rstd[row];
   const float mean_v = a.center ? sv * inv_d : 0.0f, mean_vx = svx * inv_d;
   if (a.center) {
-#pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) {
+    store_run(dx + c0, c1 - c0, a.stream, [&](int64_t i) EQX_INLINE_LAMBDA {
+      const int64_t c = c0 + i;
       float xhat = ((S::load(x[c]) - shift) - m) * r;
-      dx[c] = S::store(r * ((C::load(ct[c]) * scale[c] - mean_v) - xhat * mean_vx) + extra(c));
-    }
+      return S::store(r * ((C::load(ct[c]) * scale[c] - mean_v) - xhat * mean_vx) + extra(c));
+    });
   } else {
-#pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) {
+    store_run(dx + c0, c1 - c0, a.stream, [&](int64_t i) EQX_INLINE_LAMBDA {
+      const int64_t c = c0 + i;
       float xhat = S::load(x[c]) * r;
-      dx[c] = S::store(r * (C::load(ct[c]) * scale[c] - xhat * mean_vx) + extra(c));
-    }
+      return S::store(r * (C::load(ct[c]) * scale[c] - xhat * mean_vx) + extra(c));
+    });
   }
 }
 
@@ -307,6 +315,7 @@ EQX_CLONES void run_tile(const BackwardArgs& a, const Tile& t, int64_t rows_per_
     std::fill(t.doffset, t.doffset + (t.c1 - t.c0), 0.0f);
     backward_tile<S, C, Residual>(a, t.r0, t.r1, t.c0, t.c1, t.dscale, t.doffset, t.fused, t.sv,
                                   t.svx);
+    if (a.stream) stream_fence();
     return;
   }
   // whole groups: sum each straight into the output
@@ -319,6 +328,7 @@ EQX_CLONES void run_tile(const BackwardArgs& a, const Tile& t, int64_t rows_per_
     backward_tile<S, C, Residual>(a, r, r + rows_per_group, t.c0, t.c1, ds, db, t.fused, t.sv,
                                   t.svx);
   }
+  if (a.stream) stream_fence();
 }
 
 // dx of one row's columns [c0, c1) from its sums (rows longer than kLongRow).
@@ -326,6 +336,7 @@ template <class S, class C, bool Residual>
 EQX_CLONES void long_row_dx(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c1,
                             float sv, float svx) {
   row_dx<S, C, Residual>(a, row, c0, c1, sv, svx);
+  if (a.stream) stream_fence();
 }
 
 EQX_CLONES void add_columns(float* out, const float* parts, int64_t count, int64_t stride,
@@ -407,7 +418,9 @@ ffi::Error run_backward(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::Buffer<ffi
   }
   BackwardArgs a{x.untyped_data(), scale.typed_data(), mean_shift.typed_data(),
                  rstd.typed_data(), ct.untyped_data(), ct_h ? ct_h->untyped_data() : nullptr,
-                 dx->untyped_data(), d, rows / examples, center, want_dx};
+                 dx->untyped_data(), d, rows / examples, center, want_dx,
+                 stream_outputs((ct_h ? 4 : 3) * rows * d *
+                                static_cast<int64_t>(ffi::ByteWidth(type)))};
   const bool long_rows = d > kLongRow;
   const int64_t block = long_rows ? kColumnBlock : d;
   const int64_t blocks = (d + block - 1) / block;
