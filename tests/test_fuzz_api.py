@@ -48,7 +48,7 @@ import reference
 # the quick loop (-m "not slow") skips this file: hypothesis fuzzing: long; CI runs it
 pytestmark = pytest.mark.slow
 
-# 30 examples per family keep the quick run under a minute; the slow run draws 300 (or
+# 30 examples per family keep the quick run under a minute; the slow run draws 150 (or
 # EQX_NORM_FUZZ_EXAMPLES) per family.
 QUICK, LONG = 30, int(os.environ.get("EQX_NORM_FUZZ_EXAMPLES", "150"))
 SETTINGS = settings(  # max_examples set per test

@@ -2,8 +2,9 @@
 ``kStreamBytes``) writes ``y`` and ``dx`` by non-temporal stores, a smaller call by regular
 ones. The values must not depend on which: each example of a large batch is compared
 bitwise with the same example computed alone (a call far below the threshold), at rows
-whose starts fall at every 4-byte offset of a 16-byte line (so the aligned middle, the
-scalar head and the tail are all exercised), and against a float64 NumPy reference."""
+whose starts fall at every 4-byte (bfloat16: 2-byte) offset of a 16-byte line (so the
+aligned middle, the scalar head and the tail are all exercised), and against a float64
+NumPy reference."""
 
 import jax
 import jax.numpy as jnp
@@ -42,14 +43,14 @@ def _alone_equals_in_batch(layer, x, ct, examples):
 @pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_rows_streamed_equal_rows_alone(name, dtype):
-    # d = 1001 elements: consecutive rows start 4004 (or 2002) bytes apart, so rows 0-3 start
-    # at every offset of a 16-byte line
+    # d = 1001 elements: consecutive rows start 4004 (bfloat16: 2002) bytes apart, so rows 0-3
+    # (0-7) start at every 4-byte (2-byte) offset of a 16-byte line, and 1001 leaves a tail
     rows_, d = (8400 if dtype == jnp.float32 else 16800), 1001
     x = random_input((rows_, d), seed=0, mean=3.0, dtype=dtype)
     ct = random_input((rows_, d), seed=1, dtype=dtype)
     assert 2 * x.nbytes > STREAM_BYTES  # the forward streams y, the backward dx
     layer = random_layer(getattr(eqx_norm, name), d, use_bias=True)
-    y = _alone_equals_in_batch(jax.vmap(layer), x, ct, [0, 1, 2, 3, 4, rows_ - 1])
+    y = _alone_equals_in_batch(jax.vmap(layer), x, ct, [*range(8), rows_ - 1])
     ref = reference.layer_norm if name == "LayerNorm" else reference.rms_norm
     want = ref(x[:64], 1, layer.gamma, layer.beta, epsilon=layer.epsilon)
     tolerance = 1e-5 if dtype == jnp.float32 else 1.6e-2  # float32's or bfloat16's rounding
@@ -58,18 +59,19 @@ def test_rows_streamed_equal_rows_alone(name, dtype):
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_groups_streamed_equal_groups_alone(channels_last):
-    # 28 x 28 x 250 channels: examples start 784000 bytes apart (16-byte aligned), and each
-    # channels-first row of 28 x 28 positions starts 3136 bytes after the last; with 250
-    # channels the channels-last rows (1000 bytes) start at every offset of a 16-byte line
-    n, c = 44, 250
-    shape = (n, 28, 28, c) if channels_last else (n, c, 28, 28)
+    # 27 x 27 positions x 245 channels: examples start 714420 bytes apart, the kernel's runs
+    # (channels-last a position's 245 channels, 980 bytes; channels-first a channel's 729
+    # positions, 2916 bytes) a multiple of 16 plus 4 apart, so examples 0-3 and the runs
+    # within them start at every 4-byte offset of a 16-byte line, and every run has a tail
+    n, c = 48, 245
+    shape = (n, 27, 27, c) if channels_last else (n, c, 27, 27)
     x = random_input(shape, seed=2, mean=-2.0)
     ct = random_input(shape, seed=3)
     assert 2 * x.nbytes > STREAM_BYTES
     assert groups.unavailable_reason(x) is None
     axis = -1 if channels_last else 0
     layer = random_layer(eqx_norm.GroupNorm, 5, c, param_shape=c, channel_axis=axis)
-    y = _alone_equals_in_batch(jax.vmap(layer), x, ct, [0, 1, n - 1])
+    y = _alone_equals_in_batch(jax.vmap(layer), x, ct, [0, 1, 2, 3, n - 1])
     want = reference.group_norm(
         x[:2], 5, 2, layer.gamma, layer.beta, epsilon=layer.epsilon, channel_axis=axis
     )

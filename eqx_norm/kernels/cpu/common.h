@@ -162,17 +162,18 @@ EQX_INLINE double lane_sum(int64_t n, F f) {
 // the scalar head and tail round as the vector middle does). A task that streams ends with
 // stream_fence() before it is counted done.
 
-// Whether a call that moves `bytes` (inputs and outputs together) should stream its
-// outputs: more than kStreamBytes, a typical last-level cache of one core complex (glibc's
-// sysconf reports the whole socket's), so that what a regular store would keep in cache is
-// evicted before the call ends anyway. By size only.
+// Whether a call that moves `arrays` arrays (inputs and outputs together) of `elements`
+// elements of `type` should stream its outputs: more than kStreamBytes, a typical
+// last-level cache of one core complex (glibc's sysconf reports the whole socket's), so that
+// what a regular store would keep in cache is evicted before the call ends anyway. By size
+// only.
 constexpr int64_t kStreamBytes = int64_t{32} << 20;
 
-inline bool stream_outputs(int64_t bytes) {
+inline bool stream_outputs(int64_t arrays, int64_t elements, ffi::DataType type) {
 #if defined(__SSE2__)
-  return bytes > kStreamBytes;
+  return arrays * elements * static_cast<int64_t>(ffi::ByteWidth(type)) > kStreamBytes;
 #else
-  (void)bytes;
+  (void)arrays, (void)elements, (void)type;
   return false;
 #endif
 }

@@ -343,9 +343,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32>
   }
   ForwardArgs a{x.untyped_data(), scale.typed_data(), offset.typed_data(), y->untyped_data(),
                 mean_shift->typed_data(), rstd->typed_data(), sigmoid->typed_data(), l,
-                l.n / examples, epsilon,
-                stream_outputs(2 * l.n * l.example_size() * static_cast<int64_t>(
-                                                                ffi::ByteWidth(type)))};
+                l.n / examples, epsilon, stream_outputs(2, l.n * l.example_size(), type)};
   parallel_chunks(pool, units_of(l), chunk_of(l), [&](int64_t u0, int64_t u1) { fn(a, u0, u1); });
   return ffi::Error::Success();
 }
@@ -560,8 +558,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
                  mean_shift.typed_data(), rstd.typed_data(), sigmoid.typed_data(),
                  ct.untyped_data(), dx->untyped_data(), sums.data(), sums.data() + l.n * l.c,
                  l, l.n / examples, want_dx,
-                 stream_outputs(3 * l.n * l.example_size() *
-                                static_cast<int64_t>(ffi::ByteWidth(x.element_type())))};
+                 stream_outputs(3, l.n * l.example_size(), type)};
   parallel_chunks(pool, units_of(l), chunk_of(l), [&](int64_t u0, int64_t u1) { fn(a, u0, u1); });
   // dscale/doffset per group of examples: the (n, c) partial sums added in n order
   add_partials(pool, groups, l.n / groups, l.c, a.sum_ct, a.sum_ct_xh, out_doffset, out_dscale);

@@ -154,8 +154,7 @@ ffi::Error run_forward(ffi::ThreadPool& pool, ffi::AnyBuffer x, const ffi::AnyBu
   ForwardArgs a{x.untyped_data(), r ? r->untyped_data() : nullptr,
                 h ? h->untyped_data() : nullptr, scale.typed_data(), offset.typed_data(),
                 y->untyped_data(), mean_shift->typed_data(), rstd->typed_data(), d,
-                rows / examples, epsilon, center,
-                stream_outputs(2 * rows * d * static_cast<int64_t>(ffi::ByteWidth(type)))};
+                rows / examples, epsilon, center, stream_outputs(2, rows * d, type)};
   parallel_chunks(pool, rows, units_per_chunk(d, 1 << 16),
                   [&](int64_t r0, int64_t r1) { fn(a, r0, r1); });
   return ffi::Error::Success();
@@ -336,7 +335,6 @@ template <class S, class C, bool Residual>
 EQX_CLONES void long_row_dx(const BackwardArgs& a, int64_t row, int64_t c0, int64_t c1,
                             float sv, float svx) {
   row_dx<S, C, Residual>(a, row, c0, c1, sv, svx);
-  if (a.stream) stream_fence();
 }
 
 EQX_CLONES void add_columns(float* out, const float* parts, int64_t count, int64_t stride,
@@ -419,8 +417,7 @@ ffi::Error run_backward(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::Buffer<ffi
   BackwardArgs a{x.untyped_data(), scale.typed_data(), mean_shift.typed_data(),
                  rstd.typed_data(), ct.untyped_data(), ct_h ? ct_h->untyped_data() : nullptr,
                  dx->untyped_data(), d, rows / examples, center, want_dx,
-                 stream_outputs((ct_h ? 4 : 3) * rows * d *
-                                static_cast<int64_t>(ffi::ByteWidth(type)))};
+                 stream_outputs(ct_h ? 4 : 3, rows * d, type)};
   const bool long_rows = d > kLongRow;
   const int64_t block = long_rows ? kColumnBlock : d;
   const int64_t blocks = (d + block - 1) / block;
@@ -483,6 +480,7 @@ ffi::Error run_backward(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::Buffer<ffi
         }
         dx_fn(a, row, c0, c1, s, sx);
       }
+      if (a.stream) stream_fence();  // the task's streamed dx, before it is counted done
     });
   }
   if (!whole) {
