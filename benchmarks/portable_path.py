@@ -14,8 +14,7 @@ of ``benchmarks/run.py`` (``GLIBC_TUNABLES``); inside, after a warm-up, the two 
 interleaved round by round and each figure is the median over rounds. Ratios < 1 mean
 eqx_norm is faster. The last column counts the full-size arrays each compiled program
 reads and writes (``benchmarks/passes.py``): the proxy for an accelerator, where a
-normalization's time is its memory traffic.
-eqx_norm is faster. It prints a Markdown table; it asserts nothing.
+normalization's time is its memory traffic. It prints a Markdown table; it asserts nothing.
 """
 
 from __future__ import annotations
