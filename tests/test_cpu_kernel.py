@@ -145,6 +145,50 @@ def test_half_precision(dtype, center):
     assert max_error_over_terms(doffset, want_doffset) < 1e-5
 
 
+def _bfloat16_bits(a):
+    return np.asarray(a).view(np.uint16)
+
+
+def test_bfloat16_stores_round_to_nearest_even_and_keep_nan():
+    """The kernels' float32 -> bfloat16 store (common.h's BF16::store), seen through the
+    fused residual's h = bf16(x + r), summed in float32: bitwise NumPy's (ml_dtypes')
+    round-to-nearest-even, ties to even, overflow to inf, and NaN kept NaN, for sums that
+    need rounding at every magnitude; in runs long enough for the vector loop and its
+    scalar tail."""
+    rng = np.random.default_rng(7)
+    rows, d = 64, 300  # 300: vector chunks and a scalar tail in every row
+    magnitude = 2.0 ** rng.integers(-100, 100, (rows, 1))
+    x = (rng.standard_normal((rows, d)) * magnitude).astype(jnp.bfloat16)
+    r = (rng.standard_normal((rows, d)) * magnitude * 2.0**-9).astype(jnp.bfloat16)
+    big = float(jnp.finfo(jnp.bfloat16).max)
+    edges = [  # (x, r): ties to even, both ways; overflow; NaN and infinities
+        (1.0, 2.0**-8), (1.0 + 2.0**-7, 2.0**-8), (-1.0, -(2.0**-8)), (big, big),
+        (-big, -big), (np.nan, 1.0), (np.inf, -np.inf), (np.inf, 1.0), (0.0, -0.0),
+    ]  # fmt: skip
+    for k, (a, b) in enumerate(edges):
+        x[k % rows, k], r[k % rows, k] = a, b
+        x[k % rows, d - 1 - k], r[k % rows, d - 1 - k] = a, b  # in the tail too
+    _, h = _cpu_kernel.normalize_rows_residual(
+        jnp.asarray(x), jnp.asarray(r), None, None, epsilon=EPS, center=True
+    )
+    with np.errstate(over="ignore", invalid="ignore"):  # the overflow and NaN edges
+        want = (x.astype(np.float32) + r.astype(np.float32)).astype(jnp.bfloat16)
+    nan = np.isnan(want.astype(np.float32))
+    assert nan.sum() == 2 * 2  # the NaN edges, twice each
+    np.testing.assert_array_equal(np.isnan(np.asarray(h, np.float32)), nan)
+    np.testing.assert_array_equal(_bfloat16_bits(h)[~nan], _bfloat16_bits(want)[~nan])
+
+    # float32 NaNs whose low half would carry out of a rounded bfloat16 (to -0 or inf),
+    # reaching y through the offset: y stays NaN there, and only there
+    payloads = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0x7FC08000], np.uint32)
+    offset = np.zeros(d, np.float32)
+    offset[[3, 100, 200, d - 1]] = payloads.view(np.float32)
+    ordinary = jnp.asarray(rng.standard_normal((rows, d)), jnp.bfloat16)
+    y = _cpu_kernel.normalize_rows(ordinary, None, jnp.asarray(offset), epsilon=EPS, center=True)
+    y_nan = np.isnan(np.asarray(y, np.float32))
+    np.testing.assert_array_equal(y_nan, np.broadcast_to(np.isnan(offset), y_nan.shape))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("shape", "dtype"),
