@@ -30,18 +30,15 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from residual import FAULT_FREE, interleaved
 
 import eqx_norm
 
-FAULT_FREE = (
-    "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
-)
 EPSILON = 1e-5
 BATCHES = (7, 64, 600)
 
@@ -141,7 +138,7 @@ def is_batch_invariant(fn, d: int, seed: int = 3) -> bool:
     return True
 
 
-def _worker(quick: bool) -> None:
+def _table(quick: bool) -> None:
     shape, rounds = ((256, 128), 5) if quick else ((8192, 1024), 25)
     widths = (64,) if quick else (64, 768)
     rng = np.random.default_rng(0)
@@ -155,15 +152,7 @@ def _worker(quick: bool) -> None:
         timers[(name, "fwd+bwd")] = lambda f=forward_backward: jax.block_until_ready(
             f(x, ct, gamma, beta)
         )
-    for fn in timers.values():
-        fn()
-        fn()
-    samples = {k: [] for k in timers}
-    for _ in range(rounds):
-        for k, fn in timers.items():
-            start = time.perf_counter()
-            fn()
-            samples[k].append(time.perf_counter() - start)
+    samples = interleaved(timers, warmup=2, rounds=rounds)
     ms = {k: float(np.median(v)) * 1e3 for k, v in samples.items()}
     base = "eqx_norm (xla)"
     print(f"| formulation | batch invariant (D = {', '.join(map(str, widths))}) |", end="")
@@ -181,18 +170,15 @@ def _worker(quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small shape, few rounds")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        _worker(args.quick)
-        return
+    if os.environ.get("GLIBC_TUNABLES") != FAULT_FREE:  # re-run under the allocator
+        env = dict(os.environ, GLIBC_TUNABLES=FAULT_FREE)
+        sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))
     print(
         f"# Batch-invariant sums: jax {jax.__version__}, backend {jax.default_backend()}, "
         f"{os.cpu_count()} CPUs; medians of interleaved rounds, fault-free allocator\n"
     )
-    env = dict(os.environ, GLIBC_TUNABLES=FAULT_FREE)
-    command = [sys.executable, __file__, "--worker"] + (["--quick"] if args.quick else [])
-    subprocess.run(command, env=env, check=True)
+    _table(args.quick)
 
 
 if __name__ == "__main__":

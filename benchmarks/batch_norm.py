@@ -46,13 +46,11 @@ import argparse
 import os
 import subprocess
 import sys
-import time
+
+from residual import FAULT_FREE, interleaved
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
 
-FAULT_FREE = (
-    "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
-)
 TORCH_THREADS = 2
 EPSILON = 1e-5
 
@@ -198,16 +196,7 @@ def torch_rows(x_first, dy_first):
 def time_rows(rows, warmup, rounds):
     """``{(name, pass): [seconds]}``, the timers interleaved round by round."""
     timers = {(name, phase): fn for name, fns in rows.items() for phase, fn in zip(PASSES, fns)}
-    for _ in range(warmup):
-        for fn in timers.values():
-            fn()
-    samples = {k: [] for k in timers}
-    for _ in range(rounds):
-        for k, fn in timers.items():
-            start = time.perf_counter()
-            fn()
-            samples[k].append(time.perf_counter() - start)
-    return samples
+    return interleaved(timers, warmup, rounds)
 
 
 PASSES = ("fwd", "fwd+bwd")

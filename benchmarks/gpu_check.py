@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from residual import interleaved
 
 import eqx_norm
 
@@ -172,15 +172,7 @@ def timings(quick: bool) -> None:
             timers[(name, "fwd+bwd")] = lambda f=fb, p=p, x=x, dy=dy: jax.block_until_ready(
                 f(x, p, dy)
             )
-        for _ in range(warmup):
-            for fn in timers.values():
-                fn()
-        samples = {k: [] for k in timers}
-        for _ in range(rounds):
-            for k, fn in timers.items():
-                start = time.perf_counter()
-                fn()
-                samples[k].append(time.perf_counter() - start)
+        samples = interleaved(timers, warmup, rounds)
         med = {k: float(np.median(v)) * 1e3 for k, v in samples.items()}
         for phase in ("fwd", "fwd+bwd"):
             base = med[("plain formula", phase)]

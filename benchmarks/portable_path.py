@@ -23,11 +23,9 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
-FAULT_FREE = (
-    "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
-)
+from residual import FAULT_FREE, interleaved
+
 EPSILON = 1e-5
 # (name, family, shape, normalized axes (LayerNorm/RMSNorm) or layout, dtype)
 CASES = (
@@ -190,15 +188,7 @@ def _worker(quick: bool) -> None:
     print("|---|---|---|---|---|---|")
     for case in QUICK_CASES if quick else CASES:
         timers, passes = _timers(case)
-        for _ in range(warmup):
-            for fn in timers.values():
-                fn()
-        samples = {k: [] for k in timers}
-        for _ in range(rounds):
-            for k, fn in timers.items():
-                start = time.perf_counter()
-                fn()
-                samples[k].append(time.perf_counter() - start)
+        samples = interleaved(timers, warmup, rounds)
         for phase in ("fwd", "fwd+bwd"):
             ours = float(np.median(samples[("eqx_norm xla", phase)])) * 1e3
             plain = float(np.median(samples[("plain formula", phase)])) * 1e3

@@ -2,6 +2,7 @@
 parameters, and jitted gradients of ``sum(cotangent * layer(x))``."""
 
 import ctypes
+import importlib.util
 import inspect
 import os
 import re
@@ -256,3 +257,22 @@ def assert_layer_norm_call_forms(layer, x):
     for m in (model, as_layer_norm):
         out, state = m(x[0], state=eqx.nn.State(m))
         assert out.shape == (d,)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name):
+    """The module ``benchmarks/<name>.py``, imported once (kept in ``sys.modules``); the
+    benchmarks folder is on the path while it runs, for the benchmarks it imports."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module

@@ -4,32 +4,18 @@ commit's own count, so that a change cannot add a pass unseen. The counter itsel
 checked on hand-written HLO. docs/performance.md says what the count shows and what not.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import load_benchmark
 
 from eqx_norm import _core
 
 import reference as ref
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-passes = _load("passes")
-portable = _load("portable_path")
+passes = load_benchmark("passes")
+portable = load_benchmark("portable_path")
 
 # The benchmark's cases (every layer, both layouts), counted at the benchmark's sizes: XLA
 # fuses small inputs differently. Only compiled, never run.

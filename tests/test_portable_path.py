@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import max_relative_error, random_input, random_layer
+from helpers import load_benchmark, max_relative_error, random_input, random_layer
 
 import eqx_norm
+
+import reference as ref
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"LayerNorm": eqx_norm.LayerNorm, "RMSNorm": eqx_norm.RMSNorm}
@@ -65,22 +67,13 @@ def test_a_row_gives_the_same_bits_alone_and_in_any_batch(name):
             np.testing.assert_array_equal(got[:1], want)
 
 
-def _pairwise_tree_layer_norm():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import batch_invariant_sums
-    finally:
-        sys.path.pop(0)
-    return batch_invariant_sums
-
-
 @pytest.mark.parametrize("d", [64, 100, 768])
 def test_a_fixed_pairwise_tree_of_row_sums_is_batch_invariant_and_right(d):
     """The formulation that avoids XLA:CPU's batch-dependent sums (the strict xfail above):
     every row sum as a fixed tree of slices and adds (``benchmarks/batch_invariant_sums.py``,
     which also times it). A row's y and dx are bitwise the same alone and in batches of 7,
     64 and 600, and they match the float64 formula to float32 rounding."""
-    sums = _pairwise_tree_layer_norm()
+    sums = load_benchmark("batch_invariant_sums")
     layer_norm = sums.layer_norm_with(sums.tree_sum)
     assert sums.is_batch_invariant(layer_norm, d)
 
@@ -92,18 +85,14 @@ def test_a_fixed_pairwise_tree_of_row_sums_is_batch_invariant_and_right(d):
     y, vjp = jax.vjp(layer_norm, jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta))
     dx, dgamma, dbeta = vjp(jnp.asarray(ct))
 
-    x64, ct64, gamma64 = (a.astype(np.float64) for a in (x, ct, gamma))
-    centered = x64 - x64.mean(-1, keepdims=True)
-    rstd = 1.0 / np.sqrt((centered**2).mean(-1, keepdims=True) + sums.EPSILON)
-    xhat = centered * rstd
-    v = ct64 * gamma64
-    want_dx = rstd * (v - v.mean(-1, keepdims=True) - xhat * (v * xhat).mean(-1, keepdims=True))
+    # LayerNorm over the last axis is GroupNorm with one group and no spatial axes
+    want_dx, want_dgamma, want_dbeta = ref.group_norm_vjp(x, 1, 0, gamma, ct, sums.EPSILON)
     # float32: the centred values carry the input's rounding at 1e3 (about 6e-5 of the
     # spread), and each of a few operations adds a few ulps
-    np.testing.assert_allclose(y, xhat * gamma64 + beta, atol=2e-4)
+    np.testing.assert_allclose(y, ref.layer_norm(x, 1, gamma, beta, sums.EPSILON), atol=2e-4)
     assert max_relative_error(dx, want_dx) < 5e-4
-    np.testing.assert_allclose(dgamma, (ct64 * xhat).sum(0), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(dbeta, ct64.sum(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dgamma, want_dgamma, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dbeta, want_dbeta, rtol=1e-5, atol=1e-5)
 
 
 _GRAD_OF_X = """
