@@ -19,6 +19,10 @@ implementation keeps them), N=32, C=256, H=W=28:
 * ``eqx_norm (N, C, H, W)``: ``BatchNorm(C, channel_axis=1)`` on torch's layout;
 * ``eqx_norm xla (N, H, W, C)`` / ``(N, C, H, W)``: the same with ``implementation="xla"``
   (the pure-JAX path that accelerators run; the rows above take the CPU kernel);
+* ``eqx_norm mask (N, H, W, C)`` / ``eqx_norm vmap axis_name (N, H, W, C)``: the
+  channels-last layer with a mask that pads the last two examples, and with
+  ``axis_name="batch"`` on one ``(H, W, C)`` example at a time under ``jax.vmap``; both on
+  the kernel (the default), and beside them with ``implementation="xla"``;
 * ``eqx.nn.BatchNorm (vmap)``: ``mode="batch"``, one ``(C, H, W)`` example at a time under
   ``jax.vmap(..., axis_name="batch")``, as equinox requires;
 * ``flax.nnx.BatchNorm (N, H, W, C)``: ``use_running_average=False``, split/merged into a
@@ -111,6 +115,32 @@ def jax_rows(shape):
 
         rows[name.replace("eqx_norm", "eqx_norm inference")] = timers(
             apply_inference, (bn.gamma, bn.beta), state, x, dy
+        )
+
+    # a mask (the last 2 examples padded) and axis_name (one example at a time under vmap):
+    # the kernel (the default) against the XLA path
+    mask = (jnp.arange(shape[0]) < shape[0] - 2).reshape(-1, 1, 1, 1)
+    for implementation in (None, "xla"):
+        label = "" if implementation is None else " xla"
+        bn, state = eqx.nn.make_with_state(eqx_norm.BatchNorm)(c, implementation=implementation)
+
+        def apply_masked(x, params, state, bn=bn):
+            return eqx.tree_at(lambda m: (m.gamma, m.beta), bn, params)(x, state, mask=mask)
+
+        rows[f"eqx_norm{label} mask (N, H, W, C)"] = timers(
+            apply_masked, (bn.gamma, bn.beta), state, x_last, dy_last
+        )
+        bn, state = eqx.nn.make_with_state(eqx_norm.BatchNorm)(
+            c, axis_name="batch", implementation=implementation
+        )
+
+        def apply_mapped(x, params, state, bn=bn):
+            model = eqx.tree_at(lambda m: (m.gamma, m.beta), bn, params)
+            run = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+            return run(x, state)
+
+        rows[f"eqx_norm{label} vmap axis_name (N, H, W, C)"] = timers(
+            apply_mapped, (bn.gamma, bn.beta), state, x_last, dy_last
         )
 
     bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(c, "batch", eps=EPSILON, mode="batch")

@@ -106,8 +106,9 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
         debias: True (default) zero-debiases the running statistics as above; False moves
             them by ``1 - momentum`` from the first step (torch, flax).
         implementation: None (default) trains on the compiled CPU kernel where it serves
-            (on the CPU, without ``mask`` or ``axis_name``, ``epsilon > 0``): it computes
-            the per-channel sums and XLA the elementwise passes; elsewhere the pure-JAX
+            (on the CPU, ``epsilon > 0``, a ``mask`` and an ``axis_name`` included): it
+            computes the per-channel sums, psummed across ``axis_name``, and XLA the
+            elementwise passes; elsewhere the pure-JAX
             path, which has a hand-written derivative. ``"xla"`` always takes the
             pure-JAX path, and ``"kernel"`` where it cannot serve is an error that says
             why. Inference is one elementwise pass on every path.
@@ -382,9 +383,11 @@ def batch_norm_body(
                 f"{values}: the variance of one value is 0. Use a batch of at least 2 "
                 f"examples, or {inference_switch} to normalize by the running statistics."
             )
-        reason = _kernel_reason(raw, mask=mask, axis_name=axis_name, epsilon=epsilon)
+        reason = _kernel_reason(raw, epsilon=epsilon)
         if use_kernel(implementation, layer, reason):
-            y, moments = _kernel_train(raw, axis, scale, offset, epsilon, out_dtype)
+            y, moments = _kernel_train(
+                raw, axis, scale, offset, epsilon, out_dtype, axis_name, mask
+            )
         else:
             y, moments = _core.normalize(
                 x,
@@ -412,38 +415,74 @@ def batch_norm_body(
     return y.astype(out_dtype), new_mean, new_var
 
 
-def _kernel_reason(x: Array, *, mask: Any, axis_name: Hashable | None, epsilon: float):
+def _kernel_reason(x: Array, *, epsilon: float):
     """Why the compiled kernel cannot serve a training call (None when it can)."""
-    reason = common_reason(x, masked=mask is not None, out_dtype=x.dtype, axis_name=axis_name)
+    reason = common_reason(x, masked=False, out_dtype=x.dtype)
     if reason is None and epsilon == 0:
         reason = "epsilon=0 (its variance is rescaled by the XLA path, not the kernel)"
     return reason or columns.unavailable_reason(x)
 
 
-def _kernel_train(x, axis, scale, offset, epsilon, out_dtype) -> tuple[Array, _core.Moments]:
+def _kernel_train(
+    x, axis, scale, offset, epsilon, out_dtype, axis_name, mask
+) -> tuple[Array, _core.Moments]:
     """The training forward on the kernel: ``x`` as ``(N, S, C)`` (channels last) or
-    ``(N, C, S)``, then back to its shape with the statistics as Moments of x's rank."""
+    ``(N, C, S)``, then back to its shape with the statistics as Moments of x's rank. A
+    ``mask`` (x's shape) sets its False elements to each channel's shift, so that they add
+    nothing to the kernel's sums, and counts its True ones."""
     channels = x.shape[axis]
     channels_last = axis == x.ndim - 1 and x.ndim > 1
     if channels_last:
         view = (x.shape[0], math.prod(x.shape[1:-1]), channels)
     else:
         view = (math.prod(x.shape[:axis]), channels, math.prod(x.shape[axis + 1 :]))
-    scale = jnp.ones(channels, jnp.float32) if scale is None else scale
-    offset = jnp.zeros(channels, jnp.float32) if offset is None else offset
+    per_channel = tuple(channels if i == axis else 1 for i in range(x.ndim))
+    affine = [
+        jnp.full(channels, fill, jnp.float32) if a is None else a.reshape(channels)
+        for a, fill in ((scale, 1.0), (offset, 0.0))
+    ]
+    shift = count = None
+    if mask is not None:
+        shift, count = _masked_shift_and_count(x, mask, axis, axis_name)
+        x = jnp.where(mask, x, shift.astype(x.dtype).reshape(per_channel))
     y, mean, var = columns.normalize_columns(
         x.reshape(view),
-        scale.reshape(channels).astype(jnp.float32),
-        offset.reshape(channels).astype(jnp.float32),
+        *(a.astype(jnp.float32) for a in affine),
         channels_last=channels_last,
         epsilon=epsilon,
         dtype=out_dtype,
+        axis_name=axis_name,
+        shift=shift,
+        count=count,
     )
-    per_channel = tuple(channels if i == axis else 1 for i in range(x.ndim))
-    count = jnp.full(per_channel, x.size // channels, jnp.float32)
-    return y.reshape(x.shape), _core.Moments(
-        mean.reshape(per_channel), var.reshape(per_channel), count
+    y = y.reshape(x.shape)
+    if mask is None:
+        replicas = 1 if axis_name is None else lax.psum(1, axis_name)
+        count = jnp.full(per_channel, x.size // channels * replicas, jnp.float32)
+    else:
+        y = jnp.where(mask, y, affine[1].astype(y.dtype).reshape(per_channel))
+        count = count if axis_name is None else lax.psum(count, axis_name)
+    return y, _core.Moments(
+        mean.reshape(per_channel), var.reshape(per_channel), count.reshape(per_channel)
     )
+
+
+def _masked_shift_and_count(x, mask, axis, axis_name):
+    """Each channel's first element where ``mask`` is True (the largest of the replicas'
+    along ``axis_name``; 0 where none is), float32, and the number of True elements on this
+    replica, each ``(C,)``."""
+    channels = x.shape[axis]
+    rest = tuple(n for i, n in enumerate(x.shape) if i != axis)
+    rows = jnp.moveaxis(mask, axis, -1).reshape(-1, channels)
+    count = jnp.sum(rows, axis=0, dtype=jnp.float32)
+    coords = list(jnp.unravel_index(jnp.argmax(rows, axis=0), rest))
+    coords.insert(axis, jnp.arange(channels))
+    shift = lax.stop_gradient(x[tuple(coords)].astype(jnp.float32))
+    present = count > 0
+    if axis_name is not None:
+        shift = lax.pmax(jnp.where(present, shift, -jnp.inf), axis_name)
+        present = lax.psum(count, axis_name) > 0
+    return jnp.where(present, shift, 0), count
 
 
 def update_running(

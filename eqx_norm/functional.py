@@ -659,8 +659,8 @@ def batch_norm(
             the number of updates the running statistics have had, for the zero-debiased
             one.
         implementation: None (default) runs the compiled CPU kernel's per-channel sums
-            where it serves (training on the CPU without ``mask`` or ``axis_name``, with
-            ``epsilon > 0``), else the pure-JAX path; ``"xla"`` always the pure-JAX path;
+            where it serves (training on the CPU with ``epsilon > 0``; a ``mask`` and an
+            ``axis_name`` included), else the pure-JAX path; ``"xla"`` always the pure-JAX path;
             ``"kernel"`` where it cannot serve is an error that says why.
 
     Returns:

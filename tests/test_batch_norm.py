@@ -944,18 +944,6 @@ def test_errors_name_the_argument():
             r"batch_norm: x of shape \(4, 5\) has 5 channels on axis 1, but `running_mean` "
             r"has shape \(3,\) \(num_features=3\)\.$",
         ),
-        (  # the kernel takes no mask: "kernel" says so, None falls back to XLA
-            lambda: batch_norm(
-                jnp.ones((4, 3)),
-                jnp.zeros(3),
-                jnp.ones(3),
-                training=True,
-                mask=jnp.ones((4, 1), bool),
-                implementation="kernel",
-            ),
-            ValueError,
-            r"batch_norm: implementation='kernel' cannot serve this call: a `mask` is given",
-        ),
         (
             lambda: batch_norm(
                 jnp.ones((4, 3)),

@@ -9,6 +9,8 @@ count; inference is one elementwise pass, so an example's output does not depend
 batch (bitwise).
 """
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,7 @@ from helpers import (
     random_params,
     run_on_simulated_devices,
 )
-from test_batch_norm import as64, assert_close_relative, clone, reference_batch_norm
+from test_batch_norm import as64, assert_close_relative, clone, reference_batch_norm, variant
 
 from eqx_norm import BatchNorm
 from eqx_norm.functional import batch_norm
@@ -139,7 +141,7 @@ def test_the_kernel_runs_where_it_serves():
         return jax.jit(lambda x, s: layer(x, s, **kwargs)).lower(x, state).as_text()
 
     assert "eqx_norm_columns_forward" in hlo(bn)
-    assert "eqx_norm_columns" not in hlo(bn, mask=jnp.ones((8, 1, 1, 1), bool))
+    assert "eqx_norm_columns_forward" in hlo(bn, mask=jnp.ones((8, 1, 1, 1), bool))
     assert "eqx_norm_columns" not in hlo(eqx.nn.inference_mode(bn))
     xla, _ = eqx.nn.make_with_state(BatchNorm)(3, implementation="xla")
     assert "eqx_norm_columns" not in hlo(xla)
@@ -153,16 +155,10 @@ def test_the_kernel_runs_where_it_serves():
 
 def test_kernel_refuses_what_it_cannot_serve():
     x = random_input((8, 3))
-    for kwargs, reason in (
-        (dict(mask=jnp.ones((8, 1), bool)), "a `mask` is given"),
-        (dict(epsilon=0.0), "epsilon=0"),
-    ):
+    for kwargs, reason in ((dict(epsilon=0.0), "epsilon=0"),):
         with pytest.raises(ValueError, match=f"implementation='kernel' cannot serve.*{reason}"):
             batch_norm(x, jnp.zeros(3), jnp.ones(3), training=True, implementation="kernel",
                        **kwargs)  # fmt: skip
-    bn, state = eqx.nn.make_with_state(BatchNorm)(3, axis_name="batch", implementation="kernel")
-    with pytest.raises(ValueError, match=r"cannot serve.*`axis_name`='batch'"):
-        jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
 
 
 def test_constant_channels_and_overflow_are_exact_or_loud():
@@ -226,6 +222,146 @@ def test_vmap_over_batches_and_forward_mode():
     assert_close_relative(tangent("kernel"), tangent("xla"), 1e-5)
 
 
+MASKS = ("examples", "first position", "channel", "random")
+
+
+def make_mask(kind, shape, axis):
+    """Padded examples (11 of 16 kept, as ``(N, 1, 1, 1)``), every example's first position
+    left out (where the shift would otherwise come from), channel 3 with no value, or a
+    random mask of x's shape."""
+    if kind == "examples":
+        return (np.arange(shape[0]) < 11).reshape(-1, *[1] * (len(shape) - 1))
+    if kind == "random":
+        return np.random.default_rng(0).random(shape) < 0.6
+    mask = np.ones(shape, bool)
+    if kind == "first position":
+        mask[(slice(None), 0, 0) if axis == -1 else (slice(None), slice(None), 0, 0)] = False
+    else:
+        mask[(slice(None),) * (axis % len(shape)) + (3,)] = False
+    return mask
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("kind", MASKS)
+def test_masked_float64_reference(layout, kind):
+    # a mask on the kernel: its False elements are set to the shift (they add nothing) and
+    # the count is the True ones. At mean 1e4 with zeros where the mask is False (padding),
+    # so that a shift taken from a padded element would lose every digit of the variance:
+    # y 1e-5, the statistics and the gradients (through the masked output: beta where the
+    # mask is False) 1e-5 relative against float64, and a channel with no value keeps its
+    # running statistics
+    shape, axis = LAYOUTS[layout]
+    mask = make_mask(kind, shape, axis)
+    x = np.where(mask, np.asarray(random_input(shape, mean=1e4, std=2.0)), 0).astype(np.float32)
+    dy = random_input(shape, seed=5)
+    gamma, beta = random_params(64)
+
+    def f(x, gamma, beta):
+        c = x.shape[axis]
+        return batch_norm(x, jnp.zeros(c), jnp.ones(c), gamma, beta, training=True,
+                          channel_axis=axis, mask=mask, implementation="kernel",
+                          momentum=0.5)  # fmt: skip
+
+    hlo = jax.jit(f).lower(x, gamma, beta).as_text()
+    assert "eqx_norm_columns_forward" in hlo
+    (y, running_mean, running_var), vjp = jax.jit(lambda *a: jax.vjp(f, *a))(x, gamma, beta)
+    dx, dgamma, dbeta = vjp((dy, jnp.zeros(64), jnp.zeros(64)))
+    want, mean, var, count = reference_batch_norm(x, gamma, beta, channel_axis=axis, mask=mask)
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-5)
+    unbiased = var * count / np.maximum(count - 1, 1)
+    kept = count > 1
+    np.testing.assert_allclose(running_mean, np.where(kept, 0.5 * mean, 0), rtol=1e-6)
+    np.testing.assert_allclose(running_var, np.where(kept, 0.5 + 0.5 * unbiased, 1), rtol=1e-5)
+    # the gradients by the formula over the kept elements; dbeta also takes the cotangent
+    # of the masked-out outputs, which are beta
+    xs, dys, keep = (np.moveaxis(np.broadcast_to(as64(a), shape), axis, -1) for a in (x, dy, mask))
+    axes = tuple(range(xs.ndim - 1))
+    xhat = (xs - mean) / np.sqrt(var + 1e-5)
+    kept_dy = np.where(keep, dys, 0)
+    n = np.maximum(count, 1)
+    ref_dx = (
+        as64(gamma)
+        / np.sqrt(var + 1e-5)
+        * (kept_dy - kept_dy.sum(axes) / n - xhat * (kept_dy * xhat).sum(axes) / n)
+    )
+    ref_dx = np.moveaxis(np.where(keep, ref_dx, 0), -1, axis)
+    for got, ref in ((dx, ref_dx), (dgamma, (kept_dy * xhat).sum(axes)), (dbeta, dys.sum(axes))):
+        assert_close_relative(got, ref, 1e-5)
+
+
+@pytest.mark.parametrize("channel_axis", [-1, 0])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_axis_name_merges_the_kernels_sums(channel_axis, dtype):
+    # vmap(axis_name) over examples: the kernel's sums psummed give the whole batch's
+    # statistics; y, the running statistics and every gradient in both orders (grad of the
+    # vmap, and the vmap of a grad: per example, through the psum's transpose) and forward
+    # mode match the XLA path, and the whole batch against float64 at mean 1e4
+    example = (5, 6, 7) if channel_axis == -1 else (7, 5, 6)
+    x = random_input((8, *example), mean=1e4, std=2.0, dtype=dtype)
+    dy = random_input(x.shape, seed=5, dtype=dtype)
+    gamma, beta = random_params(7)
+    built = {
+        impl: eqx.nn.make_with_state(BatchNorm)(
+            7, channel_axis=channel_axis, axis_name="batch", implementation=impl
+        )
+        for impl in ("kernel", "xla")
+    }
+
+    def mapped(impl, x, gamma, beta):
+        layer, state = built[impl]
+        layer = eqx.tree_at(lambda b: (b.gamma, b.beta), layer, (gamma, beta))
+        run = jax.vmap(layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+        y, new = run(x, clone(state))
+        return y, new.get(layer.state_index)
+
+    def grad_of_vmap(impl):
+        (y, stats), vjp = jax.vjp(functools.partial(mapped, impl), x, gamma, beta)
+        return y, *stats, *vjp((dy, jax.tree.map(jnp.zeros_like, stats)))
+
+    def vmap_of_grad(impl):
+        def per_example(x, dy):
+            layer, state = built[impl]
+            _, vjp = jax.vjp(lambda x: layer(x, clone(state))[0], x)
+            return vjp(dy)[0]
+
+        return jax.vmap(per_example, axis_name="batch")(x, dy)
+
+    def tangent(impl):
+        return jax.jvp(lambda x: mapped(impl, x, gamma, beta)[0], (x,), (dy,))[1]
+
+    hlo = jax.jit(lambda x: grad_of_vmap("kernel")).lower(x).as_text()
+    assert "eqx_norm_columns_forward" in hlo and "eqx_norm_columns_backward" in hlo
+    tol = 1e-5 if dtype == jnp.float32 else 2 * TOL[dtype]  # one rounding in dtype
+    for run in (jax.jit(grad_of_vmap, static_argnums=0), vmap_of_grad, tangent):
+        for got, want in zip(jax.tree.leaves(run("kernel")), jax.tree.leaves(run("xla"))):
+            assert_close_relative(got, want, tol)
+    # the whole batch, against float64 (the per-example axis is the batch's next axis)
+    axis = channel_axis % len(example) + 1
+    y, *_, dx, dgamma, dbeta = grad_of_vmap("kernel")
+    want, *_ = reference_batch_norm(x, gamma, beta, channel_axis=axis)
+    np.testing.assert_allclose(as64(y), want, rtol=0, atol=1e-5 if dtype == jnp.float32 else
+                               2 * TOL[dtype])  # fmt: skip
+    for got, ref in zip((dx, dgamma, dbeta), reference_gradients(x, gamma, dy, axis)):
+        assert_close_relative(got, ref, tol)
+
+
+def test_nested_axis_names_on_the_kernel():
+    # a tuple of names: two nested vmaps hold the batch; the kernel's sums psummed over both
+    # give the whole batch's y and running statistics
+    x = random_input((4, 3, 5, 2), mean=3.0, std=2.0)
+    bn, state = eqx.nn.make_with_state(BatchNorm)(2, implementation="kernel")
+    y, whole = eqx.filter_jit(bn)(x.reshape(12, 5, 2), clone(state))
+    nested = variant(bn, axis_name=("outer", "inner"))
+    inner = jax.vmap(nested, axis_name="inner", in_axes=(0, None), out_axes=(0, None))
+    outer = jax.vmap(inner, axis_name="outer", in_axes=(0, None), out_axes=(0, None))
+    hlo = jax.jit(outer).lower(x, clone(state)).as_text()
+    assert "eqx_norm_columns_forward" in hlo
+    y_nested, new = outer(x, state)
+    np.testing.assert_allclose(y_nested.reshape(12, 5, 2), y, rtol=0, atol=1e-5)
+    for got, want in zip(new.get(bn.state_index), whole.get(bn.state_index)):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_targets_check_their_buffers():
     f32 = jnp.float32
     x, shift = jnp.ones((2, 6, 8), f32), jnp.zeros((1, 8), f32)
@@ -276,5 +412,22 @@ got = compiled(sharded, state_on_mesh, dy_sharded)
 assert got[0].sharding.spec[0] == "batch"
 for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(one)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+# axis_name: each device's kernel sums, psummed (shard_map and pmap), forward and backward
+per_device = eqx.tree_at(lambda b: (b.state_index, b.steps_index),
+                         BatchNorm(16, axis_name="batch", implementation="kernel"),
+                         (bn.state_index, bn.steps_index))
+def step_per_device(x, state, dy):
+    (y, new), vjp = jax.vjp(lambda x: per_device(x, state), x)
+    return y, new, vjp((dy, jax.tree.map(jnp.zeros_like, new)))[0]
+mapped = jax.jit(jax.shard_map(step_per_device, mesh=mesh, in_specs=(P("batch"), P(), P("batch")),
+                               out_specs=(P("batch"), P(), P("batch"))))
+text = mapped.lower(sharded, state_on_mesh, dy_sharded).compile().as_text()
+assert "eqx_norm_columns_forward" in text and "eqx_norm_columns_backward" in text
+assert "all-gather" not in text, "x was gathered under shard_map"
+pmapped = jax.pmap(step_per_device, axis_name="batch", in_axes=(0, None, 0), out_axes=(0, None, 0))
+for got in (mapped(sharded, state_on_mesh, dy_sharded),
+            pmapped(x.reshape(8, 4, 6, 6, 16), state, dy.reshape(8, 4, 6, 6, 16))):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(one)):
+        np.testing.assert_allclose(a.reshape(b.shape), b, rtol=1e-5, atol=1e-5)
 print("ok")
 """

@@ -10,18 +10,22 @@ kernel (``cpu/batch_norm.cc``) computes only the per-channel sums, and XLA the r
 - backward: ``sum(ct)`` and ``sum(ct * xhat)`` (one read of ``x`` and ``ct``), then the
   elementwise ``dx = scale * rstd * (ct - mean(ct) - xhat * mean(ct * xhat))``.
 
-Two primitives carry it: ``sums_p`` (the kernel's sums; under a batch-sharded ``jit`` each
-device sums its own rows and the sums, being sums about the same shift, are psummed, so the
-statistics are the global batch's exactly; ``vmap`` folds the batch into the kernel's
-``groups``) and ``tangent_p`` (the forward's tangent, linear in ``dx``, ``dscale`` and
-``doffset``, in ``jnp``; its transpose is the backward above). The lowering runs the
-kernel on the CPU, and the ``jnp`` formula elsewhere and for ``jax.export``, as the other
-kernels' binding does (:mod:`eqx_norm.kernels._binding`).
+Two primitives carry it, each the other's transpose. ``sums_p`` is the kernel's sums; under
+a batch-sharded ``jit`` each device sums its own rows and the sums, being sums about the
+same shift, are psummed, so the statistics are the global batch's exactly; ``vmap`` folds
+the batch into the kernel's ``groups``. The backward sums are linear in ``ct``, and their
+transpose is elementwise. ``spread_p`` is the tangent once its sums are known,
+``k * dx + u + xhat * v`` per channel, in ``jnp``; its transpose is the kernel's backward
+sums. So the derivative is plain JAX between the two: with ``axis_name`` the per-channel
+sums are psummed there, and JAX transposes the psum as it does any other. The lowering runs
+the kernel on the CPU, and the ``jnp`` formula elsewhere and for ``jax.export``, as the
+other kernels' binding does (:mod:`eqx_norm.kernels._binding`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Hashable
 from typing import NamedTuple
 
 import jax
@@ -46,6 +50,7 @@ class _Static(NamedTuple):
     channels_last: bool
     epsilon: float
     dtype: np.dtype  # y's
+    axis_name: Hashable | None  # the replicas whose sums are merged
 
 
 def normalize_columns(
@@ -56,15 +61,34 @@ def normalize_columns(
     channels_last: bool,
     epsilon: float,
     dtype: jnp.dtype,
+    axis_name: Hashable | None = None,
+    shift: Float[Array, " c"] | None = None,
+    count: Float[Array, " c"] | None = None,
 ) -> tuple[Float[Array, "n a b"], Float[Array, " c"], Float[Array, " c"]]:
     """BatchNorm in training, by the kernel's sums: ``(y, mean, var)`` per channel of ``x``
     ``(N, S, C)`` (``channels_last``) or ``(N, C, S)``, over every example and position:
     ``y = (x - mean) * rsqrt(var + epsilon) * scale + offset`` in ``dtype``, ``var``
-    biased; ``scale``/``offset`` ``(C,)`` float32. ``epsilon`` must be positive.
-    Differentiable in every mode, batchable, and exact under a batch-sharded ``jit``."""
+    biased; ``scale``/``offset`` ``(C,)`` float32. ``epsilon`` must be positive. With
+    ``axis_name`` the statistics are those of every replica along that mapped axis (``vmap``,
+    ``pmap``, ``shard_map``): each replica's sums, psummed. Differentiable in every mode,
+    batchable, and exact under a batch-sharded ``jit``.
+
+    ``shift`` and ``count`` serve a mask: the sums are taken about ``shift`` (a value of
+    each channel, the same on every replica; default its first element), and ``count`` is
+    the number of values of each channel on this replica (default all), so that elements
+    equal to ``shift`` and left out of ``count`` take no part (a channel with none gives
+    mean 0 and variance 0). Neither is differentiated."""
     served(unavailable_reason(x))
-    static = _Static(bool(channels_last), float(epsilon), jnp.dtype(dtype))
-    return _train(x, scale, offset, static)
+    static = _Static(bool(channels_last), float(epsilon), jnp.dtype(dtype), axis_name)
+    if shift is None:
+        shift = jax.lax.stop_gradient(_first(x, static.channels_last))
+        if axis_name is not None:  # one shift for all replicas: the largest of theirs
+            shift = jax.lax.pmax(shift, axis_name)
+    else:
+        shift = jax.lax.stop_gradient(jnp.asarray(shift, jnp.float32).reshape(1, -1))
+    if count is not None:
+        count = jax.lax.stop_gradient(jnp.asarray(count, jnp.float32).reshape(1, -1))
+    return _train(x, scale, offset, shift, count, static)
 
 
 # ----------------------------------------------------------------------------------------
@@ -98,29 +122,22 @@ def _jnp_sums(x, *operands, channels_last, groups, backward):
     return jnp.sum(ct, axis=axes), jnp.sum(ct * (v - _per_channel(mean, channels_last)), axis=axes)
 
 
-def _xhat(x, shift, d, rstd, channels_last, groups):
-    xg = _grouped(x.astype(jnp.float32), groups)
+def _centered(x, shift, d, channels_last, groups):
+    """``(x - shift) - d`` in float32, grouped: ``xhat / rstd``."""
     per = functools.partial(_per_channel, channels_last=channels_last)
-    return ((xg - per(shift)) - per(d)) * per(rstd)
+    return (_grouped(x.astype(jnp.float32), groups) - per(shift)) - per(d)
 
 
-def _jnp_tangent(x, shift, d, rstd, scale, *linear, channels_last, groups, which, dtype):
-    """The training forward's tangent, linear in the operands named by ``which``."""
-    named = dict(zip(which, linear, strict=True))
-    xhat = _xhat(x, shift, d, rstd, channels_last, groups)
-    axes = _axes(channels_last)
+def _jnp_spread(x, shift, d, rstd, k, *linear, channels_last, groups, has_dx, dtype):
+    """``k * dx + u + xhat * v`` (each per channel but ``dx``) in ``dtype``: the training
+    forward's tangent once its sums are known, linear in ``(dx, u, v)``, ``dx`` only with
+    ``has_dx``."""
     per = functools.partial(_per_channel, channels_last=channels_last)
-    dy = jnp.zeros(xhat.shape, jnp.float32)
-    if "dx" in named:
-        dx = _grouped(named["dx"].astype(jnp.float32), groups)
-        mean = functools.partial(jnp.mean, axis=axes, keepdims=True)
-        dy = dy + per(rstd * scale[None]) * ((dx - mean(dx)) - xhat * mean(dx * xhat))
-    shape = (1, 1, 1, -1) if channels_last else (1, 1, -1, 1)
-    if "dscale" in named:
-        dy = dy + xhat * named["dscale"].reshape(shape)
-    if "doffset" in named:
-        dy = dy + named["doffset"].reshape(shape)
-    return [dy.reshape(x.shape).astype(dtype)]
+    *dx, u, v = linear
+    out = per(u) + _centered(x, shift, d, channels_last, groups) * per(rstd * v)
+    if has_dx:
+        out = out + _grouped(dx[0].astype(jnp.float32), groups) * per(k)
+    return [out.reshape(x.shape).astype(dtype)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -192,53 +209,67 @@ def _sums_jvp(primals, tangents, *, call, **params):
     return outs, list(jax.jvp(formula, tuple(primals), tangents)[1])
 
 
+def _sums_transpose(cts, x, *operands, call, channels_last, groups, backward):
+    """The backward sums are linear in ``ct``: their transpose spreads each channel's pair
+    of cotangents back over it, ``ca + ((x - shift) - mean) * cb``."""
+    if not backward or ad.is_undefined_primal(x) or not ad.is_undefined_primal(operands[0]):
+        raise NotImplementedError("the kernel's sums are linear only in the backward's ct")
+    ct, shift, mean = operands
+    zero = jnp.zeros((groups, shift.shape[-1]), jnp.float32)
+    ca, cb = (zero if type(c) is ad.Zero else c for c in cts)
+    per = functools.partial(_per_channel, channels_last=channels_last)
+    spread = per(ca) + _centered(x, shift, mean, channels_last, groups) * per(cb)
+    return [None, spread.reshape(x.shape).astype(ct.aval.dtype), None, None]
+
+
 # ----------------------------------------------------------------------------------------
-# The tangent: jnp, linear in its trailing operands; its transpose is the backward.
+# The spread: the tangent once its sums are known, jnp, linear in its trailing operands;
+# its transpose is the kernel's backward sums.
 
 
-def _bind_tangent(*args, **params):
+def _bind_spread(*args, **params):
     args, _ = _vary_alike(args)
-    return tangent_p.bind(*args, **params)
+    return spread_p.bind(*args, **params)
 
 
-def _tangent_transpose(cts, x, shift, d, rstd, scale, *linear, channels_last, groups, which,
-                       dtype):  # fmt: skip
+def _spread_transpose(cts, x, shift, d, rstd, k, *linear, channels_last, groups, has_dx,
+                      dtype):  # fmt: skip
     (ct,) = cts
+    found = [None] * (5 + len(linear))
     if type(ct) is ad.Zero:
-        return [None] * (5 + len(linear))
-    sums = dict(channels_last=channels_last, groups=groups)
-    sum_ct, sum_ct_centered = _bind_sums(x, ct, shift, d, backward=True, **sums)
-    found = {"doffset": jnp.sum(sum_ct, axis=0), "dscale": jnp.sum(sum_ct_centered * rstd, axis=0)}
-    if "dx" in which:
-        n = x.size // groups // scale.shape[0]
+        return found
+    *dx, u, v = linear
+    if has_dx and ad.is_undefined_primal(dx[0]):
         per = functools.partial(_per_channel, channels_last=channels_last)
-        xhat = _xhat(x, shift, d, rstd, channels_last, groups)
-        g = _grouped(ct.astype(jnp.float32), groups)
-        k = rstd * scale[None]
-        dx = g * per(k) + (per(-k * sum_ct / n) + xhat * per(-k * rstd * sum_ct_centered / n))
-        found["dx"] = dx.reshape(x.shape).astype(x.dtype)
-    return [None] * 5 + [found[name] for name in which]
+        dx_ct = _grouped(ct.astype(jnp.float32), groups) * per(k)
+        found[5] = dx_ct.reshape(x.shape).astype(dx[0].aval.dtype)
+    if ad.is_undefined_primal(u) or ad.is_undefined_primal(v):
+        sums = dict(channels_last=channels_last, groups=groups, backward=True)
+        sum_ct, sum_ct_centered = _bind_sums(x, ct, shift, d, **sums)
+        found[-2] = sum_ct if ad.is_undefined_primal(u) else None
+        found[-1] = sum_ct_centered * rstd if ad.is_undefined_primal(v) else None
+    return found
 
 
-def _tangent_batch(args, dims, *, groups, which, **params):
-    """Fold the batch into ``groups`` where the parameters' operands are shared, else
-    ``vmap`` the ``jnp`` formula."""
+def _spread_batch(args, dims, *, groups, **params):
+    """Fold the batch into ``groups``: every operand is per row of x or per group."""
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    shared = [4] + [5 + i for i, w in enumerate(which) if w != "dx"]  # scale, dscale, doffset
-    if any(dims[i] is not None for i in shared):
-        formula = functools.partial(_jnp_tangent, groups=groups, which=which, **params)
-        return jax.vmap(formula, in_axes=tuple(dims))(*args), [0]
-    folded = _fold(args, dims, size)
-    for i in shared:
-        folded[i] = args[i]
-    (dy,) = _bind_tangent(*folded, groups=size * groups, which=which, **params)
-    return [dy.reshape(size, -1, *dy.shape[1:])], [0]
+    (out,) = _bind_spread(*_fold(args, dims, size), groups=size * groups, **params)
+    return [out.reshape(size, -1, *out.shape[1:])], [0]
 
 
-def _tangent_jvp(primals, tangents, **params):
-    formula = functools.partial(_jnp_tangent, **params)
+def _spread_jvp(primals, tangents, **params):
+    formula = functools.partial(_jnp_spread, **params)
     tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
     return jax.jvp(formula, tuple(primals), tangents)
+
+
+def _lower_jnp(formula):
+    def lowering(ctx, *args, **params):
+        fn = functools.partial(formula, **params)
+        return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+
+    return lowering
 
 
 def _define():
@@ -250,29 +281,26 @@ def _define():
     mlir.register_lowering(sums, functools.partial(_sums_lowering, cpu=False))
     mlir.register_lowering(sums, functools.partial(_sums_lowering, cpu=True), platform="cpu")
     ad.primitive_jvps[sums] = _sums_jvp
+    ad.primitive_transposes[sums] = _sums_transpose
     batching.primitive_batchers[sums] = _sums_batch
 
-    tangent = Primitive("eqx_norm_columns_tangent")
-    tangent.multiple_results = True
-    tangent.def_impl(lambda *args, **params: _jnp_tangent(*args, **params))
-    tangent.def_abstract_eval(
+    spread = Primitive("eqx_norm_columns_spread")
+    spread.multiple_results = True
+    spread.def_impl(lambda *args, **params: _jnp_spread(*args, **params))
+    spread.def_abstract_eval(
         lambda *avals, **params: (
-            jax.make_jaxpr(functools.partial(_jnp_tangent, **params))(*avals).out_avals
+            jax.make_jaxpr(functools.partial(_jnp_spread, **params))(*avals).out_avals
         )
     )
-    mlir.register_lowering(
-        tangent, lambda ctx, *args, **params: mlir.lower_fun(
-            functools.partial(_jnp_tangent, **params), multiple_results=True
-        )(ctx, *args)
-    )  # fmt: skip
-    ad.primitive_jvps[tangent] = _tangent_jvp
-    ad.primitive_transposes[tangent] = _tangent_transpose
-    batching.primitive_batchers[tangent] = _tangent_batch
-    return sums, tangent
+    mlir.register_lowering(spread, _lower_jnp(_jnp_spread))
+    ad.primitive_jvps[spread] = _spread_jvp
+    ad.primitive_transposes[spread] = _spread_transpose
+    batching.primitive_batchers[spread] = _spread_batch
+    return sums, spread
 
 
 if MISSING is None:
-    sums_p, tangent_p = _define()
+    sums_p, spread_p = _define()
 
 
 # ----------------------------------------------------------------------------------------
@@ -290,42 +318,63 @@ def _first(x, channels_last):
     return first.astype(jnp.float32)[None]
 
 
-def _forward(x, scale, offset, static):
-    shift = _first(x, static.channels_last)
-    s1, s2 = _bind_sums(x, shift, channels_last=static.channels_last, groups=1, backward=False)
-    n = x.size // scale.shape[0]
+def _merged(sums, axis_name):
+    """The sums over every replica of ``axis_name`` (they are about the same shift)."""
+    return sums if axis_name is None else jax.lax.psum(tuple(sums), axis_name)
+
+
+def _forward(x, scale, offset, shift, count, static):
+    if count is None:  # every element: a number
+        n = x.size // scale.shape[0]
+        n = n if static.axis_name is None else n * jax.lax.psum(1, static.axis_name)
+    else:  # a channel with no value: its sums are 0, so are its moments
+        n = count if static.axis_name is None else jax.lax.psum(count, static.axis_name)
+        n = jnp.maximum(n, 1)
+    sums = _bind_sums(x, shift, channels_last=static.channels_last, groups=1, backward=False)
+    s1, s2 = _merged(sums, static.axis_name)
     d = s1 / n
     var = jnp.maximum(s2 / n - jnp.square(d), 0)
     rstd = inverse_std(var, static.epsilon)
     per = functools.partial(_per_channel, channels_last=static.channels_last)
-    xg = _grouped(x.astype(jnp.float32), 1)
-    y = ((xg - per(shift)) - per(d)) * per(rstd * scale[None]) + per(offset[None])
-    return y.reshape(x.shape).astype(static.dtype), shift, d, var, rstd
+    y = _centered(x, shift, d, static.channels_last, 1) * per(rstd * scale[None])
+    y = y + per(offset[None])
+    return y.reshape(x.shape).astype(static.dtype), shift, d, var, rstd, n
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _train(x, scale, offset, static):
-    y, shift, d, var, _ = _forward(x, scale, offset, static)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _train(x, scale, offset, shift, count, static):
+    y, shift, d, var, *_ = _forward(x, scale, offset, shift, count, static)
     return y, (shift + d)[0], var[0]
 
 
 @functools.partial(_train.defjvp, symbolic_zeros=True)
 def _train_jvp(static, primals, tangents):
-    x, scale, offset = primals
-    y, shift, d, var, rstd = _forward(x, scale, offset, static)
-    names = ("dx", "dscale", "doffset")
-    named = [(n, t) for n, t in zip(names, tangents) if not isinstance(t, SymbolicZero)]
-    params = dict(channels_last=static.channels_last, groups=1, dtype=static.dtype)
-    if named:
-        (dy,) = _bind_tangent(x, shift, d, rstd, scale, *(t for _, t in named),
-                              which=tuple(n for n, _ in named), **params)  # fmt: skip
-    else:
+    """``dy = k * (dx - mean(dx) - xhat * mean(dx * xhat)) + xhat * dscale + doffset``,
+    ``k = rstd * scale``: the kernel's sums of ``dx`` (merged over ``axis_name``), then the
+    spread. Under ``grad`` the spread transposes to the kernel's sums of the cotangent and
+    the sums to the elementwise ``dx``: one kernel pass, one fused pass."""
+    x, scale, offset, shift, count = primals  # shift and count are not differentiated
+    dx, dscale, doffset = (None if isinstance(t, SymbolicZero) else t for t in tangents[:3])
+    y, shift, d, var, rstd, n = _forward(x, scale, offset, shift, count, static)
+    k = rstd * scale[None]
+    zero = jnp.zeros_like(var)
+    u = zero if doffset is None else doffset[None]
+    v = zero if dscale is None else dscale[None]
+    dmean = dvar = zero[0]
+    linear = []
+    if dx is not None:
+        dx = dx.astype(jnp.float32)  # one rounding of the cotangent under grad, not two
+        sums = _bind_sums(x, dx, shift, d, channels_last=static.channels_last, groups=1,
+                          backward=True)  # fmt: skip
+        sum_dx, sum_dx_centered = _merged(sums, static.axis_name)
+        u = u - k * sum_dx / n
+        v = v - k * rstd * sum_dx_centered / n
+        dmean, dvar = (sum_dx / n)[0], (2 * sum_dx_centered / n)[0]
+        linear = [dx]
+    if dx is None and dscale is None and doffset is None:
         dy = jnp.zeros_like(y)
-    dmean = dvar = jnp.zeros_like(var[0])
-    if "dx" in dict(named):  # the running statistics' tangents (jnp: they are rarely read)
-        axes = _axes(static.channels_last)
-        dx = _grouped(dict(named)["dx"].astype(jnp.float32), 1)
-        centered = _xhat(x, shift, d, jnp.ones_like(rstd), static.channels_last, 1)
-        dmean = jnp.mean(dx, axis=axes)[0]
-        dvar = 2 * jnp.mean(dx * centered, axis=axes)[0]
+    else:
+        (dy,) = _bind_spread(x, shift, d, rstd, k, *linear, u, v,
+                             channels_last=static.channels_last, groups=1,
+                             has_dx=dx is not None, dtype=static.dtype)  # fmt: skip
     return (y, (shift + d)[0], var[0]), (dy, dmean, dvar)
