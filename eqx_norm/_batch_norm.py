@@ -362,6 +362,7 @@ def batch_norm_body(
     gamma = check_parameter(gamma, (channels,), "gamma", layer)
     beta = check_parameter(beta, (channels,), "beta", layer)
     epsilon = check_epsilon(epsilon)
+    given_mask = mask
     mask = check_mask(mask, x.shape, layer)
     zero_centered_scale = check_flag(zero_centered_scale, "zero_centered_scale")
     out_dtype = optional_dtype(dtype, "dtype") or x.dtype
@@ -385,8 +386,9 @@ def batch_norm_body(
             )
         reason = _kernel_reason(raw, epsilon=epsilon)
         if use_kernel(implementation, layer, reason):
+            compact = None if mask is None else jnp.asarray(given_mask)  # its size-1 axes
             y, moments = _kernel_train(
-                raw, axis, scale, offset, epsilon, out_dtype, axis_name, mask
+                raw, axis, scale, offset, epsilon, out_dtype, axis_name, compact
             )
         else:
             y, moments = _core.normalize(
@@ -428,8 +430,8 @@ def _kernel_train(
 ) -> tuple[Array, _core.Moments]:
     """The training forward on the kernel: ``x`` as ``(N, S, C)`` (channels last) or
     ``(N, C, S)``, then back to its shape with the statistics as Moments of x's rank. A
-    ``mask`` (x's shape) sets its False elements to each channel's shift, so that they add
-    nothing to the kernel's sums, and counts its True ones."""
+    ``mask`` (x's rank, each axis x's or 1) sets its False elements to each channel's
+    shift, so that they add nothing to the kernel's sums, and counts its True ones."""
     channels = x.shape[axis]
     channels_last = axis == x.ndim - 1 and x.ndim > 1
     if channels_last:
@@ -468,14 +470,17 @@ def _kernel_train(
 
 
 def _masked_shift_and_count(x, mask, axis, axis_name):
-    """Each channel's first element where ``mask`` is True (the largest of the replicas'
-    along ``axis_name``; 0 where none is), float32, and the number of True elements on this
-    replica, each ``(C,)``."""
+    """Each channel's first element where ``mask`` (x's rank, each axis x's or 1) is True
+    (the largest of the replicas' along ``axis_name``; 0 where none is), float32, and the
+    number of True elements on this replica, each ``(C,)``: reductions over the mask as
+    given, not broadcast."""
     channels = x.shape[axis]
-    rest = tuple(n for i, n in enumerate(x.shape) if i != axis)
-    rows = jnp.moveaxis(mask, axis, -1).reshape(-1, channels)
-    count = jnp.sum(rows, axis=0, dtype=jnp.float32)
-    coords = list(jnp.unravel_index(jnp.argmax(rows, axis=0), rest))
+    rows = jnp.moveaxis(mask, axis, -1)
+    repeats = math.prod(n for i, n in enumerate(x.shape) if i != axis and mask.shape[i] == 1)
+    rows = rows.reshape(-1, rows.shape[-1])
+    count = jnp.broadcast_to(jnp.sum(rows, axis=0, dtype=jnp.float32) * repeats, (channels,))
+    rest = tuple(n for i, n in enumerate(mask.shape) if i != axis)
+    coords = list(jnp.unravel_index(jnp.argmax(rows, axis=0), rest))  # 0 on a size-1 axis
     coords.insert(axis, jnp.arange(channels))
     shift = lax.stop_gradient(x[tuple(coords)].astype(jnp.float32))
     present = count > 0
