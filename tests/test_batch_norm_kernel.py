@@ -377,9 +377,47 @@ def test_targets_check_their_buffers():
     with pytest.raises(Exception, match="groups must be >= 1 and divide"):
         call_target("eqx_norm_columns_forward", outs, x, shift, channels_last=True,
                     groups=np.int64(3))  # fmt: skip
+    y = jax.ShapeDtypeStruct(x.shape, f32)
+    stats = (shift, shift, jnp.ones((1, 8), f32), jnp.zeros((1, 8), f32))
+    np.testing.assert_array_equal(call_target("eqx_norm_columns_normalize", y, x, *stats,
+                                              **attrs), x)  # fmt: skip
+    with pytest.raises(Exception, match=r"w has dimensions \(1, 6\), expected \(1, 8\)"):
+        call_target("eqx_norm_columns_normalize", y, x, shift, shift, jnp.ones((1, 6), f32),
+                    shift, **attrs)  # fmt: skip
+    with pytest.raises(Exception, match=r"y has element type bfloat16, expected x's type"):
+        call_target("eqx_norm_columns_normalize", jax.ShapeDtypeStruct(x.shape, jnp.bfloat16),
+                    x, *stats, **attrs)  # fmt: skip
     with pytest.raises(Exception, match=r"ct has dimensions \(2, 6, 7\)"):
         call_target("eqx_norm_columns_backward", outs, x, jnp.ones((2, 6, 7), f32), shift,
                     shift, **attrs)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_normalize_pass_streams_the_same_values(channels_last, dtype):
+    # the normalize pass streams y above 32 MiB moved (common.h's kStreamBytes): elementwise
+    # given the statistics, so every example of a streamed call must equal, bitwise, the
+    # same example in a call far below the threshold. 1001 channels (channels-first: 1001
+    # positions) start the runs at every 4-byte (bfloat16: 2-byte) offset of a 16-byte line
+    n = 4400 if dtype == jnp.float32 else 8800
+    shape = (n, 1, 1001) if channels_last else (n, 1001, 1)
+    x = random_input(shape, mean=3.0, dtype=dtype)
+    assert 2 * x.nbytes > 32 << 20
+    stats = [random_input((1, 1001), seed=s) for s in range(4)]
+    attrs = dict(channels_last=channels_last, groups=np.int64(1))
+
+    def run(x):
+        out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return np.asarray(call_target("eqx_norm_columns_normalize", out, x, *stats, **attrs))
+
+    whole = run(x)
+    for i in (0, 1, 2, 3, 7, n - 1):
+        np.testing.assert_array_equal(whole[i], run(x[i : i + 1])[0], err_msg=f"example {i}")
+    per = (lambda v: v[None]) if channels_last else (lambda v: v[:, :, None])
+    shift, d, w, u = (per(as64(v)) for v in stats)
+    want = ((as64(x[:16]) - shift) - d) * w + u
+    np.testing.assert_allclose(as64(whole[:16]), want, rtol=TOL[dtype], atol=TOL[dtype] * 8)
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ TARGETS = {
     for kernel in ("rows", "residual", "groups", "columns")
     for way in ("forward", "backward")
 }
+TARGETS["eqx_norm_columns_normalize"] = "EqxNormColumnsNormalize"  # BatchNorm's y
 # bits of EqxNormDtypes()
 _DTYPE_BITS = {1: jnp.dtype(jnp.float32), 2: jnp.dtype(jnp.bfloat16), 4: jnp.dtype(jnp.float16)}
 

@@ -1,23 +1,28 @@
 r"""BatchNorm's training step on the compiled CPU kernel: :func:`normalize_columns`.
 
 XLA:CPU runs BatchNorm's column reductions (per channel, over the batch and every spatial
-axis) at a quarter of its copy rate; its elementwise passes run at the copy rate. So the
-kernel (``cpu/batch_norm.cc``) computes only the per-channel sums, and XLA the rest:
+axis) at a quarter of its copy rate; its elementwise passes run at the copy rate, but read
+each line of their output before writing it. So the kernel (``cpu/batch_norm.cc``)
+computes the per-channel sums and the forward's ``y``, and XLA the rest:
 
 - forward: ``s1 = sum(x - x0)``, ``s2 = sum((x - x0)^2)`` about each channel's first
-  element ``x0`` (one read of ``x``), then ``d = s1 / n``, ``var = s2 / n - d^2`` and the
-  elementwise ``y = ((x - x0) - d) * rstd * scale + offset`` (one read, one write);
+  element ``x0`` (one read of ``x``), then ``d = s1 / n``, ``var = s2 / n - d^2`` and
+  ``y = ((x - x0) - d) * rstd * scale + offset`` (one read, one write, streamed where the
+  call is larger than a cache);
 - backward: ``sum(ct)`` and ``sum(ct * xhat)`` (one read of ``x`` and ``ct``), then the
-  elementwise ``dx = scale * rstd * (ct - mean(ct) - xhat * mean(ct * xhat))``.
+  elementwise ``dx = scale * rstd * (ct - mean(ct) - xhat * mean(ct * xhat))`` in XLA,
+  which fuses its terms.
 
-Two primitives carry it, each the other's transpose. ``sums_p`` is the kernel's sums; under
-a batch-sharded ``jit`` each device sums its own rows and the sums, being sums about the
-same shift, are psummed, so the statistics are the global batch's exactly; ``vmap`` folds
-the batch into the kernel's ``groups``. The backward sums are linear in ``ct``, and their
-transpose is elementwise. ``spread_p`` is the tangent once its sums are known,
-``k * dx + u + xhat * v`` per channel, in ``jnp``; its transpose is the kernel's backward
-sums. So the derivative is plain JAX between the two: with ``axis_name`` the per-channel
-sums are psummed there, and JAX transposes the psum as it does any other. The lowering runs
+Two primitives carry the derivative, each the other's transpose. ``sums_p`` is the
+kernel's sums; under a batch-sharded ``jit`` each device sums its own rows and the sums,
+being sums about the same shift, are psummed, so the statistics are the global batch's
+exactly; ``vmap`` folds the batch into the kernel's ``groups``. The backward sums are
+linear in ``ct``, and their transpose is elementwise. ``spread_p`` is the tangent once its
+sums are known, ``k * dx + u + xhat * v`` per channel, in ``jnp``; its transpose is the
+kernel's backward sums. So the derivative is plain JAX between the two: with
+``axis_name`` the per-channel sums are psummed there, and JAX transposes the psum as it
+does any other. ``normalize_p`` is the forward's ``y`` (its derivative is the tangent
+above). The lowering runs
 the kernel on the CPU, and the ``jnp`` formula elsewhere and for ``jax.export``, as the
 other kernels' binding does (:mod:`eqx_norm.kernels._binding`).
 """
@@ -51,6 +56,7 @@ class _Static(NamedTuple):
     epsilon: float
     dtype: np.dtype  # y's
     axis_name: Hashable | None  # the replicas whose sums are merged
+    kernel_y: bool  # y by the kernel's pass; else jnp, where a mask's select fuses into it
 
 
 def normalize_columns(
@@ -79,7 +85,13 @@ def normalize_columns(
     equal to ``shift`` and left out of ``count`` take no part (a channel with none gives
     mean 0 and variance 0). Neither is differentiated."""
     served(unavailable_reason(x))
-    static = _Static(bool(channels_last), float(epsilon), jnp.dtype(dtype), axis_name)
+    static = _Static(
+        bool(channels_last),
+        float(epsilon),
+        jnp.dtype(dtype),
+        axis_name,
+        kernel_y=count is None and jnp.dtype(dtype) == x.dtype,
+    )
     if shift is None:
         shift = jax.lax.stop_gradient(_first(x, static.channels_last))
         if axis_name is not None:  # one shift for all replicas: the largest of theirs
@@ -140,8 +152,15 @@ def _jnp_spread(x, shift, d, rstd, k, *linear, channels_last, groups, has_dx, dt
     return [out.reshape(x.shape).astype(dtype)]
 
 
+def _jnp_normalize(x, shift, d, w, u, *, channels_last, groups):
+    """``((x - shift) - d) * w + u`` per channel, in x's dtype: the forward's ``y``."""
+    per = functools.partial(_per_channel, channels_last=channels_last)
+    y = _centered(x, shift, d, channels_last, groups) * per(w) + per(u)
+    return [y.reshape(x.shape).astype(x.dtype)]
+
+
 # ----------------------------------------------------------------------------------------
-# The kernel's sums: a primitive lowered to the FFI call on the CPU.
+# The kernel's sums and its normalize pass: primitives lowered to the FFI calls on the CPU.
 
 
 def _sums_call(x, *operands, channels_last, groups, backward):
@@ -153,17 +172,28 @@ def _sums_call(x, *operands, channels_last, groups, backward):
     )
 
 
+def _normalize_call(x, *stats, channels_last, groups):
+    out = (result(x, x.shape, x.dtype),)
+    return jax.ffi.ffi_call("eqx_norm_columns_normalize", out)(
+        x, *stats, channels_last=channels_last, groups=np.int64(groups)
+    )
+
+
 @functools.cache
-def _sums_jaxpr(items, avals, shard_mapped):
+def _call_jaxpr(call, items, avals, shard_mapped):
     """The kernel call's jaxpr, split by rows under a batch-sharded ``jit`` (the sums
-    psummed) unless ``vmap`` folded several batches into it or under ``shard_map``."""
+    psummed, ``y`` split as x is) unless ``vmap`` folded several batches into it or under
+    ``shard_map``."""
     params = dict(items)
-    fn = functools.partial(_sums_call, **params)
+    fn = functools.partial(call, **params)
     plain = jax.make_jaxpr(fn)(*avals)
     if shard_mapped or params["groups"] != 1:
         return plain
-    roles = "mmrr" if params["backward"] else "mr"
-    return jax.make_jaxpr(_partitioned(fn, roles, "gg", avals, plain.out_avals))(*avals)
+    if call is _normalize_call:
+        roles, out_roles = "mrrrr", "m"
+    else:
+        roles, out_roles = ("mmrr" if params["backward"] else "mr"), "gg"
+    return jax.make_jaxpr(_partitioned(fn, roles, out_roles, avals, plain.out_avals))(*avals)
 
 
 def _vary_alike(args):
@@ -175,16 +205,30 @@ def _vary_alike(args):
 def _bind_sums(x, *operands, channels_last, groups, backward):
     args, axes = _vary_alike([x, *operands])
     params = dict(channels_last=channels_last, groups=groups, backward=backward)
-    call = _sums_jaxpr(tuple(sorted(params.items())), tuple(map(jax.typeof, args)), bool(axes))
+    items, avals = tuple(sorted(params.items())), tuple(map(jax.typeof, args))
+    call = _call_jaxpr(_sums_call, items, avals, bool(axes))
     return sums_p.bind(*args, call=call, **params)
 
 
-def _sums_lowering(ctx, *args, call, cpu, **params):
-    if not cpu or ctx.is_forward_compat():
-        return mlir.lower_fun(functools.partial(_jnp_sums, **params), multiple_results=True)(
-            ctx, *args
-        )
-    return mlir.lower_fun(jaxpr_as_fun(call), multiple_results=True)(ctx, *args)
+def _bind_normalize(x, *stats, channels_last, groups):
+    args, axes = _vary_alike([x, *stats])
+    params = dict(channels_last=channels_last, groups=groups)
+    items, avals = tuple(sorted(params.items())), tuple(map(jax.typeof, args))
+    call = _call_jaxpr(_normalize_call, items, avals, bool(axes))
+    (y,) = normalize_p.bind(*args, call=call, **params)
+    return y
+
+
+def _kernel_lowering(formula, *, cpu):
+    """The FFI call's jaxpr on the CPU, else (and for ``jax.export``) ``formula``."""
+
+    def lowering(ctx, *args, call, **params):
+        if not cpu or ctx.is_forward_compat():
+            fn = functools.partial(formula, **params)
+            return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+        return mlir.lower_fun(jaxpr_as_fun(call), multiple_results=True)(ctx, *args)
+
+    return lowering
 
 
 def _fold(args, dims, size):
@@ -207,6 +251,18 @@ def _sums_jvp(primals, tangents, *, call, **params):
     tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
     outs = _bind_sums(*primals, **params)
     return outs, list(jax.jvp(formula, tuple(primals), tangents)[1])
+
+
+def _normalize_batch(args, dims, *, call, groups, **params):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    y = _bind_normalize(*_fold(args, dims, size), groups=size * groups, **params)
+    return [y.reshape(size, -1, *y.shape[1:])], [0]
+
+
+def _normalize_jvp(primals, tangents, *, call, **params):
+    formula = functools.partial(_jnp_normalize, **params)
+    tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
+    return [_bind_normalize(*primals, **params)], jax.jvp(formula, tuple(primals), tangents)[1]
 
 
 def _sums_transpose(cts, x, *operands, call, channels_last, groups, backward):
@@ -278,11 +334,23 @@ def _define():
     jitted = functools.cache(lambda items: jax.jit(functools.partial(sums.bind, **dict(items))))
     sums.def_impl(lambda *args, **params: jitted(tuple(params.items()))(*args))
     sums.def_abstract_eval(lambda *avals, call, **params: call.out_avals)
-    mlir.register_lowering(sums, functools.partial(_sums_lowering, cpu=False))
-    mlir.register_lowering(sums, functools.partial(_sums_lowering, cpu=True), platform="cpu")
+    mlir.register_lowering(sums, _kernel_lowering(_jnp_sums, cpu=False))
+    mlir.register_lowering(sums, _kernel_lowering(_jnp_sums, cpu=True), platform="cpu")
     ad.primitive_jvps[sums] = _sums_jvp
     ad.primitive_transposes[sums] = _sums_transpose
     batching.primitive_batchers[sums] = _sums_batch
+
+    normalize = Primitive("eqx_norm_columns_normalize")
+    normalize.multiple_results = True
+    jitted_normalize = functools.cache(
+        lambda items: jax.jit(functools.partial(normalize.bind, **dict(items)))
+    )
+    normalize.def_impl(lambda *args, **params: jitted_normalize(tuple(params.items()))(*args))
+    normalize.def_abstract_eval(lambda *avals, call, **params: call.out_avals)
+    mlir.register_lowering(normalize, _kernel_lowering(_jnp_normalize, cpu=False))
+    mlir.register_lowering(normalize, _kernel_lowering(_jnp_normalize, cpu=True), platform="cpu")
+    ad.primitive_jvps[normalize] = _normalize_jvp
+    batching.primitive_batchers[normalize] = _normalize_batch
 
     spread = Primitive("eqx_norm_columns_spread")
     spread.multiple_results = True
@@ -296,11 +364,11 @@ def _define():
     ad.primitive_jvps[spread] = _spread_jvp
     ad.primitive_transposes[spread] = _spread_transpose
     batching.primitive_batchers[spread] = _spread_batch
-    return sums, spread
+    return sums, normalize, spread
 
 
 if MISSING is None:
-    sums_p, spread_p = _define()
+    sums_p, normalize_p, spread_p = _define()
 
 
 # ----------------------------------------------------------------------------------------
@@ -335,10 +403,14 @@ def _forward(x, scale, offset, shift, count, static):
     d = s1 / n
     var = jnp.maximum(s2 / n - jnp.square(d), 0)
     rstd = inverse_std(var, static.epsilon)
-    per = functools.partial(_per_channel, channels_last=static.channels_last)
-    y = _centered(x, shift, d, static.channels_last, 1) * per(rstd * scale[None])
-    y = y + per(offset[None])
-    return y.reshape(x.shape).astype(static.dtype), shift, d, var, rstd, n
+    stats = (shift, d, rstd * scale[None], offset[None])
+    if static.kernel_y:  # the kernel streams y
+        y = _bind_normalize(x, *stats, channels_last=static.channels_last, groups=1)
+    else:  # the formula in float32, rounded once to y's dtype
+        per = functools.partial(_per_channel, channels_last=static.channels_last)
+        y = _centered(x, shift, d, static.channels_last, 1) * per(stats[2]) + per(stats[3])
+        y = y.reshape(x.shape).astype(static.dtype)
+    return y, shift, d, var, rstd, n
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))

@@ -1,6 +1,7 @@
 // BatchNorm's per-channel sums for XLA:CPU through JAX's FFI: the column reductions that
-// XLA:CPU runs at a quarter of the copy rate. The normalize pass and dx are elementwise and
-// stay in XLA, which runs them at the copy rate.
+// XLA:CPU runs at a quarter of the copy rate; and the forward's normalize pass, which
+// streams y where XLA's elementwise pass would read each line of y before writing it. dx
+// is elementwise and stays in XLA, fused with the adds of its two terms.
 //
 // x is viewed as 3-D: channels-last (N, S, C) or channels-first (N, C, S). Channel c's sums
 // run over every position s of the N / groups consecutive examples of each group (groups >
@@ -240,10 +241,85 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer ct,
   return Sums<true>(pool, x, &ct, shift, &mean, s1, s2, channels_last, groups);
 }
 
+
+// ---------------------------------------------------------------------------------------
+// The normalize pass: y = ((x - shift[g, c]) - d[g, c]) * w[g, c] + u[g, c] in x's type,
+// each example in its group's statistics. Elementwise, so cut into tasks of about
+// kTaskValues values by shape; a large call streams y (see store_run in common.h), which
+// XLA's own elementwise pass does not, so that y is one move of memory, not two.
+
+struct Apply {
+  const void* x;
+  void* y;
+  const float *shift, *d, *w, *u;  // (groups, C)
+  Layout l;
+  bool stream;
+};
+
+template <class S>
+EQX_CLONES void apply_tasks(const Apply& a, int64_t r0, int64_t r1) {
+  using T = typename S::T;
+  const Layout& l = a.l;
+  const T* x = static_cast<const T*>(a.x);
+  T* y = static_cast<T*>(a.y);
+  if (l.last) {  // rows of C values: row r is position r % S of example r / S
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t g = r / l.s / l.per_group(), row = g * l.c;
+      const float *shift = a.shift + row, *d = a.d + row, *w = a.w + row, *u = a.u + row;
+      const T* xr = x + r * l.c;
+      store_run(y + r * l.c, l.c, a.stream, [&](int64_t ch) EQX_INLINE_LAMBDA {
+        return S::store(((S::load(xr[ch]) - shift[ch]) - d[ch]) * w[ch] + u[ch]);
+      });
+    }
+  } else {  // runs of S values: run r is channel r % C of example r / C
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i = r / l.c / l.per_group() * l.c + r % l.c;
+      const float shift = a.shift[i], d = a.d[i], w = a.w[i], u = a.u[i];
+      const T* xr = x + r * l.s;
+      store_run(y + r * l.s, l.s, a.stream, [&](int64_t k) EQX_INLINE_LAMBDA {
+        return S::store(((S::load(xr[k]) - shift) - d) * w + u);
+      });
+    }
+  }
+  if (a.stream) stream_fence();
+}
+
+ffi::Error Normalize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> shift,
+                     ffi::Buffer<ffi::F32> d, ffi::Buffer<ffi::F32> w,
+                     ffi::Buffer<ffi::F32> u, ffi::Result<ffi::AnyBuffer> y,
+                     bool channels_last, int64_t groups) {
+  auto dims = x.dimensions();
+  if (dims.size() != 3)
+    return ffi::Error::InvalidArgument("x must be 3-D: (N, S, C) or (N, C, S), got rank " +
+                                       std::to_string(dims.size()));
+  Layout l{dims[0], channels_last ? dims[1] : dims[2], channels_last ? dims[2] : dims[1],
+           groups, channels_last};
+  if (groups < 1 || l.n % groups != 0)
+    return ffi::Error::InvalidArgument("groups must be >= 1 and divide the number of examples");
+  for (auto [name, b] : {std::pair{"shift", &shift}, {"d", &d}, {"w", &w}, {"u", &u}})
+    if (auto e = check_dims(name, b->dimensions(), {groups, l.c})) return *e;
+  if (auto e = check_dims("y", y->dimensions(), {dims[0], dims[1], dims[2]})) return *e;
+  const ffi::DataType type = x.element_type();
+  if (y->element_type() != type) return type_error("y", y->element_type(), "x's type");
+  using ApplyFn = void (*)(const Apply&, int64_t, int64_t);
+  ApplyFn fn = nullptr;
+  if (!with_element_type(type, [&](auto sx) { fn = apply_tasks<decltype(sx)>; }))
+    return type_error("x", type, EQX_SERVED);
+  const int64_t elements = l.n * l.s * l.c;
+  if (elements == 0) return ffi::Error::Success();
+  Apply a{x.untyped_data(), y->untyped_data(), shift.typed_data(), d.typed_data(),
+          w.typed_data(), u.typed_data(), l, stream_outputs(2, elements, type)};
+  const int64_t runs = l.last ? l.n * l.s : l.n * l.c, run = l.last ? l.c : l.s;
+  parallel_chunks(pool, runs, units_per_chunk(run, kTaskValues),
+                  [&](int64_t r0, int64_t r1) { fn(a, r0, r1); });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 EQX_EXPORT XLA_FFI_Error* EqxNormColumnsForward(XLA_FFI_CallFrame* call_frame);
 EQX_EXPORT XLA_FFI_Error* EqxNormColumnsBackward(XLA_FFI_CallFrame* call_frame);
+EQX_EXPORT XLA_FFI_Error* EqxNormColumnsNormalize(XLA_FFI_CallFrame* call_frame);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormColumnsForward, Moments,
                               ffi::Ffi::Bind()
@@ -264,5 +340,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormColumnsBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // mean - shift (groups, C)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // sum ct
                                   .Ret<ffi::Buffer<ffi::F32>>()  // sum ct (x - shift - mean)
+                                  .Attr<bool>("channels_last")
+                                  .Attr<int64_t>("groups"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EqxNormColumnsNormalize, Normalize,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // x (N, S, C) or (N, C, S)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift (groups, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d: mean - shift
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w: rstd * scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // u: offset
+                                  .Ret<ffi::AnyBuffer>()         // y, x's type and shape
                                   .Attr<bool>("channels_last")
                                   .Attr<int64_t>("groups"));
