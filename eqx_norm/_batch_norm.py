@@ -107,8 +107,8 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
             them by ``1 - momentum`` from the first step (torch, flax).
         implementation: None (default) trains on the compiled CPU kernel where it serves
             (on the CPU, ``epsilon > 0``, a ``mask`` and an ``axis_name`` included): it
-            computes the per-channel sums, psummed across ``axis_name``, and XLA the
-            elementwise passes; elsewhere the pure-JAX
+            computes the per-channel sums, psummed across ``axis_name``, and ``y``, and
+            XLA ``dx``; elsewhere the pure-JAX
             path, which has a hand-written derivative. ``"xla"`` always takes the
             pure-JAX path, and ``"kernel"`` where it cannot serve is an error that says
             why. Inference is one elementwise pass on every path.

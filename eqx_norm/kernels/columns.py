@@ -22,9 +22,8 @@ sums are known, ``k * dx + u + xhat * v`` per channel, in ``jnp``; its transpose
 kernel's backward sums. So the derivative is plain JAX between the two: with
 ``axis_name`` the per-channel sums are psummed there, and JAX transposes the psum as it
 does any other. ``normalize_p`` is the forward's ``y`` (its derivative is the tangent
-above). The lowering runs
-the kernel on the CPU, and the ``jnp`` formula elsewhere and for ``jax.export``, as the
-other kernels' binding does (:mod:`eqx_norm.kernels._binding`).
+above). The lowering runs the kernel on the CPU, and the ``jnp`` formula elsewhere and for
+``jax.export``, as the other kernels' binding does (:mod:`eqx_norm.kernels._binding`).
 """
 
 from __future__ import annotations
