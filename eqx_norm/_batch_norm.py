@@ -111,7 +111,7 @@ class BatchNorm(AffineNorm, eqx.nn.StatefulLayer):
             XLA ``dx``; elsewhere the pure-JAX
             path, which has a hand-written derivative. ``"xla"`` always takes the
             pure-JAX path, and ``"kernel"`` where it cannot serve is an error that says
-            why. Inference is one elementwise pass on every path.
+            why. Inference is one elementwise pass on every path (on the CPU, the kernel's).
         scale_initializer: initializer of the stored ``gamma`` (see
             :mod:`eqx_norm.initializers`): an instance, a class, a ``(key, shape, dtype)``
             callable or an array of shape ``(num_features,)``; None (default) means ones,
@@ -404,6 +404,9 @@ def batch_norm_body(
         new_mean, new_var = update_running(
             running_mean, running_var, moments, momentum=momentum, steps=steps
         )
+    elif implementation != "xla" and _inference_reason(raw, mask, out_dtype) is None:
+        y = _kernel_inference(raw, axis, scale, offset, running_mean, running_var, epsilon)
+        new_mean, new_var = running_mean, running_var
     else:
         mean = running_mean.astype(x.dtype).reshape(per_channel)
         var = running_var.astype(x.dtype).reshape(per_channel)
@@ -425,6 +428,46 @@ def _kernel_reason(x: Array, *, epsilon: float):
     return reason or columns.unavailable_reason(x)
 
 
+def _inference_reason(x: Array, mask: Any, out_dtype: Any) -> str | None:
+    """Why the kernel cannot serve an inference call (None when it can): there it is only
+    taken where it serves, never an error, as inference has always run anywhere."""
+    reason = common_reason(x, masked=mask is not None, out_dtype=out_dtype)
+    return reason or columns.unavailable_reason(x)
+
+
+def _kernel_view(x, axis, scale, offset):
+    """``(view, channels_last, per_channel, (scale, offset))``: x's 3-D view for the kernel
+    and the affine as ``(C,)`` float32 (ones and zeros where absent)."""
+    channels = x.shape[axis]
+    channels_last = axis == x.ndim - 1 and x.ndim > 1
+    if channels_last:
+        view = (x.shape[0], math.prod(x.shape[1:-1]), channels)
+    else:
+        view = (math.prod(x.shape[:axis]), channels, math.prod(x.shape[axis + 1 :]))
+    per_channel = tuple(channels if i == axis else 1 for i in range(x.ndim))
+    affine = tuple(
+        jnp.full(channels, fill, jnp.float32)
+        if a is None
+        else a.reshape(channels).astype(jnp.float32)
+        for a, fill in ((scale, 1.0), (offset, 0.0))
+    )
+    return view, channels_last, per_channel, affine
+
+
+def _kernel_inference(x, axis, scale, offset, running_mean, running_var, epsilon) -> Array:
+    """Inference on the kernel: one pass by the running statistics, in x's dtype."""
+    view, channels_last, _, affine = _kernel_view(x, axis, scale, offset)
+    y = columns.normalize_inference(
+        x.reshape(view),
+        *affine,
+        running_mean.astype(jnp.float32),
+        running_var.astype(jnp.float32),
+        channels_last=channels_last,
+        epsilon=epsilon,
+    )
+    return y.reshape(x.shape)
+
+
 def _kernel_train(
     x, axis, scale, offset, epsilon, out_dtype, axis_name, mask
 ) -> tuple[Array, _core.Moments]:
@@ -433,23 +476,14 @@ def _kernel_train(
     ``mask`` (x's rank, each axis x's or 1) sets its False elements to each channel's
     shift, so that they add nothing to the kernel's sums, and counts its True ones."""
     channels = x.shape[axis]
-    channels_last = axis == x.ndim - 1 and x.ndim > 1
-    if channels_last:
-        view = (x.shape[0], math.prod(x.shape[1:-1]), channels)
-    else:
-        view = (math.prod(x.shape[:axis]), channels, math.prod(x.shape[axis + 1 :]))
-    per_channel = tuple(channels if i == axis else 1 for i in range(x.ndim))
-    affine = [
-        jnp.full(channels, fill, jnp.float32) if a is None else a.reshape(channels)
-        for a, fill in ((scale, 1.0), (offset, 0.0))
-    ]
+    view, channels_last, per_channel, affine = _kernel_view(x, axis, scale, offset)
     shift = count = None
     if mask is not None:
         shift, count = _masked_shift_and_count(x, mask, axis, axis_name)
         x = jnp.where(mask, x, shift.astype(x.dtype).reshape(per_channel))
     y, mean, var = columns.normalize_columns(
         x.reshape(view),
-        *(a.astype(jnp.float32) for a in affine),
+        *affine,
         channels_last=channels_last,
         epsilon=epsilon,
         dtype=out_dtype,

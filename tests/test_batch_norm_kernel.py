@@ -142,7 +142,8 @@ def test_the_kernel_runs_where_it_serves():
 
     assert "eqx_norm_columns_forward" in hlo(bn)
     assert "eqx_norm_columns_forward" in hlo(bn, mask=jnp.ones((8, 1, 1, 1), bool))
-    assert "eqx_norm_columns" not in hlo(eqx.nn.inference_mode(bn))
+    inference = hlo(eqx.nn.inference_mode(bn))  # one pass: no sums
+    assert "eqx_norm_columns_normalize" in inference and "columns_forward" not in inference
     xla, _ = eqx.nn.make_with_state(BatchNorm)(3, implementation="xla")
     assert "eqx_norm_columns" not in hlo(xla)
     backward = jax.jit(jax.grad(lambda x: jnp.sum(bn(x, clone(state))[0] ** 2))).lower(x).as_text()
@@ -205,6 +206,44 @@ def test_inference_is_batch_invariant():
     for size in (1, 3, 8):
         part, _ = run(x[:size], state)
         np.testing.assert_array_equal(part, whole[:size])
+
+
+@pytest.mark.parametrize("channel_axis", [-1, 1])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_inference_on_the_kernel(channel_axis, dtype):
+    # inference by the running statistics is one kernel pass: y against float64, and every
+    # gradient (x, gamma, beta and the running statistics themselves) and the jvp against
+    # the XLA path; a NaN variance stays loud
+    x = random_input((8, 5, 6, 7) if channel_axis == -1 else (8, 7, 5, 6), mean=1e3,
+                     std=2.0, dtype=dtype)  # fmt: skip
+    dy = random_input(x.shape, seed=5, dtype=dtype)
+    gamma, beta = random_params(7)
+    mean, var = jnp.linspace(999.0, 1001.0, 7), jnp.linspace(1.0, 5.0, 7)
+
+    def f(implementation, x, gamma, beta, mean, var):
+        return batch_norm(x, mean, var, gamma, beta, training=False, channel_axis=channel_axis,
+                          implementation=implementation)[0]  # fmt: skip
+
+    args = (x, gamma, beta, mean, var)
+    hlo = jax.jit(functools.partial(f, None)).lower(*args).as_text()
+    assert "eqx_norm_columns_normalize" in hlo
+    per = (1, 1, 1, 7) if channel_axis == -1 else (1, 7, 1, 1)
+    want = (as64(x) - as64(mean).reshape(per)) / np.sqrt(as64(var).reshape(per) + 1e-5)
+    want = want * as64(gamma).reshape(per) + as64(beta).reshape(per)
+    y = f(None, *args)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(as64(y), want, rtol=TOL[dtype], atol=2 * TOL[dtype])
+    tol = 1e-5 if dtype == jnp.float32 else 2 * TOL[dtype]
+    tangents = tuple(random_input(a.shape, seed=i, dtype=a.dtype) for i, a in enumerate(args))
+
+    def derivatives(implementation):
+        fn = functools.partial(f, implementation)
+        return jax.vjp(fn, *args)[1](dy), jax.jvp(fn, args, tangents)[1]
+
+    for a, b in zip(jax.tree.leaves(derivatives(None)), jax.tree.leaves(derivatives("xla"))):
+        assert_close_relative(a, b, tol)
+    y = f(None, x, gamma, beta, mean, var.at[3].set(jnp.inf))
+    assert np.isnan(np.moveaxis(np.asarray(y, np.float32), channel_axis, -1)[..., 3]).all()
 
 
 def test_vmap_over_batches_and_forward_mode():

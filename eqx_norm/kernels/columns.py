@@ -42,7 +42,7 @@ from .._core import inverse_std
 from ._binding import MISSING, _partitioned, _varying, result
 from ._library import served, unavailable_reason
 
-__all__ = ["normalize_columns", "unavailable_reason"]
+__all__ = ["normalize_columns", "normalize_inference", "unavailable_reason"]
 
 if MISSING is None:
     from jax.extend.core import Primitive, jaxpr_as_fun
@@ -449,3 +449,63 @@ def _train_jvp(static, primals, tangents):
                              channels_last=static.channels_last, groups=1,
                              has_dx=dx is not None, dtype=static.dtype)  # fmt: skip
     return (y, (shift + d)[0], var[0]), (dy, dmean, dvar)
+
+
+# ----------------------------------------------------------------------------------------
+# Inference: one kernel pass by the running statistics; its tangent is the spread above.
+
+
+def normalize_inference(
+    x: Float[Array, "n a b"],
+    scale: Float[Array, " c"],
+    offset: Float[Array, " c"],
+    mean: Float[Array, " c"],
+    var: Float[Array, " c"],
+    *,
+    channels_last: bool,
+    epsilon: float,
+) -> Float[Array, "n a b"]:
+    """BatchNorm in inference, one pass of the kernel: ``y = (x - mean) * rsqrt(var +
+    epsilon) * scale + offset`` in x's dtype, ``x`` as in :func:`normalize_columns` and
+    every other operand ``(C,)`` float32. Elementwise, so an example's ``y`` does not depend
+    on its batch. Differentiable in every operand and mode: the gradients of ``scale`` and
+    ``offset`` are the kernel's sums."""
+    served(unavailable_reason(x))
+    return _inference(x, scale, offset, mean, var, (bool(channels_last), float(epsilon)))
+
+
+def _inference_terms(scale, mean, var, static):
+    """``(shift, d, rstd, k)`` of the spread, each ``(1, C)``."""
+    rstd = inverse_std(var, static[1])[None]
+    shift = mean[None]
+    return shift, jnp.zeros_like(shift), rstd, rstd * scale[None]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _inference(x, scale, offset, mean, var, static):
+    shift, d, _, k = _inference_terms(scale, mean, var, static)
+    return _bind_normalize(x, shift, d, k, offset[None], channels_last=static[0], groups=1)
+
+
+@functools.partial(_inference.defjvp, symbolic_zeros=True)
+def _inference_jvp(static, primals, tangents):
+    """``dy = k * dx + (doffset - k * dmean) + xhat * (dscale - scale * rstd^2 * dvar / 2)``:
+    the spread, whose transpose is the kernel's sums."""
+    x, scale, offset, mean, var = primals
+    dx, dscale, doffset, dmean, dvar = (
+        None if isinstance(t, SymbolicZero) else t for t in tangents
+    )
+    y = _inference(x, scale, offset, mean, var, static)
+    shift, d, rstd, k = _inference_terms(scale, mean, var, static)
+    u = d if doffset is None else doffset[None]
+    v = d if dscale is None else dscale[None]
+    if dmean is not None:
+        u = u - k * dmean[None]
+    if dvar is not None:
+        v = v - scale[None] * jnp.square(rstd) * dvar[None] / 2
+    if all(t is None for t in (dx, dscale, doffset, dmean, dvar)):
+        return y, jnp.zeros_like(y)
+    linear = [] if dx is None else [dx.astype(jnp.float32)]
+    (dy,) = _bind_spread(x, shift, d, rstd, k, *linear, u, v, channels_last=static[0],
+                         groups=1, has_dx=dx is not None, dtype=x.dtype)  # fmt: skip
+    return y, dy
