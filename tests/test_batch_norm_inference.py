@@ -174,7 +174,8 @@ def test_inference_gap_is_the_page_s_and_the_estimate_closes_it(steps, momentum)
     print(f"{steps} steps, momentum {momentum}: {batch:.3f} {inference:.3f} {estimated:.3f}")
     for got, stated in zip((batch, inference, estimated), PAGE[steps, momentum]):
         assert abs(got - stated) <= TOLERANCE, (steps, momentum, got, stated)
-    # re-estimated, inference mode is as accurate as the batch statistics
-    assert estimated >= batch - 1 / 397, (batch, estimated)
+    # re-estimated, inference mode is as accurate as the batch statistics, to one image (in
+    # counts: the accuracies are float32 fractions of 397, which rounding puts either side)
+    assert round(estimated * 397) >= round(batch * 397) - 1, (batch, estimated)
     if (steps, momentum) == (80, 0.99):  # the running averages lag after a short run
         assert inference < batch - 0.2, (batch, inference)
