@@ -479,7 +479,7 @@ def _kernel_train(
     view, channels_last, per_channel, affine = _kernel_view(x, axis, scale, offset)
     shift = count = None
     if mask is not None:
-        shift, count = _masked_shift_and_count(x, mask, axis, axis_name)
+        shift, count, total = _masked_shift_and_count(x, mask, axis, axis_name)
         x = jnp.where(mask, x, shift.astype(x.dtype).reshape(per_channel))
     y, mean, var = columns.normalize_columns(
         x.reshape(view),
@@ -497,7 +497,7 @@ def _kernel_train(
         count = jnp.full(per_channel, x.size // channels * replicas, jnp.float32)
     else:
         y = jnp.where(mask, y, affine[1].astype(y.dtype).reshape(per_channel))
-        count = count if axis_name is None else lax.psum(count, axis_name)
+        count = total
     return y, _core.Moments(
         mean.reshape(per_channel), var.reshape(per_channel), count.reshape(per_channel)
     )
@@ -506,8 +506,8 @@ def _kernel_train(
 def _masked_shift_and_count(x, mask, axis, axis_name):
     """Each channel's first element where ``mask`` (x's rank, each axis x's or 1) is True
     (the largest of the replicas' along ``axis_name``; 0 where none is), float32, and the
-    number of True elements on this replica, each ``(C,)``: reductions over the mask as
-    given, not broadcast."""
+    number of True elements on this replica and on all of them, each ``(C,)``: reductions
+    over the mask as given, not broadcast."""
     channels = x.shape[axis]
     rows = jnp.moveaxis(mask, axis, -1)
     repeats = math.prod(n for i, n in enumerate(x.shape) if i != axis and mask.shape[i] == 1)
@@ -517,11 +517,11 @@ def _masked_shift_and_count(x, mask, axis, axis_name):
     coords = list(jnp.unravel_index(jnp.argmax(rows, axis=0), rest))  # 0 on a size-1 axis
     coords.insert(axis, jnp.arange(channels))
     shift = lax.stop_gradient(x[tuple(coords)].astype(jnp.float32))
-    present = count > 0
-    if axis_name is not None:
-        shift = lax.pmax(jnp.where(present, shift, -jnp.inf), axis_name)
-        present = lax.psum(count, axis_name) > 0
-    return jnp.where(present, shift, 0), count
+    if axis_name is None:
+        return jnp.where(count > 0, shift, 0), count, count
+    shift = lax.pmax(jnp.where(count > 0, shift, -jnp.inf), axis_name)
+    total = lax.psum(count, axis_name)
+    return jnp.where(total > 0, shift, 0), count, total
 
 
 def update_running(

@@ -327,29 +327,27 @@ def _lower_jnp(formula):
     return lowering
 
 
-def _define():
-    sums = Primitive("eqx_norm_columns_sums")
-    sums.multiple_results = True
-    jitted = functools.cache(lambda items: jax.jit(functools.partial(sums.bind, **dict(items))))
-    sums.def_impl(lambda *args, **params: jitted(tuple(params.items()))(*args))
-    sums.def_abstract_eval(lambda *avals, call, **params: call.out_avals)
-    mlir.register_lowering(sums, _kernel_lowering(_jnp_sums, cpu=False))
-    mlir.register_lowering(sums, _kernel_lowering(_jnp_sums, cpu=True), platform="cpu")
-    ad.primitive_jvps[sums] = _sums_jvp
-    ad.primitive_transposes[sums] = _sums_transpose
-    batching.primitive_batchers[sums] = _sums_batch
+def _kernel_primitive(name, formula, jvp, batch):
+    """A primitive of the kernel: its call's jaxpr (``call``) run jitted, lowered to the FFI
+    call on the CPU and to ``formula`` elsewhere."""
+    prim = Primitive(name)
+    prim.multiple_results = True
+    jitted = functools.cache(lambda items: jax.jit(functools.partial(prim.bind, **dict(items))))
+    prim.def_impl(lambda *args, **params: jitted(tuple(params.items()))(*args))
+    prim.def_abstract_eval(lambda *avals, call, **params: call.out_avals)
+    mlir.register_lowering(prim, _kernel_lowering(formula, cpu=False))
+    mlir.register_lowering(prim, _kernel_lowering(formula, cpu=True), platform="cpu")
+    ad.primitive_jvps[prim] = jvp
+    batching.primitive_batchers[prim] = batch
+    return prim
 
-    normalize = Primitive("eqx_norm_columns_normalize")
-    normalize.multiple_results = True
-    jitted_normalize = functools.cache(
-        lambda items: jax.jit(functools.partial(normalize.bind, **dict(items)))
+
+def _define():
+    sums = _kernel_primitive("eqx_norm_columns_sums", _jnp_sums, _sums_jvp, _sums_batch)
+    ad.primitive_transposes[sums] = _sums_transpose
+    normalize = _kernel_primitive(
+        "eqx_norm_columns_normalize", _jnp_normalize, _normalize_jvp, _normalize_batch
     )
-    normalize.def_impl(lambda *args, **params: jitted_normalize(tuple(params.items()))(*args))
-    normalize.def_abstract_eval(lambda *avals, call, **params: call.out_avals)
-    mlir.register_lowering(normalize, _kernel_lowering(_jnp_normalize, cpu=False))
-    mlir.register_lowering(normalize, _kernel_lowering(_jnp_normalize, cpu=True), platform="cpu")
-    ad.primitive_jvps[normalize] = _normalize_jvp
-    batching.primitive_batchers[normalize] = _normalize_batch
 
     spread = Primitive("eqx_norm_columns_spread")
     spread.multiple_results = True

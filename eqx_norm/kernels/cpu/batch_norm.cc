@@ -178,19 +178,28 @@ EQX_CLONES void run_tasks(const Args& a, int64_t t0, int64_t t1) {
 
 using TasksFn = void (*)(const Args&, int64_t, int64_t);
 
+// x's 3-D view, (N, S, C) or (N, C, S), into *l; an error unless x is 3-D and `groups`
+// divides its examples.
+std::optional<ffi::Error> read_layout(ffi::Span<const int64_t> dims, bool channels_last,
+                                      int64_t groups, Layout* l) {
+  if (dims.size() != 3)
+    return ffi::Error::InvalidArgument("x must be 3-D: (N, S, C) or (N, C, S), got rank " +
+                                       std::to_string(dims.size()));
+  *l = Layout{dims[0], channels_last ? dims[1] : dims[2], channels_last ? dims[2] : dims[1],
+              groups, channels_last};
+  if (groups < 1 || l->n % groups != 0)
+    return ffi::Error::InvalidArgument("groups must be >= 1 and divide the number of examples");
+  return std::nullopt;
+}
+
 template <bool Backward>
 ffi::Error Sums(ffi::ThreadPool& pool, ffi::AnyBuffer& x, const ffi::AnyBuffer* ct,
                 ffi::Buffer<ffi::F32>& shift, const ffi::Buffer<ffi::F32>* mean,
                 ffi::Result<ffi::Buffer<ffi::F32>>& s1, ffi::Result<ffi::Buffer<ffi::F32>>& s2,
                 bool channels_last, int64_t groups) {
   auto dims = x.dimensions();
-  if (dims.size() != 3)
-    return ffi::Error::InvalidArgument("x must be 3-D: (N, S, C) or (N, C, S), got rank " +
-                                       std::to_string(dims.size()));
-  Layout l{dims[0], channels_last ? dims[1] : dims[2], channels_last ? dims[2] : dims[1],
-           groups, channels_last};
-  if (groups < 1 || l.n % groups != 0)
-    return ffi::Error::InvalidArgument("groups must be >= 1 and divide the number of examples");
+  Layout l;
+  if (auto e = read_layout(dims, channels_last, groups, &l)) return *e;
   if (auto e = check_dims("shift", shift.dimensions(), {groups, l.c})) return *e;
   if (Backward) {
     if (auto e = check_dims("mean", mean->dimensions(), {groups, l.c})) return *e;
@@ -289,13 +298,8 @@ ffi::Error Normalize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F3
                      ffi::Buffer<ffi::F32> u, ffi::Result<ffi::AnyBuffer> y,
                      bool channels_last, int64_t groups) {
   auto dims = x.dimensions();
-  if (dims.size() != 3)
-    return ffi::Error::InvalidArgument("x must be 3-D: (N, S, C) or (N, C, S), got rank " +
-                                       std::to_string(dims.size()));
-  Layout l{dims[0], channels_last ? dims[1] : dims[2], channels_last ? dims[2] : dims[1],
-           groups, channels_last};
-  if (groups < 1 || l.n % groups != 0)
-    return ffi::Error::InvalidArgument("groups must be >= 1 and divide the number of examples");
+  Layout l;
+  if (auto e = read_layout(dims, channels_last, groups, &l)) return *e;
   for (auto [name, b] : {std::pair{"shift", &shift}, {"d", &d}, {"w", &w}, {"u", &u}})
     if (auto e = check_dims(name, b->dimensions(), {groups, l.c})) return *e;
   if (auto e = check_dims("y", y->dimensions(), {dims[0], dims[1], dims[2]})) return *e;
